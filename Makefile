@@ -1,0 +1,30 @@
+# Quick start (see README.md):
+#   make run    set up .venv and run the main experiment on its default preset
+#   make test   set up .venv and run the fast test suite (CPU, a few minutes)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: setup run test test-slow clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# The main experiment (experiments.plain_vs_resnet) is not in yet: until it lands this
+# prints the cost table of its deepest default network.
+run: setup
+	$(PY) -m cnn_jax.summary resnet56
+
+test: setup
+	$(PY) -m pytest -n 2 -q
+
+test-slow: setup
+	$(PY) -m pytest -n 2 -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache
