@@ -1,0 +1,168 @@
+"""The grain pipeline: shuffled, augmented batches on host CPUs, sharded onto devices.
+
+Training order. A grain `MapDataset` of example *indices* is shuffled (reseeded every
+epoch from the seed), repeated, and batched; each batch of indices then gathers its
+images from the (memory-mapped) array and augments them as one vectorised numpy
+operation, in `workers` processes that run ahead of the device. The random choices
+depend only on (seed, epoch, example index), and the iterator's state is grain's own
+(`get_state` / `set_state`), so a resumed run sees exactly the batches it would have.
+
+Multi-host. Every process builds the same global order and keeps its own slice of
+each global batch (`process_index` of `process_count`); `to_global_array` assembles
+the global array over the mesh's data axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from cnn_jax.data.augment import Augment
+from cnn_jax.data.sources import Arrays
+
+
+def default_workers() -> int:
+    """Leave one CPU for the training process; none on a 1-2 core machine, where
+    worker processes cost more than they bring."""
+    n = os.cpu_count() or 1
+    return 0 if n <= 2 else min(n - 1, 16)
+
+
+def _ensure_absl_flags():
+    # grain reads absl flags in its worker processes; scripts that do not use absl
+    # would otherwise fail with UnparsedFlagAccessError.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class _ImageStore:
+    """The images, reopened lazily in each worker: a memory map of the cached .npy
+    when there is one (nothing large is pickled to the workers), else the array."""
+
+    def __init__(self, arrays: Arrays):
+        self.path = arrays.path
+        self.rows = arrays.indices
+        self.array = None if arrays.path is not None else np.asarray(arrays.images)
+        self.labels = np.asarray(arrays.labels)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["array"] = None
+        return state
+
+    def images(self, idx: np.ndarray) -> np.ndarray:
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r")
+        rows = idx if self.rows is None else self.rows[idx]
+        order = np.argsort(rows)  # sorted reads from the memory map, then restore order
+        out = np.empty((len(rows), *self.array.shape[1:]), self.array.dtype)
+        out[order] = self.array[rows[order]]
+        return out
+
+
+@dataclasses.dataclass
+class _LoadAndAugment:
+    store: _ImageStore
+    augment: Optional[Augment]
+    seed: int
+    process_index: int
+    process_count: int
+
+    def __call__(self, batch) -> dict:
+        index, epoch = (np.asarray(v) for v in batch)
+        per = len(index) // self.process_count
+        mine = slice(self.process_index * per, (self.process_index + 1) * per)
+        index, epoch = index[mine], epoch[mine]
+        images = self.store.images(index)
+        if self.augment is not None:
+            images = self.augment(images, self.seed, epoch, index)
+        return {"image": images, "label": self.store.labels[index], "index": index,
+                "epoch": epoch}
+
+
+def train_dataset(arrays: Arrays, batch_size: int, seed: int,
+                  augment: Optional[Augment] = None, workers: Optional[int] = None,
+                  process_index: int = 0, process_count: int = 1):
+    """An endless grain IterDataset of augmented training batches.
+
+    `batch_size` is the global batch; each process gets batch_size / process_count
+    rows. Batches run across epoch boundaries (iterations, not epochs, are the unit,
+    as in He et al.); each example's epoch is passed to the augmentation.
+    """
+    import grain
+
+    if batch_size % process_count:
+        raise ValueError(f"global batch {batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    n = len(arrays)
+    if batch_size > n:
+        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+    ds = ds.map_with_index(_PositionToEpoch(n))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(_LoadAndAugment(_ImageStore(arrays), augment, seed, process_index,
+                                process_count))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    workers = default_workers() if workers is None else workers
+    if workers > 0:
+        _ensure_absl_flags()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=2))
+    return it
+
+
+@dataclasses.dataclass
+class _PositionToEpoch:
+    n: int
+
+    def __call__(self, position: int, index: int):
+        return index, position // self.n
+
+
+def eval_batches(arrays: Arrays, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """Every example exactly once, in order, in batches of `batch_size` (global); the
+    last batch is padded by repeating example 0 and carries `mask` 0 on the padding.
+    Raises at the end if the count of real examples differs from the split's size."""
+    n = len(arrays)
+    if batch_size % process_count:
+        raise ValueError(f"global batch {batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    store, per = _ImageStore(arrays), batch_size // process_count
+    seen = 0
+    for start in range(0, n, batch_size):
+        index = np.arange(start, start + batch_size)
+        mask = index < n
+        index = np.where(mask, index, 0)
+        mine = slice(process_index * per, (process_index + 1) * per)
+        seen += int(mask.sum())
+        yield {"image": store.images(index[mine]), "label": store.labels[index[mine]],
+               "mask": mask[mine].astype(np.float32), "index": index[mine]}
+    if seen != n:
+        raise AssertionError(f"evaluation covered {seen} examples, expected {n}")
+
+
+# ------------------------------------------------------------------ devices
+def to_global_array(batch: dict, sharding) -> dict:
+    """This process's rows -> global jax arrays sharded along the mesh's data axis."""
+    import jax
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+def prefetch_to_device(batches: Iterator[dict], sharding, size: int = 2,
+                       keys: tuple = ("image", "label", "mask")) -> Iterator[dict]:
+    """Keep `size` batches in flight to the devices (transfers are asynchronous)."""
+    import collections
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(to_global_array({k: v for k, v in batch.items() if k in keys}, sharding))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

@@ -1,0 +1,176 @@
+"""Host input pipeline vs training step: can the CPUs feed the accelerator?
+
+Prints JSON: the grain pipeline's images/s for each worker count and augmentation
+setting (CIFAR-10 from the local archive, or synthetic data with --data synthetic),
+and, in the same run, the train-step rate of CIFAR ResNet-20 and ResNet-56 at batch
+128 on the current backend, with the ratio pipeline / step.
+
+    python scripts/bench_pipeline.py [--workers 0 2 4] [--batches 50] [--json]
+
+The train step here is a plain jitted SGD-momentum step (forward, backward, update,
+BatchNorm statistics) on device-resident random data, one step per call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def pipeline_rate(arrays, augment, workers, batch, batches) -> float:
+    from cnn_jax.data.pipeline import train_dataset
+    it = iter(train_dataset(arrays, batch, seed=0, augment=augment, workers=workers))
+    for _ in range(max(3, 2 * workers)):  # warm-up: workers started, buffers full
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch / (time.perf_counter() - t)
+    del it
+    return rate
+
+
+def step_rate(model_name: str, batch: int, repeats: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from cnn_jax.models import create_model, input_shape
+
+    model = create_model(model_name)
+    x = jax.random.normal(jax.random.key(1), (batch, *input_shape(model_name)))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    tx = optax.sgd(0.1, momentum=0.9)
+    opt_state = tx.init(variables["params"])
+
+    @jax.jit
+    def step(params, stats, opt_state, x, y):
+        def loss_fn(p):
+            logits, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                      mutable=["batch_stats"], rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), upd.get("batch_stats", {}), opt_state, loss
+
+    key = jax.random.key(3)
+    p, s = variables["params"], variables.get("batch_stats", {})
+    p, s, opt_state, loss = step(p, s, opt_state, x, y)
+    loss.block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        p, s, opt_state, loss = step(p, s, opt_state, x, y)
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+def normalise_placement(images: np.ndarray, repeats: int = 20) -> dict:
+    """ms per batch: normalise on the host then send float32, vs send uint8 and
+    normalise on the device (both end as float32 on the device)."""
+    import jax
+    import jax.numpy as jnp
+    from cnn_jax.data.augment import Normalizer
+
+    norm = Normalizer.from_data(images, per_pixel=True)
+    on_device = jax.jit(lambda x: norm(x))
+    device = jax.devices()[0]
+
+    def host_then_send():
+        return jax.device_put(norm(images), device).block_until_ready()
+
+    def send_then_device():
+        return on_device(jax.device_put(images, device)).block_until_ready()
+
+    out = {}
+    for name, fn in (("host_float32", host_then_send), ("device_uint8", send_then_device)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name + "_ms"] = 1000 * statistics.median(times)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="cifar10")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="worker counts to try (default: 0 and the default count)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batches", type=int, default=50)
+    p.add_argument("--step-repeats", type=int, default=5)
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    import jax
+    from cnn_jax.data import load
+    from cnn_jax.data.augment import Augment, cached_pca_basis
+    from cnn_jax.data.pipeline import default_workers
+
+    arrays = load(args.data, "train", data_dir=args.data_dir)
+    pca_file = arrays.path.with_name("train_pca.npz") if arrays.path is not None else None
+    basis = cached_pca_basis(arrays.images, pca_file)
+    settings = {
+        "none": Augment(),
+        "crop+flip": Augment(crop_pad=4, flip=True),
+        "crop+flip+pca": Augment(crop_pad=4, flip=True, pca=basis),
+    }
+    workers = args.workers or sorted({0, default_workers()})
+    pipeline = []
+    for w in workers:
+        for name, aug in settings.items():
+            rate = pipeline_rate(arrays, aug, w, args.batch, args.batches)
+            pipeline.append({"workers": w, "augment": name, "img_per_s": rate})
+            print(f"pipeline workers={w} augment={name}: {rate:,.0f} img/s", file=sys.stderr)
+    steps = {}
+    for m in args.models:
+        steps[m] = step_rate(m, args.batch, args.step_repeats)
+        print(f"train step {m} batch {args.batch}: {steps[m]:,.0f} img/s "
+              f"({1000 * args.batch / steps[m]:.1f} ms/step)", file=sys.stderr)
+
+    placement = normalise_placement(np.asarray(arrays.images[:args.batch]))
+    print(f"normalise on host + float32 transfer {placement['host_float32_ms']:.2f} ms, "
+          f"uint8 transfer + normalise on device {placement['device_uint8_ms']:.2f} ms",
+          file=sys.stderr)
+    full = [r for r in pipeline if r["augment"] == "crop+flip"]
+    best = max(full, key=lambda r: r["img_per_s"])
+    result = {
+        "pipeline_img_per_s": best["img_per_s"],
+        "workers": best["workers"],
+        "augment": best["augment"],
+        "step_img_per_s": steps[args.models[0]],
+        "step_model": args.models[0],
+        "ratio": best["img_per_s"] / steps[args.models[0]],
+        "step_img_per_s_by_model": steps,
+        "pipeline": pipeline,
+        "normalise": placement,
+        "batch": args.batch,
+        "data": args.data,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+    if not args.json:
+        print(f"best pipeline {best['img_per_s']:,.0f} img/s ({best['workers']} workers) vs "
+              f"{args.models[0]} step {steps[args.models[0]]:,.0f} img/s: "
+              f"ratio {result['ratio']:.1f}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
