@@ -1,0 +1,74 @@
+"""python -m cnn_jax.train --model NAME --data DATASET --steps N --batch B --seed S
+                           --out DIR [--checkpoint-every K] [...]
+
+Trains any registry model on any dataset source with the standard outputs in --out:
+config.json, metrics.jsonl, results.json (with `final_params_digest`) and orbax
+checkpoints. Re-running the same command resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import sys
+
+from cnn_jax.train.config import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cnn_jax.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name == "model_options":
+            p.add_argument("--option", dest="model_options", action="append", default=[],
+                           metavar="KEY=VALUE", help="model option, e.g. --option shortcut=B")
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "milestones":
+            p.add_argument(flag, type=int, nargs="+", default=list(default))
+        elif default is None:
+            p.add_argument(flag, type=int if f.name == "workers" else str, default=None)
+        else:
+            p.add_argument(flag, type=type(default), default=default,
+                           help=f"default {default}")
+    return p
+
+
+def parse_options(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    values["model_options"] = parse_options(values["model_options"])
+    values["milestones"] = tuple(values["milestones"])
+    cfg = TrainConfig(**values)
+    from cnn_jax.data import DataError
+    from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, train
+    try:
+        results = train(cfg, command="python -m cnn_jax.train " + " ".join(
+            sys.argv[1:] if argv is None else argv))
+    except (ValueError, DataError, ConfigMismatch, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    err = results.get("final_test_error", results.get("final_val_error"))
+    print(f"done: {results['steps']} steps, train error {results['final_train_error']:.4f}, "
+          f"eval error {err:.4f}, digest {results['final_params_digest'][:16]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Orbax checkpoints: the train state, the data iterator's state and run metadata.
+
+Saves are asynchronous (the device-to-host copy blocks, the writing does not) and
+atomic (orbax writes into a temporary folder and renames it); `wait()` before exit.
+Restoring onto a target whose arrays carry the current mesh's shardings lets a
+checkpoint written on 8 devices load on 1 and the reverse.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int = 3):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                             item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step: int, target) -> tuple[Any, dict, dict]:
+        """`target`: the state (or its abstract shapes) with the wanted shardings."""
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        return out["state"], out["data"], out["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
+    """{'params', 'batch_stats'} of a run's checkpoint (latest by default) as host
+    arrays, for evaluation and comparison without rebuilding the train state."""
+    directory = Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no checkpoints folder (expected the --out "
+                                f"directory of a training run)")
+    manager = ocp.CheckpointManager(directory.absolute(), item_names=("state", "data", "meta"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: holds no finished checkpoint")
+    # a target on this process's first device, so a checkpoint written on any number
+    # of devices loads here
+    manager.close()
+    path = directory.absolute() / str(step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    shapes = checkpointer.metadata(path).item_metadata
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          dict(shapes))
+    state = checkpointer.restore(path, target)
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}

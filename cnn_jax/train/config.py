@@ -1,0 +1,108 @@
+"""The run configuration: one flat dataclass, saved as `config.json` and hashed so a
+resumed run can refuse a configuration that would change its result."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Optional
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # what to train on
+    model: str = "resnet20"
+    model_options: dict = dataclasses.field(default_factory=dict)
+    data: str = "cifar10"
+    data_dir: Optional[str] = None
+    holdout: int = 0              # >0: train on train minus a stratified holdout, evaluate on it
+    # the recipe (He et al. 2015, Sec. 4.2 by default)
+    steps: int = 64_000
+    batch: int = 128
+    seed: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = True   # decay BN scale/bias and biases too (Torch/Caffe default)
+    schedule: str = "paper"            # paper | constant | cosine | onecycle
+    milestones: tuple = (32_000, 48_000)
+    warmup_lr: float = 0.0             # >0: He et al.'s ResNet-110 warm-up (0.01 ...
+    warmup_until_error: float = 0.8    # ... until training error < 80 %)
+    label_smoothing: float = 0.0
+    # input
+    crop_pad: int = 4
+    flip: bool = True
+    colour_shift: float = 0.0
+    pca_colour: bool = False
+    normalise: str = "per_pixel"       # per_pixel | per_channel | none
+    # compute
+    dtype: str = "float32"             # float32 | bfloat16 (compute; params stay float32)
+    bn_group: int = 0                  # >0: BatchNorm statistics per group of this many examples
+    steps_per_call: int = 1            # K steps inside one compiled call (lax.scan)
+    # cadence and output
+    log_every: int = 100
+    eval_every: int = 2_000
+    checkpoint_every: int = 2_000
+    keep_checkpoints: int = 3
+    workers: Optional[int] = None
+    out: str = "runs/train"
+    progress: bool = True
+
+    # fields that cannot change the numbers a run produces
+    NON_RESULT_FIELDS = ("data_dir", "steps_per_call", "log_every", "eval_every",
+                         "checkpoint_every", "keep_checkpoints", "workers", "out", "progress")
+
+    def result_fields(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in self.NON_RESULT_FIELDS:
+            d.pop(k, None)
+        if self.schedule in ("paper", "constant"):
+            d.pop("steps")  # these schedules do not depend on the run's length
+        d["milestones"] = list(d["milestones"])
+        return d
+
+    def digest(self) -> str:
+        blob = json.dumps(self.result_fields(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "milestones" in d:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d)
+
+    def validate(self) -> None:
+        def bad(field, msg):
+            raise ValueError(f"--{field.replace('_', '-')}: {msg}")
+        if self.steps < 1:
+            bad("steps", f"must be positive, got {self.steps}")
+        if self.batch < 1:
+            bad("batch", f"must be positive, got {self.batch}")
+        if self.schedule not in ("paper", "constant", "cosine", "onecycle"):
+            bad("schedule", f"must be paper, constant, cosine or onecycle; got {self.schedule!r}")
+        if self.normalise not in ("per_pixel", "per_channel", "none"):
+            bad("normalise", f"must be per_pixel, per_channel or none; got {self.normalise!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            bad("dtype", f"must be float32 or bfloat16; got {self.dtype!r}")
+        if self.steps_per_call < 1:
+            bad("steps_per_call", f"must be positive, got {self.steps_per_call}")
+        if self.bn_group and self.batch % self.bn_group:
+            bad("bn_group", f"{self.bn_group} does not divide the batch {self.batch}")
+        for f in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, f) < 1:
+                bad(f, f"must be positive, got {getattr(self, f)}")
+
+
+def changed_fields(old: dict, new: TrainConfig) -> list[str]:
+    """Result-affecting fields that differ between a saved config and this one."""
+    old_cfg = TrainConfig.from_json(old).result_fields()
+    new_cfg = new.result_fields()
+    return sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))

@@ -1,0 +1,296 @@
+"""`train(config)`: from a model name, a dataset and a recipe to a trained network,
+on one CPU, one GPU, many devices or many hosts, resumable to the bit.
+
+Phases: mesh -> input -> model -> state (init or restore) -> loop (compiled steps,
+logging, evaluation, checkpoints, signals) -> results.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from cnn_jax import data as data_lib
+from cnn_jax.data.augment import Augment, Normalizer, cached_pca_basis
+from cnn_jax.data.pipeline import eval_batches, to_global_array, train_dataset
+from cnn_jax.models import create_model
+from cnn_jax.train import schedules
+from cnn_jax.train.checkpoint import Checkpointer
+from cnn_jax.train.config import TrainConfig, changed_fields
+from cnn_jax.train.metrics import MetricsLog, params_digest
+from cnn_jax.train.state import TrainState
+from cnn_jax.train.steps import compile_steps, make_eval_step, make_optimizer, make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class ConfigMismatch(ValueError):
+    pass
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag; the loop finishes its call, saves and exits."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+def versions() -> dict:
+    import flax
+    import optax
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
+
+
+def hardware() -> dict:
+    d = jax.devices()
+    return {"backend": jax.default_backend(), "device": d[0].device_kind,
+            "devices": len(d), "processes": jax.process_count(),
+            "host": platform.node(), "cpu": platform.processor() or platform.machine()}
+
+
+def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
+    cfg.validate()
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out}: not writable ({e.strerror})") from None
+    command = command or " ".join(sys.argv)
+
+    # ------------------------------------------------------------------ mesh
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    if cfg.batch % jax.device_count():
+        raise ValueError(f"--batch {cfg.batch} is not divisible by the "
+                         f"{jax.device_count()} devices")
+
+    # ------------------------------------------------------------------ input
+    train_arrays = data_lib.load(cfg.data, "train", data_dir=cfg.data_dir, holdout=cfg.holdout)
+    eval_split = "val" if cfg.holdout else "test"
+    eval_arrays = data_lib.load(cfg.data, eval_split, data_dir=cfg.data_dir, holdout=cfg.holdout)
+    normaliser = (Normalizer.from_data(train_arrays.images, per_pixel=cfg.normalise == "per_pixel")
+                  if cfg.normalise != "none" else None)
+    normalise = (lambda x: normaliser(x)) if normaliser else (lambda x: x.astype(jnp.float32))
+    pca = None
+    if cfg.pca_colour:
+        pca_file = (train_arrays.path.with_name("train_pca.npz")
+                    if train_arrays.path is not None and train_arrays.indices is None else None)
+        pca = cached_pca_basis(train_arrays.images, pca_file)
+    augment = Augment(crop_pad=cfg.crop_pad, flip=cfg.flip, colour_shift=cfg.colour_shift,
+                      pca=pca)
+    dataset = train_dataset(train_arrays, cfg.batch, cfg.seed, augment, cfg.workers,
+                            jax.process_index(), jax.process_count())
+
+    # ------------------------------------------------------------------ model
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    model = create_model(cfg.model, num_classes=len(train_arrays.classes), dtype=dtype,
+                         **cfg.model_options)
+    tx = make_optimizer(cfg.momentum, cfg.weight_decay, cfg.nesterov, cfg.decay_norm_and_bias)
+    lr_fn = schedules.with_warmup(
+        schedules.make_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.milestones), cfg.warmup_lr)
+    train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
+                                 warmup_until_error=cfg.warmup_until_error,
+                                 label_smoothing=cfg.label_smoothing)
+    step_one, step_many, eval_step = compile_steps(train_step, make_eval_step(model, normalise),
+                                                   mesh)
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(
+        jax.eval_shape(model.init, jax.random.key(0),
+                       jnp.zeros((1, *train_arrays.images.shape[1:])))["params"])))
+
+    # ------------------------------------------------------------------ state: init or restore
+    def init_state():
+        rng = jax.random.PRNGKey(cfg.seed)
+        init_rng, step_rng = jax.random.split(rng)
+        example = jnp.zeros((1, *train_arrays.images.shape[1:]), jnp.float32)
+        variables = model.init({"params": init_rng, "dropout": init_rng}, example)
+        return TrainState.create(variables, tx, step_rng)
+
+    state = jax.jit(init_state, out_shardings=replicated)()
+    ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
+    log = MetricsLog(out / "metrics.jsonl")
+    data_iter = iter(dataset)
+    start = ckpt.latest_step()
+    config_file = out / "config.json"
+    if start is not None:
+        meta = ckpt.read_meta(start)
+        if meta["config_digest"] != cfg.digest():
+            diff = changed_fields(meta["config"], cfg)
+            raise ConfigMismatch(
+                f"{out} holds a run with a different configuration (changed: "
+                f"{', '.join(diff) or 'unknown'}); resuming would mix two runs. Use another "
+                f"--out, or restore the original settings to resume.")
+        state, data_state, _ = ckpt.restore(start, state)
+        data_iter.set_state(data_state)
+        log.truncate_after(start)
+        print(f"resuming {out} from step {start}", file=sys.stderr)
+    elif config_file.exists() and json.loads(config_file.read_text()).get("config_digest") \
+            not in (None, cfg.digest()) and (out / "results.json").exists():
+        raise ConfigMismatch(f"{out} holds finished results of a different configuration; "
+                             f"use another --out")
+    if jax.process_index() == 0:
+        config_file.write_text(json.dumps({"config": cfg.to_json(), "config_digest": cfg.digest(),
+                                           "command": command, "versions": versions(),
+                                           "hardware": hardware()}, indent=1))
+    step = int(jax.device_get(state.step))
+
+    # ------------------------------------------------------------------ loop
+    def next_boundary(s):
+        return min(cfg.steps, *(math.floor(s / e + 1) * e for e in
+                                (cfg.log_every, cfg.eval_every, cfg.checkpoint_every)))
+
+    def evaluate(state):
+        sums = None
+        for batch in eval_batches(eval_arrays, cfg.batch, jax.process_index(),
+                                  jax.process_count()):
+            del batch["index"]
+            r = eval_step(state, to_global_array(batch, batch_sharding))
+            sums = r if sums is None else jax.tree.map(jnp.add, sums, r)
+        sums = jax.device_get(sums)
+        return {"loss": float(sums["loss_sum"] / sums["count"]),
+                "error": float(sums["error_sum"] / sums["count"]), "n": int(sums["count"])}
+
+    def save(state, data_state):
+        ckpt.save(int(jax.device_get(state.step)), state, data_state,
+                  {"config_digest": cfg.digest(), "config": cfg.to_json()})
+
+    pending: list = []   # per-step metrics (device arrays) not yet checked and logged
+    window_images, window_start = 0, time.perf_counter()
+    wall_start = time.perf_counter()
+    last_eval, last_train = None, None
+    data_state = data_iter.get_state()
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not cfg.progress or jax.process_index() != 0, desc=cfg.model)
+
+    def flush(step_now):
+        """Bring pending metrics to the host, stop on a non-finite loss, log."""
+        nonlocal pending, window_images, window_start, last_train
+        if not pending:
+            return
+        host = jax.device_get(pending)
+        pending = []
+        first = step_now - sum(len(m["loss"]) for m in host)
+        losses = np.concatenate([m["loss"] for m in host])
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad):
+            raise NonFiniteLoss(
+                f"loss became {losses[bad[0]]} at step {first + bad[0] + 1}; stopped without "
+                f"saving. The last good checkpoint in {out / 'checkpoints'} is kept "
+                f"(step {ckpt.latest_step()}). Lower --lr or check the data.")
+        errors = np.concatenate([m["error"] for m in host])
+        lr = float(np.concatenate([m["lr"] for m in host])[-1])
+        elapsed = time.perf_counter() - window_start
+        last_train = {"step": step_now, "epoch": step_now * cfg.batch / len(train_arrays),
+                      "lr": lr, "train_loss": float(losses.mean()),
+                      "train_error": float(errors.mean()),
+                      "img_per_s": window_images / elapsed if elapsed > 0 else None}
+        if jax.process_index() == 0:
+            log.write(last_train)
+        window_images, window_start = 0, time.perf_counter()
+        bar.set_postfix(loss=f"{losses.mean():.3f}", err=f"{errors.mean():.3f}", lr=f"{lr:.3g}")
+
+    with _Signals().installed() as signals:
+        while step < cfg.steps:
+            k = min(cfg.steps_per_call, next_boundary(step) - step)
+            host_batches = []
+            for _ in range(k):
+                b = next(data_iter)
+                host_batches.append({"image": b["image"], "label": b["label"]})
+            data_state = data_iter.get_state()
+            if k == 1 and cfg.steps_per_call == 1:
+                state, metrics = step_one(state, to_global_array(host_batches[0], batch_sharding))
+                metrics = jax.tree.map(lambda m: m[None], metrics)
+            else:
+                chunk = {key: np.stack([b[key] for b in host_batches]) for key in ("image", "label")}
+                chunk = {key: jax.make_array_from_process_local_data(
+                    NamedSharding(mesh, P(None, "data")), v) for key, v in chunk.items()}
+                state, metrics = step_many(state, chunk)
+            pending.append(metrics)
+            step += k
+            window_images += k * cfg.batch
+            bar.update(k)
+            stopping = signals.received is not None
+            if step % cfg.log_every == 0 or step == cfg.steps or stopping \
+                    or step % cfg.checkpoint_every == 0:
+                flush(step)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                last_eval = {"step": step, **{f"eval_{k}": v for k, v in evaluate(state).items()},
+                             "eval_split": eval_split}
+                if jax.process_index() == 0:
+                    log.write(last_eval)
+                tqdm.write(f"step {step:>7}  train loss {last_train['train_loss']:.4f} "
+                           f"err {100 * last_train['train_error']:.2f}%  |  {eval_split} loss "
+                           f"{last_eval['eval_loss']:.4f} err {100 * last_eval['eval_error']:.2f}%"
+                           , file=sys.stderr)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                save(state, data_state)
+            if stopping:
+                ckpt.wait()
+                bar.close()
+                name = signal.Signals(signals.received).name
+                print(f"{name}: saved step {step} to {out / 'checkpoints'}; re-run the same "
+                      f"command to resume", file=sys.stderr)
+                raise SystemExit(128 + signals.received)
+    bar.close()
+    ckpt.wait()
+
+    # ------------------------------------------------------------------ results
+    if last_eval is None or last_eval["step"] != step:
+        last_eval = {"step": step, **{f"eval_{k}": v for k, v in evaluate(state).items()}}
+    history = log.read()
+    train_records = [r for r in history if "train_loss" in r]
+    rates = [r["img_per_s"] for r in train_records if r.get("img_per_s")]
+    results = {
+        "model": cfg.model, "data": cfg.data, "params": n_params, "steps": step,
+        "seed": cfg.seed, "batch": cfg.batch,
+        "final_train_loss": train_records[-1]["train_loss"] if train_records else None,
+        "final_train_error": train_records[-1]["train_error"] if train_records else None,
+        f"final_{eval_split}_loss": last_eval["eval_loss"],
+        f"final_{eval_split}_error": last_eval["eval_error"],
+        "final_params_digest": params_digest(state.params),
+        "warmup_end": int(jax.device_get(state.warmup_end)) if cfg.warmup_lr else None,
+        "wall_s_this_session": time.perf_counter() - wall_start,
+        "img_per_s": float(np.median(rates)) if rates else None,
+        "hardware": hardware(), "versions": versions(), "command": command,
+        "config": cfg.to_json(),
+    }
+    if jax.process_index() == 0:
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out / "results.json")
+    ckpt.close()
+    return results

@@ -1,0 +1,133 @@
+"""Pure train and eval steps, and their compiled, sharded forms.
+
+One step: normalise the uint8 batch on the device, forward in train mode (batch
+statistics, dropout), softmax cross-entropy (+0.3 x each auxiliary head's, for
+GoogLeNet), backward, SGD with momentum and coupled L2 weight decay, exactly as
+PyTorch's `SGD(weight_decay=...)`: v <- m v + (g + wd p); p <- p - lr v.
+
+Compiled with `jax.jit` over a mesh whose `data` axis spans every device: the batch
+is sharded along it, the state replicated, so BatchNorm statistics are those of the
+global batch (`bn_group` asks for per-group statistics instead). `multi_step` runs K
+steps in one call with `lax.scan` over a [K, B, ...] chunk of batches.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cnn_jax.models.inception import AUX_LOSS_WEIGHT
+from cnn_jax.train.schedules import NEVER
+from cnn_jax.train.state import TrainState
+
+
+def decay_mask(params):
+    """Weight decay on convolution and dense kernels only (when BN/bias decay is off)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", "") in ("kernel",), params)
+
+
+def make_optimizer(momentum: float, weight_decay: float, nesterov: bool = False,
+                   decay_norm_and_bias: bool = True) -> optax.GradientTransformation:
+    """Direction of the update without the learning rate (applied in the step, so the
+    schedule can depend on state such as the warm-up's end)."""
+    mask = None if decay_norm_and_bias else decay_mask
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                       optax.trace(decay=momentum, nesterov=nesterov))
+
+
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+    num_classes = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) \
+        if smoothing else jax.nn.one_hot(labels, num_classes)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
+                    bn_group: int = 0, warmup_until_error: float = 0.8,
+                    label_smoothing: float = 0.0):
+    """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}."""
+
+    def forward(params, batch_stats, images, rng):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        return model.apply(variables, images, train=True, rngs={"dropout": rng},
+                           mutable=["batch_stats", "intermediates"])
+
+    def grouped_forward(params, batch_stats, images, rng):
+        # He et al. computed BN statistics per GPU: here per group of `bn_group`
+        # examples; the running averages are the mean of the groups' updates.
+        groups = images.reshape(-1, bn_group, *images.shape[1:])
+        rngs = jax.random.split(rng, groups.shape[0])
+        logits, new = jax.vmap(forward, in_axes=(None, None, 0, 0))(
+            params, batch_stats, groups, rngs)
+        new = {"batch_stats": jax.tree.map(lambda a: a.mean(0), new.get("batch_stats", {})),
+               "intermediates": jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]),
+                                             new.get("intermediates", {}))}
+        return logits.reshape(-1, logits.shape[-1]), new
+
+    run = grouped_forward if bn_group else forward
+
+    def loss_fn(params, batch_stats, images, labels, rng):
+        logits, new = run(params, batch_stats, normalise(images), rng)
+        loss = cross_entropy(logits, labels, label_smoothing).mean()
+        for aux in new.get("intermediates", {}).get("aux_logits", ()):
+            loss = loss + AUX_LOSS_WEIGHT * cross_entropy(aux, labels, label_smoothing).mean()
+        return loss, (logits, new.get("batch_stats", {}))
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, batch["image"], batch["label"], rng)
+        error = jnp.mean(jnp.argmax(logits, -1) != batch["label"])
+        lr = lr_fn(state.step, state.warmup_end)
+        direction, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
+        warmup_end = jnp.where((state.warmup_end == NEVER) & (error < warmup_until_error),
+                               state.step + 1, state.warmup_end)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state, warmup_end=warmup_end)
+        return new_state, {"loss": loss, "error": error, "lr": jnp.asarray(lr, jnp.float32)}
+
+    return train_step
+
+
+def make_eval_step(model, normalise: Callable):
+    """eval_step(state, batch) -> sums of loss and errors over the unmasked examples."""
+
+    def eval_step(state: TrainState, batch):
+        variables = {"params": state.params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        logits = model.apply(variables, normalise(batch["image"]), train=False)
+        mask = batch["mask"]
+        loss = cross_entropy(logits, batch["label"])
+        wrong = (jnp.argmax(logits, -1) != batch["label"]).astype(jnp.float32)
+        return {"loss_sum": jnp.sum(loss * mask), "error_sum": jnp.sum(wrong * mask),
+                "count": jnp.sum(mask)}
+
+    return eval_step
+
+
+def multi_step(train_step):
+    """K steps in one call: scan over a [K, B, ...] chunk; metrics come back [K]."""
+    def run(state, batches):
+        return jax.lax.scan(train_step, state, batches)
+    return run
+
+
+def compile_steps(train_step, eval_step, mesh):
+    """jit with the state replicated, batches sharded along `data`, state donated."""
+    replicated = NamedSharding(mesh, P())
+    batch = NamedSharding(mesh, P("data"))
+    chunk = NamedSharding(mesh, P(None, "data"))
+    one = jax.jit(train_step, in_shardings=(replicated, batch),
+                  out_shardings=(replicated, replicated), donate_argnums=0)
+    many = jax.jit(multi_step(train_step), in_shardings=(replicated, chunk),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(replicated, batch), out_shardings=replicated)
+    return one, many, evaluate
