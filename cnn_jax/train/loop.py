@@ -145,6 +145,7 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
     log = MetricsLog(out / "metrics.jsonl")
     data_iter = iter(dataset)
     start = ckpt.latest_step()
+    wall_before, restored_meta = 0.0, {}
     config_file = out / "config.json"
     if start is not None:
         meta = ckpt.read_meta(start)
@@ -154,7 +155,8 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
                 f"{out} holds a run with a different configuration (changed: "
                 f"{', '.join(diff) or 'unknown'}); resuming would mix two runs. Use another "
                 f"--out, or restore the original settings to resume.")
-        state, data_state, _ = ckpt.restore(start, state)
+        state, data_state, restored_meta = ckpt.restore(start, state)
+        wall_before = restored_meta.get("wall_s", 0.0)
         data_iter.set_state(data_state)
         log.truncate_after(start)
         print(f"resuming {out} from step {start}", file=sys.stderr)
@@ -184,11 +186,19 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
         return {"loss": float(sums["loss_sum"] / sums["count"]),
                 "error": float(sums["error_sum"] / sums["count"]), "n": int(sums["count"])}
 
-    def save(state, data_state):
-        ckpt.save(int(jax.device_get(state.step)), state, data_state,
-                  {"config_digest": cfg.digest(), "config": cfg.to_json()})
+    def save(state, data_state, step_now):
+        # metrics of steps not yet logged travel with the checkpoint, so a resumed run
+        # logs exactly the lines an uninterrupted one would
+        unlogged = {k: v.tolist() for k, v in materialise(step_now).items()}
+        ckpt.save(step_now, state, data_state,
+                  {"config_digest": cfg.digest(), "config": cfg.to_json(),
+                   "unlogged_metrics": unlogged,
+                   "wall_s": wall_before + time.perf_counter() - wall_start})
 
-    pending: list = []   # per-step metrics (device arrays) not yet checked and logged
+    pending: list = []   # per-step metrics not yet checked and logged
+    unlogged = restored_meta.get("unlogged_metrics") if start is not None else None
+    if unlogged and len(unlogged["loss"]):
+        pending = [{k: np.asarray(v, np.float32) for k, v in unlogged.items()}]
     window_images, window_start = 0, time.perf_counter()
     wall_start = time.perf_counter()
     last_eval, last_train = None, None
@@ -196,32 +206,40 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not cfg.progress or jax.process_index() != 0, desc=cfg.model)
 
-    def flush(step_now):
-        """Bring pending metrics to the host, stop on a non-finite loss, log."""
-        nonlocal pending, window_images, window_start, last_train
-        if not pending:
-            return
+    def materialise(step_now) -> dict:
+        """Pending per-step metrics to one host dict; stop on a non-finite loss."""
+        nonlocal pending
         host = jax.device_get(pending)
-        pending = []
-        first = step_now - sum(len(m["loss"]) for m in host)
-        losses = np.concatenate([m["loss"] for m in host])
-        bad = np.flatnonzero(~np.isfinite(losses))
+        merged = {k: np.concatenate([np.asarray(m[k], np.float32).reshape(-1) for m in host]
+                                    + [np.zeros(0, np.float32)]) for k in ("loss", "error", "lr")}
+        pending = [merged]
+        bad = np.flatnonzero(~np.isfinite(merged["loss"]))
         if len(bad):
+            first = step_now - len(merged["loss"])
             raise NonFiniteLoss(
-                f"loss became {losses[bad[0]]} at step {first + bad[0] + 1}; stopped without "
-                f"saving. The last good checkpoint in {out / 'checkpoints'} is kept "
+                f"loss became {merged['loss'][bad[0]]} at step {first + bad[0] + 1}; stopped "
+                f"without saving. The last good checkpoint in {out / 'checkpoints'} is kept "
                 f"(step {ckpt.latest_step()}). Lower --lr or check the data.")
-        errors = np.concatenate([m["error"] for m in host])
-        lr = float(np.concatenate([m["lr"] for m in host])[-1])
+        return merged
+
+    def flush(step_now):
+        """Log the metrics of the steps since the last log line."""
+        nonlocal pending, window_images, window_start, last_train
+        m = materialise(step_now)
+        pending = []
+        if not len(m["loss"]):
+            return
         elapsed = time.perf_counter() - window_start
         last_train = {"step": step_now, "epoch": step_now * cfg.batch / len(train_arrays),
-                      "lr": lr, "train_loss": float(losses.mean()),
-                      "train_error": float(errors.mean()),
+                      "lr": float(m["lr"][-1]),
+                      "train_loss": float(m["loss"].mean(dtype=np.float64)),
+                      "train_error": float(m["error"].mean(dtype=np.float64)),
                       "img_per_s": window_images / elapsed if elapsed > 0 else None}
         if jax.process_index() == 0:
             log.write(last_train)
         window_images, window_start = 0, time.perf_counter()
-        bar.set_postfix(loss=f"{losses.mean():.3f}", err=f"{errors.mean():.3f}", lr=f"{lr:.3g}")
+        bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
+                        err=f"{last_train['train_error']:.3f}", lr=f"{last_train['lr']:.3g}")
 
     with _Signals().installed() as signals:
         while step < cfg.steps:
@@ -244,8 +262,7 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
             window_images += k * cfg.batch
             bar.update(k)
             stopping = signals.received is not None
-            if step % cfg.log_every == 0 or step == cfg.steps or stopping \
-                    or step % cfg.checkpoint_every == 0:
+            if step % cfg.log_every == 0 or step == cfg.steps:
                 flush(step)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 last_eval = {"step": step, **{f"eval_{k}": v for k, v in evaluate(state).items()},
@@ -257,7 +274,7 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
                            f"{last_eval['eval_loss']:.4f} err {100 * last_eval['eval_error']:.2f}%"
                            , file=sys.stderr)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-                save(state, data_state)
+                save(state, data_state, step)
             if stopping:
                 ckpt.wait()
                 bar.close()
@@ -283,7 +300,7 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
         f"final_{eval_split}_error": last_eval["eval_error"],
         "final_params_digest": params_digest(state.params),
         "warmup_end": int(jax.device_get(state.warmup_end)) if cfg.warmup_lr else None,
-        "wall_s_this_session": time.perf_counter() - wall_start,
+        "wall_s": wall_before + time.perf_counter() - wall_start,
         "img_per_s": float(np.median(rates)) if rates else None,
         "hardware": hardware(), "versions": versions(), "command": command,
         "config": cfg.to_json(),

@@ -1,0 +1,292 @@
+"""The training engine: schedules, determinism, resume to the bit after SIGKILL,
+SIGTERM, devices, K steps per call, NaN guard, refused configs, grouped BN."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax.models import create_model
+from cnn_jax.train import TrainConfig, schedules
+from cnn_jax.train.checkpoint import load_variables
+from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, train
+from cnn_jax.train.steps import make_optimizer, make_train_step
+from cnn_jax.train.state import TrainState
+
+DATA = "synthetic:16x16x3:10:256:100"
+SMALL = dict(model="resnet8", data=DATA, batch=32, seed=0, lr=0.01, log_every=2,
+             eval_every=100, checkpoint_every=100, progress=False, workers=0)
+
+
+def cli(out, *extra, steps=8, env=None, **overrides):
+    """The contract command line for the small run."""
+    opts = {**SMALL, **overrides}
+    args = [sys.executable, "-m", "cnn_jax.train", "--model", opts["model"], "--data",
+            opts["data"], "--steps", str(steps), "--batch", str(opts["batch"]), "--seed",
+            str(opts["seed"]), "--out", str(out), "--lr", str(opts["lr"]), "--log-every",
+            str(opts["log_every"]), "--eval-every", str(opts["eval_every"]),
+            "--checkpoint-every", str(opts["checkpoint_every"]), "--no-progress",
+            "--workers", "0", *extra]
+    return args, dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+
+
+def run_cli(out, *extra, **kw):
+    args, env = cli(out, *extra, **kw)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def results(out):
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def max_rel_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) /
+                     (np.max(np.abs(np.asarray(x))) + 1e-12))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ------------------------------------------------------------------ schedules
+def test_paper_schedule_in_iterations():
+    lr = schedules.paper(0.1)
+    got = [float(lr(s)) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_warmup_switch():
+    lr = schedules.with_warmup(schedules.paper(0.1), 0.01)
+    assert float(lr(0, schedules.NEVER)) == pytest.approx(0.01)
+    assert float(lr(399, schedules.NEVER)) == pytest.approx(0.01)
+    assert float(lr(399, 400)) == pytest.approx(0.01)
+    assert float(lr(400, 400)) == pytest.approx(0.1)
+    assert float(lr(40_000, 400)) == pytest.approx(0.01)  # then the paper schedule
+
+
+@pytest.mark.parametrize("threshold,expected_end,lrs", [
+    (1.01, 1, [0.01, 0.1, 0.1]),               # error below the threshold at once
+    (-1.0, schedules.NEVER, [0.01, 0.01, 0.01]),  # never below: warm-up goes on
+])
+def test_warmup_ends_when_training_error_falls_below_threshold(threshold, expected_end, lrs):
+    model = create_model("lenet5")
+    tx = make_optimizer(0.9, 1e-4)
+    lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.01)
+    step = jax.jit(make_train_step(model, tx, lr_fn, lambda x: x.astype(jnp.float32) / 255,
+                                   warmup_until_error=threshold))
+    x = jnp.zeros((4, 32, 32, 1))
+    state = TrainState.create(model.init(jax.random.key(0), x), tx, jax.random.PRNGKey(1))
+    batch = {"image": jnp.full((4, 32, 32, 1), 100, jnp.uint8),
+             "label": jnp.array([0, 1, 2, 3])}
+    seen = []
+    for _ in range(3):
+        state, m = step(state, batch)
+        seen.append(float(m["lr"]))
+    np.testing.assert_allclose(seen, lrs, rtol=1e-6)
+    assert int(state.warmup_end) == expected_end
+
+
+def test_sgd_matches_pytorch_coupled_weight_decay():
+    tx = make_optimizer(momentum=0.9, weight_decay=0.1)
+    p, g = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([0.5, 0.5])}
+    opt = tx.init(p)
+    v = np.zeros(2)
+    pw = np.array([1.0, -2.0])
+    for _ in range(3):
+        d, opt = tx.update(g, opt, p)
+        p = jax.tree.map(lambda a, b: a - 0.1 * b, p, d)
+        v = 0.9 * v + (np.array([0.5, 0.5]) + 0.1 * pw)  # torch.optim.SGD
+        pw = pw - 0.1 * v
+    np.testing.assert_allclose(p["w"], pw, rtol=1e-6)
+
+
+def test_decay_mask_spares_batchnorm_and_biases():
+    from cnn_jax.train.steps import decay_mask
+    v = jax.eval_shape(create_model("resnet8").init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    mask = decay_mask(v["params"])
+    assert mask["stem"]["conv"]["kernel"] and mask["fc"]["kernel"]
+    assert not mask["stem"]["bn"]["scale"] and not mask["fc"]["bias"]
+
+
+# ------------------------------------------------------------------ determinism, K steps
+def test_same_seed_same_result_bit_for_bit(tmp_path):
+    a = train(TrainConfig(**SMALL, steps=6, out=str(tmp_path / "a")))
+    b = train(TrainConfig(**SMALL, steps=6, out=str(tmp_path / "b")))
+    assert a["final_params_digest"] == b["final_params_digest"]
+    c = train(TrainConfig(**{**SMALL, "seed": 1}, steps=6, out=str(tmp_path / "c")))
+    assert c["final_params_digest"] != a["final_params_digest"]
+    for key in ("config.json", "metrics.jsonl", "results.json"):
+        assert (tmp_path / "a" / key).exists()
+    logged = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train_loss" in r] == [2, 4, 6]
+    assert logged[-1]["eval_n"] == 100 and "eval_error" in logged[-1]
+
+
+def test_k_steps_per_call_equal_one_step_per_call(tmp_path):
+    one = train(TrainConfig(**SMALL, steps=8, out=str(tmp_path / "one")))
+    four = train(TrainConfig(**{**SMALL, "steps_per_call": 4}, steps=8, out=str(tmp_path / "k")))
+    assert max_rel_diff(load_variables(tmp_path / "one"), load_variables(tmp_path / "k")) < 1e-4
+    m1 = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m4 = [json.loads(l) for l in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    # the logging cadence is exact with K > 1: the same steps are logged
+    assert [r["step"] for r in m1] == [r["step"] for r in m4]
+    np.testing.assert_allclose([r.get("train_loss", 0) for r in m1],
+                               [r.get("train_loss", 0) for r in m4], rtol=1e-4)
+    assert one["final_test_error"] == pytest.approx(four["final_test_error"], abs=0.02)
+
+
+# ------------------------------------------------------------------ never lose work
+def wait_for_checkpoint(out: Path, step: int, proc, timeout=300):
+    target = out / "checkpoints" / str(step)
+    t = time.time()
+    while not target.is_dir() and time.time() - t < timeout:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert target.is_dir()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_after_a_kill_is_bit_identical(tmp_path, sig):
+    opts = dict(checkpoint_every=20, log_every=10, eval_every=60)
+    ref = run_cli(tmp_path / "ref", steps=120, **opts)
+    assert ref.returncode == 0, ref.stderr
+    args, env = cli(tmp_path / "run", steps=120, **opts)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_checkpoint(tmp_path / "run", 20, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert not (tmp_path / "run" / "results.json").exists(), "killed too late to test resume"
+    if sig == signal.SIGTERM:  # finished its call, saved, exited cleanly
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "SIGTERM: saved step" in err
+    resumed = run_cli(tmp_path / "run", steps=120, **opts)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert results(tmp_path / "run")["final_params_digest"] == \
+        results(tmp_path / "ref")["final_params_digest"]
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "img_per_s"}
+                       for l in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "run") == strip(tmp_path / "ref")
+
+
+def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
+    first = train(TrainConfig(**SMALL, steps=4, out=str(tmp_path)))
+    again = train(TrainConfig(**SMALL, steps=4, out=str(tmp_path)))
+    assert again["final_params_digest"] == first["final_params_digest"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["4"]
+
+
+def test_a_changed_configuration_is_refused(tmp_path):
+    train(TrainConfig(**SMALL, steps=4, out=str(tmp_path)))
+    with pytest.raises(ConfigMismatch, match="changed: lr"):
+        train(TrainConfig(**{**SMALL, "lr": 0.02}, steps=4, out=str(tmp_path)))
+    # cadence is not part of the result: allowed
+    train(TrainConfig(**{**SMALL, "log_every": 1}, steps=4, out=str(tmp_path)))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = TrainConfig(**{**SMALL, "lr": 1e30, "log_every": 1, "checkpoint_every": 1},
+                      steps=50, out=str(tmp_path))
+    with pytest.raises(NonFiniteLoss, match="at step (\\d+)") as e:
+        train(cfg)
+    bad_step = int(__import__("re").search("at step (\\d+)", str(e.value)).group(1))
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < bad_step
+    params = load_variables(tmp_path)["params"]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="--batch 30 is not divisible"):
+        run = dict(SMALL, batch=30)
+        code = ("import jax; from cnn_jax.train import TrainConfig, train; "
+                f"train(TrainConfig(**{run!r}, steps=2, out={str(tmp_path)!r}))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, XLA_FLAGS=
+                                      "--xla_force_host_platform_device_count=4"))
+        raise ValueError(out.stderr.strip().splitlines()[-1])
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    out = run_cli(blocked / "sub", steps=2)
+    assert out.returncode == 2 and "--out" in out.stderr and "not writable" in out.stderr
+    out = run_cli(tmp_path / "x", steps=2, model="resnet21")
+    assert out.returncode == 2 and "6n+2" in out.stderr
+    with pytest.raises(ValueError, match="--schedule"):
+        TrainConfig(schedule="linear").validate()
+
+
+# ------------------------------------------------------------------ devices
+def test_eight_devices_equal_one_and_checkpoints_move_between_them(tmp_path):
+    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    r1 = run_cli(tmp_path / "one", steps=8, checkpoint_every=4)
+    r8 = run_cli(tmp_path / "eight", steps=8, checkpoint_every=4, env=eight)
+    assert r1.returncode == 0 and r8.returncode == 0, r1.stderr + r8.stderr
+    assert results(tmp_path / "eight")["hardware"]["devices"] == 8
+    one, many = load_variables(tmp_path / "one"), load_variables(tmp_path / "eight")
+    assert max_rel_diff(one["params"], many["params"]) < 1e-4  # global-batch BN
+    assert max_rel_diff(one["batch_stats"], many["batch_stats"]) < 1e-4
+    # saved on 8, resumed on 1 (and the reverse) to 12 steps
+    up = run_cli(tmp_path / "eight", steps=12, checkpoint_every=4)
+    down = run_cli(tmp_path / "one", steps=12, checkpoint_every=4, env=eight)
+    assert up.returncode == 0 and down.returncode == 0, up.stderr + down.stderr
+    assert "resuming" in up.stderr and "resuming" in down.stderr
+    a, b = load_variables(tmp_path / "eight"), load_variables(tmp_path / "one")
+    # the float-level differences of the first 8 steps grow with training: looser here
+    assert max_rel_diff(a["params"], b["params"]) < 5e-3
+
+
+def test_per_group_batchnorm_statistics():
+    model = create_model("resnet8")
+    tx = make_optimizer(0.9, 0.0)
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3)) * 40 + 120
+    state = TrainState.create(model.init(jax.random.key(1), x), tx, jax.random.PRNGKey(2))
+    batch = {"image": x, "label": jnp.arange(8) % 10}
+    ident = lambda z: z / 255.0
+    zero_lr = lambda s, w: 0.0
+    grouped = make_train_step(model, tx, zero_lr, ident, bn_group=4)
+    new, _ = jax.jit(grouped)(state, batch)
+    # the running mean moves by the average of each group's own batch mean
+    halves = [model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                          x[i:i + 4] / 255.0, train=True, mutable=["batch_stats"])[1]
+              for i in (0, 4)]
+    expected = jax.tree.map(lambda a, b: (a + b) / 2, halves[0]["batch_stats"],
+                            halves[1]["batch_stats"])
+    assert max_rel_diff(new.batch_stats, expected) < 1e-5
+    whole, _ = jax.jit(make_train_step(model, tx, zero_lr, ident))(state, batch)
+    assert max_rel_diff(new.batch_stats, whole.batch_stats) > 1e-3
+
+
+def test_two_processes_on_localhost_equal_one(tmp_path):
+    """Multi-host through jax.distributed.initialize (CPU collectives over gloo): each
+    process feeds its half of every global batch."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        args, env = cli(tmp_path / "two", steps=6, checkpoint_every=3)
+        args += ["--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+                 "--process-id", str(pid)]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    single = run_cli(tmp_path / "one", steps=6, checkpoint_every=3)
+    assert single.returncode == 0, single.stderr
+    assert results(tmp_path / "two")["hardware"]["processes"] == 2
+    two, one = load_variables(tmp_path / "two"), load_variables(tmp_path / "one")
+    assert max_rel_diff(one["params"], two["params"]) < 1e-4
+
+
+def test_bfloat16_compute_trains_with_float32_state(tmp_path):
+    r = train(TrainConfig(**{**SMALL, "dtype": "bfloat16"}, steps=4, out=str(tmp_path)))
+    assert np.isfinite(r["final_train_loss"])
+    v = load_variables(tmp_path)
+    assert {x.dtype for x in jax.tree.leaves(v)} == {np.dtype("float32")}
