@@ -5,6 +5,7 @@ from cnn_jax.train.config import TrainConfig
 __all__ = ["TrainConfig", "train"]
 
 
-def train(cfg, command=None):
+def train(cfg, command=None, on_steps=None):
+    """See `cnn_jax.train.loop.train` (imported lazily: it pulls in jax and grain)."""
     from cnn_jax.train.loop import train as _train
-    return _train(cfg, command)
+    return _train(cfg, command, on_steps)

@@ -41,6 +41,7 @@ class TrainConfig:
     bn_group: int = 0                  # >0: BatchNorm statistics per group of this many examples
     steps_per_call: int = 1            # K steps inside one compiled call (lax.scan)
     # cadence and output
+    eval_batch: int = 1000             # evaluation batch (any size: results do not depend on it)
     log_every: int = 100
     eval_every: int = 2_000
     checkpoint_every: int = 2_000
@@ -50,7 +51,7 @@ class TrainConfig:
     progress: bool = True
 
     # fields that cannot change the numbers a run produces
-    NON_RESULT_FIELDS = ("data_dir", "steps_per_call", "log_every", "eval_every",
+    NON_RESULT_FIELDS = ("data_dir", "steps_per_call", "eval_batch", "log_every", "eval_every",
                          "checkpoint_every", "keep_checkpoints", "workers", "out", "progress")
 
     def result_fields(self) -> dict:
@@ -96,7 +97,7 @@ class TrainConfig:
             bad("steps_per_call", f"must be positive, got {self.steps_per_call}")
         if self.bn_group and self.batch % self.bn_group:
             bad("bn_group", f"{self.bn_group} does not divide the batch {self.batch}")
-        for f in ("log_every", "eval_every", "checkpoint_every"):
+        for f in ("log_every", "eval_every", "checkpoint_every", "eval_batch"):
             if getattr(self, f) < 1:
                 bad(f, f"must be positive, got {getattr(self, f)}")
 

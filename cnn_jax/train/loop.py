@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import jax
@@ -79,7 +79,11 @@ def hardware() -> dict:
             "host": platform.node(), "cpu": platform.processor() or platform.machine()}
 
 
-def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
+def train(cfg: TrainConfig, command: Optional[str] = None,
+          on_steps: Optional[Callable[[int], None]] = None) -> dict:
+    """Train (or resume, or re-read a finished run) and return results.json's content.
+    `on_steps(n)` is called after every compiled call with the steps it took (for an
+    outer progress bar)."""
     cfg.validate()
     out = Path(cfg.out)
     try:
@@ -103,6 +107,8 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
     train_arrays = data_lib.load(cfg.data, "train", data_dir=cfg.data_dir, holdout=cfg.holdout)
     eval_split = "val" if cfg.holdout else "test"
     eval_arrays = data_lib.load(cfg.data, eval_split, data_dir=cfg.data_dir, holdout=cfg.holdout)
+    n_dev = jax.device_count()
+    eval_batch = -(-min(cfg.eval_batch, len(eval_arrays)) // n_dev) * n_dev  # a multiple of n_dev
     normaliser = (Normalizer.from_data(train_arrays.images, per_pixel=cfg.normalise == "per_pixel")
                   if cfg.normalise != "none" else None)
     normalise = (lambda x: normaliser(x)) if normaliser else (lambda x: x.astype(jnp.float32))
@@ -175,9 +181,9 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
         return min(cfg.steps, *(math.floor(s / e + 1) * e for e in
                                 (cfg.log_every, cfg.eval_every, cfg.checkpoint_every)))
 
-    def evaluate(state):
+    def evaluate(state, arrays=eval_arrays):
         sums = None
-        for batch in eval_batches(eval_arrays, cfg.batch, jax.process_index(),
+        for batch in eval_batches(arrays, eval_batch, jax.process_index(),
                                   jax.process_count()):
             del batch["index"]
             r = eval_step(state, to_global_array(batch, batch_sharding))
@@ -261,6 +267,8 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
             step += k
             window_images += k * cfg.batch
             bar.update(k)
+            if on_steps is not None:
+                on_steps(k)
             stopping = signals.received is not None
             if step % cfg.log_every == 0 or step == cfg.steps:
                 flush(step)
@@ -288,6 +296,9 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
     # ------------------------------------------------------------------ results
     if last_eval is None or last_eval["step"] != step:
         last_eval = {"step": step, **{f"eval_{k}": v for k, v in evaluate(state).items()}}
+    if cfg.holdout:  # selection used the holdout; the test set is read once, at the end
+        test = evaluate(state, data_lib.load(cfg.data, "test", data_dir=cfg.data_dir))
+        last_eval.update(final_test_loss=test["loss"], final_test_error=test["error"])
     history = log.read()
     train_records = [r for r in history if "train_loss" in r]
     rates = [r["img_per_s"] for r in train_records if r.get("img_per_s")]
@@ -298,6 +309,7 @@ def train(cfg: TrainConfig, command: Optional[str] = None) -> dict:
         "final_train_error": train_records[-1]["train_error"] if train_records else None,
         f"final_{eval_split}_loss": last_eval["eval_loss"],
         f"final_{eval_split}_error": last_eval["eval_error"],
+        **{k: v for k, v in last_eval.items() if k.startswith("final_test")},
         "final_params_digest": params_digest(state.params),
         "warmup_end": int(jax.device_get(state.warmup_end)) if cfg.warmup_lr else None,
         "wall_s": wall_before + time.perf_counter() - wall_start,
