@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table(runs, note) + "\n")
     plot(runs, out / "curves.png",
-         f"CIFAR-10 ({data}), preset {preset_name}: {preset.steps} iterations, batch "
+         f"{data}, preset {preset_name}: {preset.steps} iterations, batch "
          f"{preset.batch}, seeds {args.seeds}")
     print(table(runs, note))
     for claim, value in summary.items():

@@ -1,0 +1,98 @@
+"""The main experiment: the smoke preset end to end, resume of a half-finished
+sweep, bad input, and the Colab notebook's code on CPU."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DATA = "synthetic:32x32x3:10:128:100"
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def experiment(out, *extra):
+    return [sys.executable, "-m", "experiments.plain_vs_resnet", "--preset", "smoke",
+            "--data", DATA, "--out", str(out), "--workers", "0", *extra]
+
+
+def run(out, *extra):
+    return subprocess.run(experiment(out, *extra), env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_smoke_preset_writes_the_contract_outputs(tmp_path):
+    r = run(tmp_path, "--depths", "8")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["preset"] == "smoke"
+    names = [x["name"] for x in results["runs"]]
+    assert names == ["plain8", "resnet8"]
+    for x in results["runs"]:
+        for key in ("name", "depth", "residual", "params", "seed", "final_train_error",
+                    "final_test_error", "curve", "wall_s", "img_per_s"):
+            assert key in x, key
+        assert 0 <= x["final_train_error"] <= 1 and 0 <= x["final_test_error"] <= 1
+        assert x["params"] == 75_290
+        assert x["curve"]["step"] == [2, 4, 6]
+        assert len(x["curve"]["train_error"]) == 3 and len(x["curve"]["test_error"]) == 2
+    assert results["runs"][1]["residual"] and not results["runs"][0]["residual"]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    table = (tmp_path / "table.md").read_text()
+    assert "| ResNet | 8 |" in table and "| plain | 8 |" in table
+    assert "python -m experiments.plain_vs_resnet" in table
+    # a second run reuses everything: nothing is trained again
+    again = run(tmp_path, "--depths", "8")
+    assert again.returncode == 0 and "0 to train" in again.stderr
+
+
+def test_a_half_finished_sweep_resumes(tmp_path):
+    ref = run(tmp_path / "ref", "--depths", "8")
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(experiment(tmp_path / "cut", "--depths", "8"), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "cut" / "nets" / "resnet8-seed0" / "checkpoints" / "3"
+    t = time.time()
+    while not ckpt.is_dir() and time.time() - t < 300:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    finished = tmp_path / "cut" / "nets" / "plain8-seed0" / "results.json"
+    stamp = finished.stat().st_mtime_ns
+    r = run(tmp_path / "cut", "--depths", "8")
+    assert r.returncode == 0, r.stderr
+    assert "1 to train" in r.stderr and "resuming" in r.stderr
+    assert finished.stat().st_mtime_ns == stamp  # the finished net was not touched
+    digest = lambda root, net: json.loads(
+        (root / "nets" / f"{net}-seed0" / "results.json").read_text())["final_params_digest"]
+    for net in ("plain8", "resnet8"):
+        assert digest(tmp_path / "cut", net) == digest(tmp_path / "ref", net)
+
+
+def test_bad_input(tmp_path):
+    r = run(tmp_path, "--depths", "21")
+    assert r.returncode == 2 and "6n+2" in r.stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    r = run(blocked / "out")
+    assert r.returncode == 2 and "not writable" in r.stderr
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sweep.json").write_text(json.dumps({"preset": "paper"}))
+    r = run(tmp_path / "other")
+    assert r.returncode == 2 and "different configuration" in r.stderr
+    assert json.loads((tmp_path / "other" / "sweep.json").read_text()) == {"preset": "paper"}
+
+
+def test_notebook_code_runs_on_cpu(tmp_path):
+    nb = json.loads(Path("notebooks/plain_vs_resnet.ipynb").read_text())
+    code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    env = dict(ENV, CNN_JAX_PRESET="smoke", CNN_JAX_DATA="synthetic:32x32x3:10:64:50",
+               CNN_JAX_OUT=str(tmp_path / "nb"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "claims:" in r.stdout and (tmp_path / "nb" / "curves.png").exists()
