@@ -164,12 +164,15 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
         state, data_state, restored_meta = ckpt.restore(start, state)
         wall_before = restored_meta.get("wall_s", 0.0)
         data_iter.set_state(data_state)
-        log.truncate_after(start)
+        if jax.process_index() == 0:
+            log.truncate_after(start)
         print(f"resuming {out} from step {start}", file=sys.stderr)
     elif config_file.exists() and json.loads(config_file.read_text()).get("config_digest") \
             not in (None, cfg.digest()) and (out / "results.json").exists():
         raise ConfigMismatch(f"{out} holds finished results of a different configuration; "
                              f"use another --out")
+    elif jax.process_index() == 0:
+        log.truncate_after(0)  # lines of an attempt that died before its first checkpoint
     if jax.process_index() == 0:
         config_file.write_text(json.dumps({"config": cfg.to_json(), "config_digest": cfg.digest(),
                                            "command": command, "versions": versions(),
