@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     recipe = {"preset": preset_name, **dataclasses.asdict(preset), "data": args.data or preset.data,
               "val": args.val, "dtype": args.dtype}
     recipe = json.loads(json.dumps(recipe))
-    sweep_file = out / "sweep.json"
+    sweep_file = out / "config.json"
     if sweep_file.exists() and json.loads(sweep_file.read_text()) != recipe:
         old = json.loads(sweep_file.read_text())
         diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))

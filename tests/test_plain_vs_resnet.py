@@ -81,10 +81,10 @@ def test_bad_input(tmp_path):
     r = run(blocked / "out")
     assert r.returncode == 2 and "not writable" in r.stderr
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "sweep.json").write_text(json.dumps({"preset": "paper"}))
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"preset": "paper"}))
     r = run(tmp_path / "other")
     assert r.returncode == 2 and "different configuration" in r.stderr
-    assert json.loads((tmp_path / "other" / "sweep.json").read_text()) == {"preset": "paper"}
+    assert json.loads((tmp_path / "other" / "config.json").read_text()) == {"preset": "paper"}
 
 
 def test_notebook_code_runs_on_cpu(tmp_path):
