@@ -290,3 +290,11 @@ def test_bfloat16_compute_trains_with_float32_state(tmp_path):
     assert np.isfinite(r["final_train_loss"])
     v = load_variables(tmp_path)
     assert {x.dtype for x in jax.tree.leaves(v)} == {np.dtype("float32")}
+
+
+def test_evaluation_before_the_first_log_line(tmp_path):
+    r = train(TrainConfig(**{**SMALL, "log_every": 4, "eval_every": 1}, steps=2,
+                          out=str(tmp_path)))
+    logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval_error" in r] == [1, 2]
+    assert r["final_train_error"] is not None

@@ -280,10 +280,10 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
                              "eval_split": eval_split}
                 if jax.process_index() == 0:
                     log.write(last_eval)
-                tqdm.write(f"step {step:>7}  train loss {last_train['train_loss']:.4f} "
-                           f"err {100 * last_train['train_error']:.2f}%  |  {eval_split} loss "
-                           f"{last_eval['eval_loss']:.4f} err {100 * last_eval['eval_error']:.2f}%"
-                           , file=sys.stderr)
+                seen = (f"train loss {last_train['train_loss']:.4f} err "
+                        f"{100 * last_train['train_error']:.2f}%  |  " if last_train else "")
+                tqdm.write(f"step {step:>7}  {seen}{eval_split} loss {last_eval['eval_loss']:.4f}"
+                           f" err {100 * last_eval['eval_error']:.2f}%", file=sys.stderr)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 save(state, data_state, step)
             if stopping:
