@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from cnn_jax.train.sweep import guard_out, mean_std
 
 # ------------------------------------------------------------------ configuration
 PAPER_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}  # Table 6
@@ -114,62 +115,26 @@ def run_config(name: str, depth: int, preset: Preset, seed: int, args, out: Path
 
 
 # ------------------------------------------------------------------ the sweep
-def finished(cfg) -> Optional[dict]:
-    """results.json of a finished run of exactly this configuration, else None."""
-    out = Path(cfg.out)
-    try:
-        saved = json.loads((out / "config.json").read_text())
-        results = json.loads((out / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if saved.get("config_digest") == cfg.digest() and results.get("steps") == cfg.steps:
-        return results
-    return None
-
-
-def curve(run_dir: Path, split: str) -> dict:
-    """Training error (logged windows) and evaluation error at the evaluation steps."""
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if l.strip()]
-    train = {r["step"]: r["train_error"] for r in records if "train_error" in r}
-    evals = {r["step"]: r["eval_error"] for r in records if "eval_error" in r}
-    steps = sorted(train)
-    return {"step": steps, "train_error": [train[s] for s in steps],
-            "eval_step": sorted(evals), f"{split}_error": [evals[s] for s in sorted(evals)]}
-
-
 def sweep(args, preset_name: str, preset: Preset, out: Path) -> list[dict]:
-    from tqdm.auto import tqdm
-    from cnn_jax.train import train
+    from cnn_jax.train.sweep import curve, run_all
 
     nets = nets_for(preset, args.depths)
     jobs = [(name, depth, residual, seed) for seed in range(args.seeds)
             for name, depth, residual in nets]
-    configs = {job: run_config(job[0], job[1], preset, job[3], args,
-                               out / "nets" / f"{job[0]}-seed{job[3]}") for job in jobs}
-    todo = [job for job in jobs if finished(configs[job]) is None]
-    bar = tqdm(total=len(todo) * preset.steps, unit="step", dynamic_ncols=True,
-               desc=f"{len(jobs)} nets, {len(todo)} to train")
-    runs = []
-    for job in jobs:
-        name, depth, residual, seed = job
-        cfg = configs[job]
-        res = finished(cfg)
-        if res is None:
-            bar.set_description(f"{name} seed {seed}")
-            res = train(cfg, command=args.command, on_steps=bar.update)
-        split = "val" if args.val else "test"
-        runs.append({
-            "name": name, "depth": depth, "residual": residual, "params": res["params"],
-            "seed": seed, "steps": res["steps"], "final_train_error": res["final_train_error"],
-            "final_test_error": res["final_test_error"],
-            **({"final_val_error": res["final_val_error"]} if args.val else {}),
-            "curve": curve(Path(cfg.out), split),
-            "wall_s": res["wall_s"], "img_per_s": res["img_per_s"],
-            "hardware": res["hardware"], "run_dir": str(Path(cfg.out)),
-        })
-    bar.close()
-    return runs
+    configs = [run_config(name, depth, preset, seed, args, out / "nets" / f"{name}-seed{seed}")
+               for name, depth, residual, seed in jobs]
+    results = run_all(configs, args.command,
+                      [f"{name} seed {seed}" for name, _, _, seed in jobs])
+    split = "val" if args.val else "test"
+    return [{
+        "name": name, "depth": depth, "residual": residual, "params": res["params"],
+        "seed": seed, "steps": res["steps"], "final_train_error": res["final_train_error"],
+        "final_test_error": res["final_test_error"],
+        **({"final_val_error": res["final_val_error"]} if args.val else {}),
+        "curve": curve(Path(cfg.out), split),
+        "wall_s": res["wall_s"], "img_per_s": res["img_per_s"],
+        "hardware": res["hardware"], "run_dir": str(Path(cfg.out)),
+    } for (name, depth, residual, seed), cfg, res in zip(jobs, configs, results)]
 
 
 # ------------------------------------------------------------------ outputs
@@ -182,7 +147,7 @@ def table(runs: list[dict], data_note: str) -> str:
         groups.setdefault((r["residual"], r["depth"]), []).append(r)
     for (residual, depth), rs in sorted(groups.items()):
         errs = 100 * np.array([r["final_test_error"] for r in rs])
-        ours = f"{errs.mean():.2f} ± {errs.std(ddof=1):.2f}" if len(errs) > 1 else f"{errs[0]:.2f}"
+        ours = mean_std(errs)
         paper = PAPER_ERROR.get(depth) if residual else None
         diff = f"{errs.mean() - paper:+.2f}" if paper is not None else "-"
         lines.append(f"| {'ResNet' if residual else 'plain'} | {depth} | "
@@ -262,8 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args(argv)
-    args.command = "python -m experiments.plain_vs_resnet " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    args.command = " ".join([
+        "python -m experiments.plain_vs_resnet", *(sys.argv[1:] if argv is None else argv)])
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
 
@@ -271,29 +236,14 @@ def main(argv=None) -> int:
     preset = PRESETS[preset_name]
     print(f"preset {preset_name} ({why})", file=sys.stderr)
     out = Path(args.out or f"runs/plain_vs_resnet-{preset_name}")
+    recipe = {"preset": preset_name, **dataclasses.asdict(preset), "data": args.data or preset.data,
+              "val": args.val, "dtype": args.dtype}
     try:
         nets_for(preset, args.depths)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").write_text("")
-        (out / ".write_test").unlink()
+        guard_out(out, recipe)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: --out {out}: not writable ({e.strerror})", file=sys.stderr)
-        return 2
-
-    recipe = {"preset": preset_name, **dataclasses.asdict(preset), "data": args.data or preset.data,
-              "val": args.val, "dtype": args.dtype}
-    recipe = json.loads(json.dumps(recipe))
-    sweep_file = out / "config.json"
-    if sweep_file.exists() and json.loads(sweep_file.read_text()) != recipe:
-        old = json.loads(sweep_file.read_text())
-        diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
-        print(f"error: --out {out} holds results of a different configuration (differs in: "
-              f"{', '.join(diff)}); nothing was changed. Use another --out.", file=sys.stderr)
-        return 2
-    sweep_file.write_text(json.dumps(recipe, indent=1))
 
     from cnn_jax.data import DataError
     from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, versions

@@ -16,6 +16,7 @@ class TrainConfig:
     data: str = "cifar10"
     data_dir: Optional[str] = None
     holdout: int = 0              # >0: train on train minus a stratified holdout, evaluate on it
+    eval_subset: int = 0          # >0: evaluate on a fixed stratified subset of this many
     # the recipe (He et al. 2015, Sec. 4.2 by default)
     steps: int = 64_000
     batch: int = 128
@@ -35,7 +36,9 @@ class TrainConfig:
     flip: bool = True
     colour_shift: float = 0.0
     pca_colour: bool = False
-    normalise: str = "per_pixel"       # per_pixel | per_channel | none
+    normalise: str = "per_pixel"       # per_pixel | per_channel | standard | lecun | none
+    input_pad: int = 0                 # zero-pad every image first (LeNet: MNIST 28 -> 32)
+    resize: int = 0                    # >0: bilinear resize to resize x resize on the device
     # compute
     dtype: str = "float32"             # float32 | bfloat16 (compute; params stay float32)
     bn_group: int = 0                  # >0: BatchNorm statistics per group of this many examples
@@ -61,6 +64,9 @@ class TrainConfig:
         if self.schedule in ("paper", "constant"):
             d.pop("steps")  # these schedules do not depend on the run's length
         d["milestones"] = list(d["milestones"])
+        for k in ("input_pad", "resize", "eval_subset"):  # added later: absent when off, so older
+            if not d[k]:                   # runs keep their digests and resume
+                d.pop(k)
         return d
 
     def digest(self) -> str:
@@ -89,8 +95,13 @@ class TrainConfig:
             bad("batch", f"must be positive, got {self.batch}")
         if self.schedule not in ("paper", "constant", "cosine", "onecycle"):
             bad("schedule", f"must be paper, constant, cosine or onecycle; got {self.schedule!r}")
-        if self.normalise not in ("per_pixel", "per_channel", "none"):
-            bad("normalise", f"must be per_pixel, per_channel or none; got {self.normalise!r}")
+        from cnn_jax.train.inputs import NORMALISATIONS
+        if self.normalise not in NORMALISATIONS:
+            bad("normalise", f"must be one of {', '.join(NORMALISATIONS)}; "
+                             f"got {self.normalise!r}")
+        for f in ("input_pad", "resize", "eval_subset"):
+            if getattr(self, f) < 0:
+                bad(f, f"must be 0 or positive, got {getattr(self, f)}")
         if self.dtype not in ("float32", "bfloat16"):
             bad("dtype", f"must be float32 or bfloat16; got {self.dtype!r}")
         if self.steps_per_call < 1:

@@ -23,12 +23,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from cnn_jax import data as data_lib
-from cnn_jax.data.augment import Augment, Normalizer, cached_pca_basis
+from cnn_jax.data.augment import Augment, cached_pca_basis
 from cnn_jax.data.pipeline import eval_batches, to_global_array, train_dataset
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
 from cnn_jax.train.checkpoint import Checkpointer
 from cnn_jax.train.config import TrainConfig, changed_fields
+from cnn_jax.train.inputs import (make_input_fn, make_normaliser, model_input_shape,
+                                  prepare_arrays, subset)
 from cnn_jax.train.metrics import MetricsLog, params_digest
 from cnn_jax.train.state import TrainState
 from cnn_jax.train.steps import compile_steps, make_eval_step, make_optimizer, make_train_step
@@ -72,11 +74,27 @@ def versions() -> dict:
             "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
 
 
+def cpu_name() -> str:
+    """The host CPU's model name and core count (for records of CPU timings)."""
+    import os
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def hardware() -> dict:
     d = jax.devices()
-    return {"backend": jax.default_backend(), "device": d[0].device_kind,
+    backend = jax.default_backend()
+    return {"backend": backend,
+            "device": cpu_name() if backend == "cpu" else d[0].device_kind,
             "devices": len(d), "processes": jax.process_count(),
-            "host": platform.node(), "cpu": platform.processor() or platform.machine()}
+            "host": platform.node(), "cpu": cpu_name()}
 
 
 def train(cfg: TrainConfig, command: Optional[str] = None,
@@ -106,12 +124,14 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     # ------------------------------------------------------------------ input
     train_arrays = data_lib.load(cfg.data, "train", data_dir=cfg.data_dir, holdout=cfg.holdout)
     eval_split = "val" if cfg.holdout else "test"
-    eval_arrays = data_lib.load(cfg.data, eval_split, data_dir=cfg.data_dir, holdout=cfg.holdout)
+    eval_arrays = subset(data_lib.load(cfg.data, eval_split, data_dir=cfg.data_dir,
+                                       holdout=cfg.holdout), cfg.eval_subset)
     n_dev = jax.device_count()
     eval_batch = -(-min(cfg.eval_batch, len(eval_arrays)) // n_dev) * n_dev  # a multiple of n_dev
-    normaliser = (Normalizer.from_data(train_arrays.images, per_pixel=cfg.normalise == "per_pixel")
-                  if cfg.normalise != "none" else None)
-    normalise = (lambda x: normaliser(x)) if normaliser else (lambda x: x.astype(jnp.float32))
+    train_arrays = prepare_arrays(train_arrays, cfg.input_pad)
+    eval_arrays = prepare_arrays(eval_arrays, cfg.input_pad)
+    normalise = make_input_fn(make_normaliser(cfg.normalise, train_arrays.images), cfg.resize)
+    input_shape = model_input_shape(train_arrays.images.shape[1:], cfg.resize)
     pca = None
     if cfg.pca_colour:
         pca_file = (train_arrays.path.with_name("train_pca.npz")
@@ -136,13 +156,13 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
                                                    mesh)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(
         jax.eval_shape(model.init, jax.random.key(0),
-                       jnp.zeros((1, *train_arrays.images.shape[1:])))["params"])))
+                       jnp.zeros((1, *input_shape)))["params"])))
 
     # ------------------------------------------------------------------ state: init or restore
     def init_state():
         rng = jax.random.PRNGKey(cfg.seed)
         init_rng, step_rng = jax.random.split(rng)
-        example = jnp.zeros((1, *train_arrays.images.shape[1:]), jnp.float32)
+        example = jnp.zeros((1, *input_shape), jnp.float32)
         variables = model.init({"params": init_rng, "dropout": init_rng}, example)
         return TrainState.create(variables, tx, step_rng)
 
@@ -300,7 +320,8 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     if last_eval is None or last_eval["step"] != step:
         last_eval = {"step": step, **{f"eval_{k}": v for k, v in evaluate(state).items()}}
     if cfg.holdout:  # selection used the holdout; the test set is read once, at the end
-        test = evaluate(state, data_lib.load(cfg.data, "test", data_dir=cfg.data_dir))
+        test = evaluate(state, prepare_arrays(
+            data_lib.load(cfg.data, "test", data_dir=cfg.data_dir), cfg.input_pad))
         last_eval.update(final_test_loss=test["loss"], final_test_error=test["error"])
     history = log.read()
     train_records = [r for r in history if "train_loss" in r]

@@ -1,0 +1,246 @@
+"""Evaluate trained runs: one view or several per image, one network or an ensemble.
+
+    python -m cnn_jax.evaluate --checkpoint RUN [--checkpoint RUN ...] --views {1,2,10}
+        [--data NAME] [--data-dir DIR] [--split test|val] [--crop SIZE] [--json]
+
+The prediction for an image is the softmax averaged over its views and over the
+networks (Krizhevsky et al. 2012, Sec. 4.1 and 6; Szegedy et al. 2015, Sec. 7).
+
+Views, on the stored uint8 image:
+  * images of the networks' input size (CIFAR-10's 32x32): the four corner crops and
+    the centre crop of the image zero-padded by 4 pixels on each side (the padding of
+    the training augmentation), each also mirrored. The centre crop is the image
+    itself, so `--views 1` is the plain single view and `--views 2` adds its mirror.
+  * larger images, the ImageNet way: resize so that the shorter side is crop / 0.875
+    (256 for 224), then the four corner crops and the centre crop, each mirrored;
+    `--views 1` is the centre crop, `--views 2` the centre crop and its mirror.
+Every test image is used exactly once (the count is checked). Networks that share an
+architecture and an input transform are evaluated together, `vmap`ped over their
+stacked parameters in one compiled call.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnn_jax import data as data_lib
+from cnn_jax.data.augment import ten_crop
+from cnn_jax.data.pipeline import eval_batches
+from cnn_jax.models import create_model
+from cnn_jax.train.checkpoint import load_variables
+from cnn_jax.train.config import TrainConfig
+from cnn_jax.train.inputs import make_input_fn, make_normaliser, prepare_arrays
+
+VIEW_COUNTS = (1, 2, 10)
+CENTRE, CENTRE_MIRRORED = 4, 9      # positions in ten_crop's order
+IMAGENET_RESIZE = 1 / 0.875         # resize side = crop / 0.875 (256 for 224)
+
+
+# ------------------------------------------------------------------ views
+def pick(views_10: np.ndarray, n: int) -> np.ndarray:
+    """The first-n-views subset of a [B, 10, ...] ten-crop stack: centre, its mirror,
+    or all ten."""
+    if n not in VIEW_COUNTS:
+        raise ValueError(f"--views must be one of {VIEW_COUNTS}; got {n}")
+    return {1: views_10[:, [CENTRE]], 2: views_10[:, [CENTRE, CENTRE_MIRRORED]],
+            10: views_10}[n]
+
+
+def resize_shorter_side(images: np.ndarray, side: int) -> np.ndarray:
+    h, w = images.shape[1:3]
+    scale = side / min(h, w)
+    size = (max(side, round(h * scale)), max(side, round(w * scale)))
+    out = jax.image.resize(jnp.asarray(images, jnp.float32),
+                           (images.shape[0], *size, images.shape[3]), "bilinear")
+    return np.asarray(jnp.clip(jnp.round(out), 0, 255)).astype(np.uint8)
+
+
+def make_views(images: np.ndarray, n: int, crop: int, pad: int = 4) -> np.ndarray:
+    """[B, n, crop, crop, C] views of a uint8 batch (see the module docstring)."""
+    h, w = images.shape[1:3]
+    if (h, w) == (crop, crop):
+        return pick(ten_crop(images, crop, pad_by=pad), n)
+    if min(h, w) < crop:
+        raise ValueError(f"images of {h}x{w} are smaller than the {crop}x{crop} views")
+    resized = resize_shorter_side(images, round(crop * IMAGENET_RESIZE))
+    return pick(ten_crop(resized, crop), n)
+
+
+# ------------------------------------------------------------------ members
+@dataclasses.dataclass
+class Member:
+    run_dir: Path
+    config: TrainConfig
+    variables: dict
+
+
+def load_member(run_dir) -> Member:
+    run_dir = Path(run_dir)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        config = TrainConfig.from_json(saved["config"])
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"--checkpoint {run_dir}: expected the --out folder of a training "
+                         f"run, holding config.json and checkpoints/") from None
+    try:
+        variables = load_variables(run_dir)
+    except FileNotFoundError as e:
+        raise ValueError(f"--checkpoint {run_dir}: {e}") from None
+    return Member(run_dir, config, variables)
+
+
+def _group_key(c: TrainConfig) -> str:
+    """Members with equal keys share an architecture and an input transform."""
+    return json.dumps([c.model, c.model_options, c.dtype, c.data, c.holdout, c.normalise,
+                       c.input_pad, c.resize], sort_keys=True, default=str)
+
+
+@dataclasses.dataclass
+class Group:
+    members: list
+    forward: object           # jitted: (stacked variables, uint8 [N, H, W, C]) -> probs [M, N, K]
+    stacked: dict
+    train_shape: tuple        # the stored training images' (H, W, C)
+    crop_pad: int
+
+
+def build_groups(members: list[Member], data_dir: Optional[str] = None) -> list[Group]:
+    groups: dict[str, list[Member]] = {}
+    for m in members:
+        groups.setdefault(_group_key(m.config), []).append(m)
+    out = []
+    for ms in groups.values():
+        c = ms[0].config
+        train = prepare_arrays(data_lib.load(c.data, "train", data_dir=data_dir or c.data_dir,
+                                             holdout=c.holdout), c.input_pad)
+        to_input = make_input_fn(make_normaliser(c.normalise, train.images), c.resize)
+        dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
+        model = create_model(c.model, num_classes=len(train.classes), dtype=dtype,
+                             **c.model_options)
+        shapes = {jax.tree.structure(m.variables) for m in ms}
+        if len(shapes) != 1:
+            raise ValueError("runs of the same architecture hold differently shaped "
+                             "variables: " + ", ".join(str(m.run_dir) for m in ms))
+        stacked = jax.tree.map(lambda *v: jnp.stack([jnp.asarray(x) for x in v]),
+                               *[m.variables for m in ms])
+
+        def one(variables, images, model=model, to_input=to_input):
+            variables = {k: v for k, v in variables.items() if v}
+            logits = model.apply(variables, to_input(images), train=False)
+            return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+        forward = jax.jit(jax.vmap(one, in_axes=(0, None)))
+        out.append(Group(ms, forward, stacked, train.images.shape[1:], c.crop_pad or 4))
+    return out
+
+
+# ------------------------------------------------------------------ evaluation
+def view_probabilities(groups: list[Group], arrays, views: int, batch: int = 250,
+                       crop: Optional[int] = None) -> Iterator[dict]:
+    """Per batch: labels, mask, and softmax probabilities [M, B, V, K] of every member
+    (in the order of the groups' members) on every view."""
+    for b in eval_batches(arrays, batch):
+        per_group = []
+        for g in groups:
+            size = crop or g.train_shape[0]
+            v = make_views(b["image"], views, size, g.crop_pad)        # [B, V, h, w, C]
+            flat = v.reshape(-1, *v.shape[2:])
+            p = np.asarray(g.forward(g.stacked, flat))                  # [M, B*V, K]
+            per_group.append(p.reshape(p.shape[0], *v.shape[:2], p.shape[-1]))
+        yield {"label": b["label"], "mask": b["mask"],
+               "probs": np.concatenate(per_group, axis=0)}
+
+
+def summarise(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Error and per-class error of averaged probabilities [N, K]."""
+    wrong = np.argmax(probs, -1) != labels
+    per_class = [float(wrong[labels == k].mean()) if np.any(labels == k) else None
+                 for k in range(num_classes)]
+    return {"error": float(wrong.mean()), "per_class_error": per_class,
+            "n_examples": int(len(labels))}
+
+
+def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
+             data_dir: Optional[str] = None, split: str = "test", batch: int = 250,
+             crop: Optional[int] = None, progress: bool = False) -> dict:
+    """Error of the ensemble of `run_dirs` with `views` views per image."""
+    from tqdm.auto import tqdm
+    if views not in VIEW_COUNTS:
+        raise ValueError(f"--views must be one of {VIEW_COUNTS}; got {views}")
+    members = [load_member(r) for r in run_dirs]
+    first = members[0].config
+    data = data or first.data
+    arrays = data_lib.load(data, split, data_dir=data_dir or first.data_dir,
+                           holdout=first.holdout)
+    arrays = prepare_arrays(arrays, first.input_pad)
+    groups = build_groups(members, data_dir)
+    ordered = [m for g in groups for m in g.members]
+    mean_probs, labels, seen = [], [], 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(arrays), unit="img", disable=not progress, desc="evaluating")
+    for out in view_probabilities(groups, arrays, views, batch, crop):
+        keep = out["mask"] > 0
+        mean_probs.append(out["probs"][:, keep].mean(axis=(0, 2)))   # over models, views
+        labels.append(out["label"][keep])
+        seen += int(keep.sum())
+        bar.update(int(keep.sum()))
+    bar.close()
+    wall = time.perf_counter() - start
+    if seen != len(arrays):
+        raise AssertionError(f"evaluated {seen} images, expected {len(arrays)}")
+    result = summarise(np.concatenate(mean_probs), np.concatenate(labels), len(arrays.classes))
+    return {**result, "classes": arrays.classes, "views": views, "models": len(members),
+            "checkpoints": [str(m.run_dir) for m in ordered], "data": data, "split": split,
+            "images_per_s": seen / wall, "forward_passes_per_s": seen * views * len(members) / wall,
+            "wall_s": wall, "backend": jax.default_backend()}
+
+
+# ------------------------------------------------------------------ CLI
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cnn_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True, metavar="RUN",
+                   help="a training run's --out folder; repeat for an ensemble")
+    p.add_argument("--views", type=int, default=1, choices=VIEW_COUNTS)
+    p.add_argument("--data", default=None, help="default: the runs' training dataset")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--crop", type=int, default=None,
+                   help="view size (default: the training images' size)")
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--out", default=None, help="write the JSON here as well")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error("--batch must be positive")
+    try:
+        r = evaluate(args.checkpoint, args.views, args.data, args.data_dir, args.split,
+                     args.batch, args.crop, progress=not args.json)
+    except (ValueError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{r['models']} model(s), {r['views']} view(s), {r['n_examples']:,} {r['split']} "
+          f"images: error {100 * r['error']:.2f} %  ({r['images_per_s']:,.0f} images/s)",
+          file=sys.stderr)
+    width = max(len(c) for c in r["classes"])
+    for name, e in zip(r["classes"], r["per_class_error"]):
+        if e is not None:
+            print(f"  {name:<{width}}  {100 * e:6.2f} %", file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps(r, indent=1))
+    if args.json:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

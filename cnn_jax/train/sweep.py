@@ -1,0 +1,95 @@
+"""Many training runs as one job, as every experiment needs them.
+
+`guard_out` refuses an output folder holding another recipe (nothing is touched);
+`run_all` trains each configuration in turn under one progress bar, re-reads the
+finished ones and resumes the unfinished one, so re-running a killed experiment's
+command carries on where it stopped; `curve` reads a run's metrics.jsonl back.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from cnn_jax.train.config import TrainConfig
+
+
+class OutputInUse(ValueError):
+    pass
+
+
+def guard_out(out: Path, recipe: dict) -> None:
+    """Create `out` (or check it is writable) and record `recipe` in out/config.json,
+    refusing a folder whose config.json holds a different recipe."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_text("")
+        (out / ".write_test").unlink()
+    except OSError as e:
+        raise OutputInUse(f"--out {out}: not writable ({e.strerror})") from None
+    recipe = json.loads(json.dumps(recipe))
+    saved_file = out / "config.json"
+    if saved_file.exists():
+        try:
+            old = json.loads(saved_file.read_text())
+        except ValueError:
+            raise OutputInUse(f"--out {out}: config.json is not JSON; nothing was changed. "
+                              f"Use another --out.") from None
+        if old != recipe:
+            diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
+            raise OutputInUse(
+                f"--out {out} holds results of a different configuration (differs in: "
+                f"{', '.join(diff)}); nothing was changed. Use another --out.")
+    saved_file.write_text(json.dumps(recipe, indent=1))
+
+
+def finished(cfg: TrainConfig) -> Optional[dict]:
+    """results.json of a finished run of exactly this configuration, else None."""
+    out = Path(cfg.out)
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("config_digest") == cfg.digest() and results.get("steps") == cfg.steps:
+        return results
+    return None
+
+
+def run_all(configs: list[TrainConfig], command: str, names: Optional[list[str]] = None
+            ) -> list[dict]:
+    """Train every configuration not yet finished; results.json of each, in order."""
+    from tqdm.auto import tqdm
+    from cnn_jax.train.loop import train
+
+    names = names or [Path(c.out).name for c in configs]
+    todo = [c for c in configs if finished(c) is None]
+    bar = tqdm(total=sum(c.steps for c in todo), unit="step", dynamic_ncols=True,
+               desc=f"{len(configs)} nets, {len(todo)} to train")
+    results = []
+    for cfg, name in zip(configs, names):
+        res = finished(cfg)
+        if res is None:
+            bar.set_description(name)
+            res = train(cfg, command=command, on_steps=bar.update)
+        results.append(res)
+    bar.close()
+    return results
+
+
+def curve(run_dir: Path, split: str = "test") -> dict:
+    """Training error (logged windows) and evaluation error at the evaluation steps."""
+    records = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+               if l.strip()]
+    train = {r["step"]: r["train_error"] for r in records if "train_error" in r}
+    evals = {r["step"]: r["eval_error"] for r in records if "eval_error" in r}
+    steps = sorted(train)
+    return {"step": steps, "train_error": [train[s] for s in steps],
+            "eval_step": sorted(evals), f"{split}_error": [evals[s] for s in sorted(evals)]}
+
+
+def mean_std(values) -> str:
+    """'1.23 ± 0.04' over seeds, or '1.23' for one; values in percent."""
+    import numpy as np
+    v = np.asarray(values, np.float64)
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"

@@ -1,0 +1,240 @@
+"""The classic architectures side by side on CIFAR-10: LeNet -> AlexNet -> VGG ->
+NiN -> GoogLeNet -> ResNet, each trained with one shared recipe, reported as
+parameters, multiply-accumulates, training images/s and test error in one table.
+
+Adaptations to 32x32 colour images (all stated again in the table):
+  lenet5        as drawn in 1998, with C1 seeing 3 colour channels (32x32 input).
+  alexnet       upsampled to 67x67 on the device, the smallest input its 11x11/4
+                conv1 and three overlapping max-pools admit (final maps 1x1x256,
+                so fc6 has 256 inputs instead of 9,216). Paper initialisation, no BN.
+  vgg16_bn      VGG-16 (configuration D) with BatchNorm at 32x32: the five pools end
+                at 1x1x512, so fc6 has 512 inputs instead of 25,088.
+  nin           the authors' CIFAR-10 network, unchanged.
+  googlenet     upsampled to 96x96 (as d2l does), auxiliary heads on in training
+                with weight 0.3; final maps 3x3 before the global average pool.
+  resnet20/56   He et al.'s CIFAR networks, unchanged.
+
+Shared recipe: SGD with momentum 0.9, weight decay 5e-4, cosine schedule, random
+crop of the 4-pixel padded image and horizontal flip, per-channel standardisation.
+The learning rate is per net: 0.1 for BatchNorm nets, 0.01 for those without BN
+(AlexNet, NiN, GoogLeNet, as their papers), 0.05 for tanh LeNet.
+
+Presets: `full` (30 epochs at batch 128 each: a GPU run), `quick` (a CPU-sized
+run: a fraction of an epoch, where the table's cost columns are exact but the errors
+only show how far each net gets on the same few thousand images), `smoke` (tests),
+`auto` (full on an accelerator, quick on a CPU). Evidence: docs/results.md.
+
+    python -m experiments.zoo_cifar [--preset auto|full|quick|smoke] [--nets ...]
+        [--seeds N] [--out DIR] [--data-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cnn_jax.train.sweep import guard_out, mean_std, run_all
+
+# ------------------------------------------------------------------ configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+    model: str
+    lr: float
+    options: dict = dataclasses.field(default_factory=dict)
+    resize: int = 0          # upsample on the device to this size (0: native 32x32)
+    adaptation: str = "unchanged"
+    paper: str = ""
+
+
+ZOO = {
+    "lenet5": Net("lenet5", 0.05, adaptation="C1 sees 3 channels",
+                  paper="LeCun et al. 1998"),
+    "alexnet": Net("alexnet", 0.01, resize=67, adaptation="upsampled to 67x67; fc6 256 inputs",
+                   paper="Krizhevsky et al. 2012"),
+    "vgg16_bn": Net("vgg16", 0.1, {"batch_norm": True},
+                    adaptation="with BatchNorm; fc6 512 inputs", paper="Simonyan & Zisserman 2015"),
+    "nin": Net("nin", 0.01, paper="Lin et al. 2014"),
+    "googlenet": Net("googlenet", 0.01, resize=96, adaptation="upsampled to 96x96",
+                     paper="Szegedy et al. 2015"),
+    "resnet20": Net("resnet20", 0.1, paper="He et al. 2015"),
+    "resnet56": Net("resnet56", 0.1, paper="He et al. 2015"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    steps: int
+    batch: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    eval_batch: int = 1_000
+    test_subset: int = 0     # >0: a fixed stratified subset of the test set (CPU presets)
+    data: str = "cifar10"
+
+
+PRESETS = {
+    "full": Preset(steps=30 * 391, batch=128, log_every=100, eval_every=391 * 5,
+                   checkpoint_every=391),
+    # A 2-core CPU trains VGG-16 at about 6 images/s: 50 iterations of 32 images each,
+    # the error read on 1,000 test images (100 per class).
+    "quick": Preset(steps=50, batch=32, log_every=10, eval_every=50, checkpoint_every=25,
+                    eval_batch=250, test_subset=1_000),
+    "smoke": Preset(steps=3, batch=8, log_every=1, eval_every=3, checkpoint_every=3,
+                    eval_batch=100),
+}
+
+
+def choose_preset(name: str) -> tuple[str, str]:
+    if name != "auto":
+        return name, f"--preset {name}"
+    import jax
+    if jax.default_backend() in ("gpu", "tpu"):
+        return "full", f"auto: found a {jax.default_backend().upper()}"
+    return "quick", "auto: no GPU or TPU found, so the CPU-sized `quick` preset"
+
+
+def run_config(key: str, preset: Preset, seed: int, args, out: Path):
+    from cnn_jax.train import TrainConfig
+    net = ZOO[key]
+    return TrainConfig(
+        model=net.model, model_options=dict(net.options), data=args.data or preset.data,
+        data_dir=args.data_dir, steps=preset.steps, batch=preset.batch, seed=seed,
+        lr=net.lr, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+        crop_pad=4, flip=True, normalise="standard", resize=net.resize,
+        eval_subset=preset.test_subset,
+        log_every=preset.log_every, eval_every=preset.eval_every,
+        checkpoint_every=preset.checkpoint_every, eval_batch=preset.eval_batch,
+        workers=args.workers, out=str(out), progress=False)
+
+
+def cost(key: str, image_shape: tuple, num_classes: int) -> dict:
+    """Parameters and multiply-accumulates per image at the size the net is fed."""
+    from cnn_jax.cost import profile
+    from cnn_jax.models import create_model
+    from cnn_jax.train.inputs import model_input_shape
+    net = ZOO[key]
+    shape = model_input_shape(image_shape, net.resize)
+    c = profile(create_model(net.model, num_classes=num_classes, **net.options), shape)
+    return {"input": "x".join(map(str, shape)), "params": c.params, "macs": c.macs}
+
+
+# ------------------------------------------------------------------ outputs
+def table(runs: list[dict], note: str) -> str:
+    lines = ["| net | paper | input | adaptation | params | MACs | train images/s | "
+             "test error (%) |", "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in runs:
+        errs = [100 * s["final_test_error"] for s in r["seeds"]]
+        lines.append(f"| `{r['name']}` | {r['paper']} | {r['input']} | {r['adaptation']} | "
+                     f"{r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:,.1f}M | "
+                     f"{r['img_per_s']:,.0f} | {mean_std(errs)} (n={len(errs)}) |")
+    return "\n".join(lines + ["", note])
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    """Test error against multiply-accumulates per image (log), one point per net."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        err = 100 * r["final_test_error"]
+        for ax, x in zip(axes, (r["macs"], r["params"])):
+            ax.scatter(x, err, s=40)
+            ax.annotate(r["name"], (x, err), textcoords="offset points", xytext=(5, 4),
+                        fontsize=9)
+    axes[0].set_xlabel("multiply-accumulates per image")
+    axes[1].set_xlabel("parameters")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_ylabel("test error (%)")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.zoo_cifar",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
+    p.add_argument("--nets", nargs="+", choices=list(ZOO), default=list(ZOO))
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--out", default=None, help="default runs/zoo_cifar-<preset>")
+    p.add_argument("--data", default=None, help="dataset (default cifar10)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--workers", type=int, default=None)
+    args = p.parse_args(argv)
+    args.command = " ".join([
+        "python -m experiments.zoo_cifar", *(sys.argv[1:] if argv is None else argv)])
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    preset_name, why = choose_preset(args.preset)
+    preset = PRESETS[preset_name]
+    print(f"preset {preset_name} ({why})", file=sys.stderr)
+    data = args.data or preset.data
+    out = Path(args.out or f"runs/zoo_cifar-{preset_name}")
+    recipe = {"preset": preset_name, **dataclasses.asdict(preset), "data": data,
+              "nets": {k: {f: getattr(ZOO[k], f) for f in ("model", "lr", "options", "resize")}
+                       for k in args.nets}}
+
+    from cnn_jax import data as data_lib
+    from cnn_jax.data import DataError
+    from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, versions
+    try:
+        guard_out(out, recipe)
+        train = data_lib.load(data, "train", data_dir=args.data_dir)
+        image_shape, num_classes = train.images.shape[1:], len(train.classes)
+        jobs = [(k, seed) for seed in range(args.seeds) for k in args.nets]
+        configs = [run_config(k, preset, seed, args, out / "nets" / f"{k}-seed{seed}")
+                   for k, seed in jobs]
+        results = run_all(configs, args.command, [f"{k} seed {s}" for k, s in jobs])
+    except (DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    runs = []
+    for key in args.nets:
+        seeds = [{"seed": s, "final_test_error": res["final_test_error"],
+                  "final_train_error": res["final_train_error"], "wall_s": res["wall_s"],
+                  "img_per_s": res["img_per_s"], "run_dir": cfg.out}
+                 for (k, s), cfg, res in zip(jobs, configs, results) if k == key]
+        net = ZOO[key]
+        runs.append({"name": key, "model": net.model, "options": net.options,
+                     "paper": net.paper, "adaptation": net.adaptation, "lr": net.lr,
+                     **cost(key, image_shape, num_classes),
+                     "final_test_error": float(np.mean([s["final_test_error"] for s in seeds])),
+                     "img_per_s": float(np.median([s["img_per_s"] for s in seeds])),
+                     "seeds": seeds})
+    hw = results[0]["hardware"]
+    note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "")
+            + f". Preset `{preset_name}`: {preset.steps} iterations at batch {preset.batch} for "
+            f"every net (SGD momentum 0.9, weight decay 5e-4, cosine schedule, crop + flip); "
+            f"seeds 0..{args.seeds - 1}; single-view test error after the last iteration on "
+            + (f"a fixed stratified subset of {preset.test_subset:,} test images. "
+               if preset.test_subset else "the whole test set. ") +
+            f"Training images/s on {hw['device']} ({hw['backend']}), median over logging "
+            f"windows. Command: `{args.command}`.")
+    summary = {"preset": preset_name, "preset_reason": why, "recipe": recipe,
+               "command": args.command, "versions": versions(), "hardware": hw, "runs": runs}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "table.md").write_text(table(runs, note) + "\n")
+    plot(runs, out / "zoo.png", f"{data}, preset {preset_name}: {preset.steps} iterations at "
+                                f"batch {preset.batch}")
+    print(table(runs, note))
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'zoo.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

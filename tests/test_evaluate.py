@@ -1,0 +1,135 @@
+"""Multi-view and ensemble evaluation: view geometry, averaging, identities, coverage,
+agreement with the training loop's own evaluation, the CLI contract, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnn_jax import data as data_lib
+from cnn_jax.evaluate import build_groups, evaluate, load_member, make_views, view_probabilities
+from cnn_jax.train import TrainConfig
+from cnn_jax.train.loop import train
+
+DATA = "synthetic:16x16x3:10:64:37"   # 37 test images: no batch size divides it
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = []
+    for seed in (0, 1):
+        cfg = TrainConfig(model="resnet8", data=DATA, steps=4, batch=16, seed=seed, lr=0.05,
+                          log_every=2, eval_every=4, checkpoint_every=4, progress=False,
+                          workers=0, out=str(root / f"seed{seed}"))
+        train(cfg)
+        out.append(root / f"seed{seed}")
+    return out
+
+
+def test_views_of_a_32x32_image_are_the_padded_corners_centre_and_mirrors():
+    img = np.arange(2 * 32 * 32 * 3, dtype=np.int64).reshape(2, 32, 32, 3) % 251
+    img = img.astype(np.uint8)
+    padded = np.pad(img, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    v10 = make_views(img, 10, 32)
+    assert v10.shape == (2, 10, 32, 32, 3)
+    np.testing.assert_array_equal(v10[:, 0], padded[:, :32, :32])     # top left
+    np.testing.assert_array_equal(v10[:, 3], padded[:, 8:, 8:])       # bottom right
+    np.testing.assert_array_equal(v10[:, 4], img)                     # centre = the image
+    np.testing.assert_array_equal(v10[:, 5:], v10[:, :5, :, ::-1])    # mirrors
+    np.testing.assert_array_equal(make_views(img, 1, 32)[:, 0], img)
+    two = make_views(img, 2, 32)
+    np.testing.assert_array_equal(two[:, 1], img[:, :, ::-1])
+
+
+def test_views_of_large_images_resize_the_shorter_side_then_crop():
+    img = np.full((1, 300, 400, 3), 90, np.uint8)
+    img[:, :, :200] = 10                      # left half dark
+    v = make_views(img, 10, 224)
+    assert v.shape == (1, 10, 224, 224, 3)
+    # shorter side 300 -> 256, so the image is 256x341: the left corner crop is mostly
+    # dark, the right one bright, the mirror of the left crop is the left crop flipped
+    assert v[0, 0].mean() < 50 and v[0, 1].mean() > 50
+    np.testing.assert_array_equal(v[0, 5], v[0, 0, :, ::-1])
+    with pytest.raises(ValueError, match="smaller than the 224x224 views"):
+        make_views(np.zeros((1, 100, 100, 3), np.uint8), 1, 224)
+
+
+def test_single_view_equals_the_training_loops_evaluation(runs):
+    r = evaluate([runs[0]], views=1, batch=16)
+    trained = json.loads((runs[0] / "results.json").read_text())
+    assert r["n_examples"] == 37
+    assert r["error"] == pytest.approx(trained["final_test_error"], abs=1e-6)
+
+
+def test_ensemble_average_is_the_mean_of_the_members_softmaxes(runs):
+    test = data_lib.load(DATA, "test")
+    members = [load_member(r) for r in runs]
+    both = build_groups(members)
+    assert len(both) == 1 and len(both[0].members) == 2   # one compiled call for the two
+    joint = list(view_probabilities(both, test, 10, batch=16))
+    alone = [list(view_probabilities(build_groups([m]), test, 10, batch=16)) for m in members]
+    for k, batch in enumerate(joint):
+        np.testing.assert_allclose(batch["probs"][0], alone[0][k]["probs"][0], atol=1e-6)
+        np.testing.assert_allclose(batch["probs"][1], alone[1][k]["probs"][0], atol=1e-6)
+    probs = np.concatenate([b["probs"][:, b["mask"] > 0] for b in joint], axis=1)
+    labels = np.concatenate([b["label"][b["mask"] > 0] for b in joint])
+    expected = np.mean(np.argmax(probs.mean(axis=(0, 2)), -1) != labels)
+    assert evaluate(runs, views=10, batch=16)["error"] == pytest.approx(expected)
+
+
+def test_an_ensemble_of_one_model_twice_equals_the_model(runs):
+    one = evaluate([runs[0]], views=2, batch=8)
+    twice = evaluate([runs[0], runs[0]], views=2, batch=8)
+    assert twice["models"] == 2 and twice["n_examples"] == one["n_examples"] == 37
+    assert twice["error"] == one["error"] and twice["per_class_error"] == one["per_class_error"]
+
+
+def test_cli_contract_and_bad_input(runs, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "cnn_jax.evaluate", "--checkpoint", str(runs[0]),
+           "--checkpoint", str(runs[1]), "--views", "10", "--json", "--out",
+           str(tmp_path / "e.json")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["views"] == 10 and last["models"] == 2 and last["n_examples"] == 37
+    assert 0 <= last["error"] <= 1 and len(last["per_class_error"]) == 10
+    assert json.loads((tmp_path / "e.json").read_text())["error"] == last["error"]
+    bad = subprocess.run([sys.executable, "-m", "cnn_jax.evaluate", "--checkpoint",
+                          str(tmp_path / "nothing")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 2 and "expected the --out folder of a training run" in bad.stderr
+    views = subprocess.run(cmd[:5] + ["--views", "3"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert views.returncode == 2 and "--views" in views.stderr
+
+
+def test_ensembles_smoke_preset(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "experiments.ensembles", "--preset", "smoke",
+                        "--model", "resnet8", "--data", "synthetic:32x32x3:10:64:40",
+                        "--out", str(tmp_path), "--workers", "0"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {(x["models"], x["views"]): x for x in results["rows"]}
+    assert set(rows) == {(k, v) for k in (1, 2, 3) for v in (1, 2, 10)}
+    assert rows[(1, 1)]["ensembles"] == 3 and rows[(2, 10)]["ensembles"] == 3
+    assert rows[(3, 10)]["ensembles"] == 1 and rows[(3, 10)]["error_std"] == 0
+    # one network, one view: the mean over the three seeds of their own test errors
+    own = [json.loads((tmp_path / "nets" / f"resnet8-seed{s}" / "results.json").read_text())
+           ["final_test_error"] for s in range(3)]
+    assert rows[(1, 1)]["error"] == pytest.approx(np.mean(own), abs=1e-6)
+    assert all(x["images_per_s"] > 0 for x in rows.values())
+    assert (tmp_path / "ensembles.png").stat().st_size > 10_000
+    # the same members found in a finished sweep instead of trained again
+    again = subprocess.run([sys.executable, "-m", "experiments.ensembles", "--preset", "smoke",
+                            "--model", "resnet8", "--runs", str(tmp_path), "--out",
+                            str(tmp_path / "from_runs")],
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows2 = json.loads((tmp_path / "from_runs" / "results.json").read_text())["rows"]
+    assert [x["error"] for x in rows2] == [x["error"] for x in results["rows"]]
