@@ -205,6 +205,14 @@ def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
 
 
 # ------------------------------------------------------------------ CLI
+def default_output(r: dict) -> Path:
+    """evaluate_<split>_<v>views_<m>models_<members' hash>.json in the first run."""
+    import hashlib
+    tag = hashlib.sha256("\n".join(r["checkpoints"]).encode()).hexdigest()[:8]
+    return Path(r["checkpoints"][0]) / (f"evaluate_{r['split']}_{r['views']}views_"
+                                        f"{r['models']}models_{tag}.json")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cnn_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,7 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=None,
                    help="view size (default: the training images' size)")
     p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--out", default=None, help="write the JSON here as well")
+    p.add_argument("--out", default=None, help="JSON file (default: evaluate_<split>_"
+                   "<views>views_<models>models_<hash>.json in the first checkpoint's folder)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(argv)
     if args.batch < 1:
@@ -235,8 +244,12 @@ def main(argv=None) -> int:
     for name, e in zip(r["classes"], r["per_class_error"]):
         if e is not None:
             print(f"  {name:<{width}}  {100 * e:6.2f} %", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps(r, indent=1))
+    out = Path(args.out) if args.out else default_output(r)
+    try:
+        out.write_text(json.dumps(r, indent=1))
+        print(f"wrote {out}", file=sys.stderr)
+    except OSError as e:
+        print(f"warning: could not write {out} ({e.strerror})", file=sys.stderr)
     if args.json:
         print(json.dumps(r))
     return 0

@@ -87,14 +87,13 @@ def member_runs(args, preset: Preset, out: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ measurement
-def all_probabilities(runs: list[Path], test, data_dir) -> tuple[np.ndarray, np.ndarray]:
+def all_probabilities(group, test) -> tuple[np.ndarray, np.ndarray]:
     """Softmax of every member on every view: [M, N, 10, K], and the labels [N]."""
     from tqdm.auto import tqdm
-    from cnn_jax.evaluate import build_groups, load_member, view_probabilities
-    groups = build_groups([load_member(r) for r in runs], data_dir)
+    from cnn_jax.evaluate import view_probabilities
     probs, labels = [], []
-    with tqdm(total=len(test), unit="img", desc=f"{len(runs)} nets x 10 views") as bar:
-        for b in view_probabilities(groups, test, 10, batch=250):
+    with tqdm(total=len(test), unit="img", desc=f"{len(group.members)} nets x 10 views") as bar:
+        for b in view_probabilities([group], test, 10, batch=250):
             keep = b["mask"] > 0
             probs.append(b["probs"][:, keep])
             labels.append(b["label"][keep])
@@ -111,16 +110,16 @@ def ensemble_errors(probs: np.ndarray, labels: np.ndarray, k: int, views: int) -
             for c in itertools.combinations(range(len(probs)), k)]
 
 
-def images_per_second(runs: list[Path], images: np.ndarray, views: int, data_dir,
-                      repeats: int = 3) -> float:
-    """Measured rate of the compiled ensemble forward pass (views made on the host)."""
+def images_per_second(group, k: int, images: np.ndarray, views: int, repeats: int = 3) -> float:
+    """Measured rate of the compiled forward pass of the group's first k networks on
+    `views` views of `images` (views cut on the host, as in evaluation)."""
     import jax
-    from cnn_jax.evaluate import build_groups, load_member, make_views
-    (group,) = build_groups([load_member(r) for r in runs], data_dir)
+    from cnn_jax.evaluate import make_views
+    stacked = jax.tree.map(lambda x: x[:k], group.stacked)
+
     def once():
         v = make_views(images, views, group.train_shape[0], group.crop_pad)
-        p = group.forward(group.stacked, v.reshape(-1, *v.shape[2:]))
-        jax.block_until_ready(p)
+        jax.block_until_ready(group.forward(stacked, v.reshape(-1, *v.shape[2:])))
     once()  # compile
     times = []
     for _ in range(repeats):
@@ -206,13 +205,17 @@ def main(argv=None) -> int:
         data = args.data or first["data"]
         test = subset(data_lib.load(data, "test", data_dir=args.data_dir or first["data_dir"]),
                       preset.test_subset)
-        probs, labels = all_probabilities(runs, test, args.data_dir)
+        from cnn_jax.evaluate import build_groups, load_member
+        groups = build_groups([load_member(r) for r in runs], args.data_dir)
+        if len(groups) != 1:
+            raise ValueError("the members differ in architecture or input recipe")
+        probs, labels = all_probabilities(groups[0], test)
+        timing_images = np.asarray(test.images[:preset.timing_batch])
         rows = []
         for k in range(1, len(runs) + 1):
             for v in VIEWS:
                 errs = ensemble_errors(probs, labels, k, v)
-                rate = images_per_second(runs[:k], np.asarray(test.images[:preset.timing_batch]),
-                                         v, args.data_dir)
+                rate = images_per_second(groups[0], k, timing_images, v)
                 rows.append({"models": k, "views": v, "error": float(np.mean(errs)),
                              "error_std": float(np.std(errs)), "ensembles": len(errs),
                              "images_per_s": rate})

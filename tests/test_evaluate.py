@@ -125,11 +125,12 @@ def test_ensembles_smoke_preset(tmp_path):
     assert rows[(1, 1)]["error"] == pytest.approx(np.mean(own), abs=1e-6)
     assert all(x["images_per_s"] > 0 for x in rows.values())
     assert (tmp_path / "ensembles.png").stat().st_size > 10_000
-    # the same members found in a finished sweep instead of trained again
-    again = subprocess.run([sys.executable, "-m", "experiments.ensembles", "--preset", "smoke",
-                            "--model", "resnet8", "--runs", str(tmp_path), "--out",
-                            str(tmp_path / "from_runs")],
-                           env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    rows2 = json.loads((tmp_path / "from_runs" / "results.json").read_text())["rows"]
-    assert [x["error"] for x in rows2] == [x["error"] for x in results["rows"]]
+    # the same members are found in a finished sweep instead of trained again
+    import argparse
+    from experiments.ensembles import PRESETS, member_runs
+    found = member_runs(argparse.Namespace(runs=str(tmp_path), model="resnet8", members=None),
+                        PRESETS["smoke"], tmp_path / "unused")
+    assert found == [tmp_path / "nets" / f"resnet8-seed{s}" for s in range(3)]
+    with pytest.raises(ValueError, match="at least 2"):
+        member_runs(argparse.Namespace(runs=str(tmp_path), model="resnet20", members=None),
+                    PRESETS["smoke"], tmp_path / "unused")
