@@ -144,6 +144,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, (ax, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
     for v, colour in zip(VIEWS, ("tab:blue", "tab:orange", "tab:green")):
         rs = [r for r in rows if r["views"] == v]
@@ -156,6 +157,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("test error (%)")
     ax.set_xticks(sorted({r["models"] for r in rows}))
     cost.set_xscale("log")
+    cost.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     cost.set_xlabel("inference images/s (measured)")
     for a in (ax, cost):
         a.grid(alpha=0.3, which="both")
@@ -211,14 +213,15 @@ def main(argv=None) -> int:
             raise ValueError("the members differ in architecture or input recipe")
         probs, labels = all_probabilities(groups[0], test)
         timing_images = np.asarray(test.images[:preset.timing_batch])
+        from tqdm.auto import tqdm
         rows = []
-        for k in range(1, len(runs) + 1):
-            for v in VIEWS:
-                errs = ensemble_errors(probs, labels, k, v)
-                rate = images_per_second(groups[0], k, timing_images, v)
-                rows.append({"models": k, "views": v, "error": float(np.mean(errs)),
-                             "error_std": float(np.std(errs)), "ensembles": len(errs),
-                             "images_per_s": rate})
+        combos = [(k, v) for k in range(1, len(runs) + 1) for v in VIEWS]
+        for k, v in tqdm(combos, desc="ensemble sizes x views: error and speed"):
+            errs = ensemble_errors(probs, labels, k, v)
+            rate = images_per_second(groups[0], k, timing_images, v)
+            rows.append({"models": k, "views": v, "error": float(np.mean(errs)),
+                         "error_std": float(np.std(errs)), "ensembles": len(errs),
+                         "images_per_s": rate})
     except (data_lib.DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -65,9 +65,17 @@ def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
     manager.close()
     path = directory.absolute() / str(step) / "state"
     checkpointer = ocp.StandardCheckpointer()
-    shapes = checkpointer.metadata(path).item_metadata
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                          dict(shapes))
-    state = checkpointer.restore(path, target)
+    # reading one item of a composite checkpoint directly: orbax warns that the
+    # composite's own metadata file is not in the item's folder, which is expected
+    from absl import logging as absl_logging
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        shapes = checkpointer.metadata(path).item_metadata
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                              dict(shapes))
+        state = checkpointer.restore(path, target)
+    finally:
+        absl_logging.set_verbosity(level)
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
