@@ -13,7 +13,8 @@ from cnn_jax.train.steps import make_optimizer, make_train_step
 
 # name -> (model options, learning rate, steps, batch). Nets without BatchNorm and with
 # the papers' small initial weights (AlexNet, VGG, NiN, GoogLeNet) take a smaller step;
-# the 224x224 nets memorise two images (a VGG-19 step costs ~10 s on a 2-core CPU).
+# the 224x224 nets memorise two images (a VGG-19 step costs ~10 s on a 2-core CPU)
+# with a smaller step: one step on two images already moves 1000-way logits far.
 CHEAP = {
     "lenet5": ({}, 0.1, 15, 4),
     "lenet5_classic": ({}, 0.01, 15, 4),
@@ -22,14 +23,14 @@ CHEAP = {
     "nin": ({}, 0.01, 120, 4),  # no BN, ReLU on the class maps: slow to start
 }
 HEAVY = {
-    "alexnet": ({}, 0.02, 12, 2),
-    **{f"vgg{d}": ({}, 0.01, 8, 2) for d in (11, 13, 16, 19)},
-    **{f"vgg{d}_bn": ({"batch_norm": True}, 0.05, 6, 2) for d in (11, 13, 16, 19)},
-    "googlenet": ({}, 0.01, 12, 2),
-    **{f"resnet{d}": ({}, 0.1, 6, 2) for d in (18, 34, 50, 101, 152)},
-    **{f"plain{d}": ({}, 0.1, 6, 2) for d in (18, 34)},
-    **{f"resnet{d}": ({}, 0.1, 8, 4) for d in (32, 44, 56, 110, 1202)},
-    **{f"plain{d}": ({}, 0.1, 8, 4) for d in (32, 44, 56, 110)},
+    "alexnet": ({}, 0.0005, 8, 2),
+    **{f"vgg{d}": ({}, 0.002, 10, 2) for d in (11, 13, 16, 19)},
+    **{f"vgg{d}_bn": ({"batch_norm": True}, 0.001, 6, 2) for d in (11, 13, 16, 19)},
+    "googlenet": ({}, 0.01, 20, 2),
+    **{f"resnet{d}": ({}, 0.01, 6, 2) for d in (18, 34, 50, 101, 152)},
+    **{f"plain{d}": ({}, 0.01, 6, 2) for d in (18, 34)},
+    **{f"resnet{d}": ({}, 0.1, 15, 4) for d in (32, 44, 56, 110, 1202)},
+    **{f"plain{d}": ({}, 0.1, 15, 4) for d in (32, 44, 56, 110)},
 }
 
 
@@ -72,8 +73,10 @@ def check_trains(name):
     options, lr, steps, batch = {**CHEAP, **HEAVY}[name]
     losses = losses_on_one_batch(name, options, lr, steps, batch)
     assert np.all(np.isfinite(losses)), losses
-    # the first loss is chance level (ln of the classes), the last ones a fraction of it
-    assert losses[-2:].mean() < 0.5 * losses[0], f"{name}: loss went {losses.round(3)}"
+    # the first loss is about chance level (ln of the classes); memorising the batch
+    # takes it below a quarter of that. With a constant step and momentum on two
+    # images the loss can overshoot again afterwards, so the lowest loss is checked.
+    assert losses[1:].min() < 0.25 * losses[0], f"{name}: loss went {losses.round(3)}"
 
 
 def test_every_registered_model_is_covered():
