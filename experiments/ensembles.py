@@ -49,7 +49,7 @@ class Preset:
 PRESETS = {
     "paper": Preset("paper", members=5),
     "quick": Preset("quick", members=5, test_subset=1_000),
-    "smoke": Preset("smoke", members=3, timing_batch=8),
+    "smoke": Preset("smoke", members=2, timing_batch=8),
 }
 
 
