@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn_jax.train.sweep import guard_out, run_all
+from cnn_jax.train.sweep import choose_preset, guard_out, run_all
 
 # ------------------------------------------------------------------ configuration
 VIEWS = (1, 2, 10)
@@ -51,15 +51,6 @@ PRESETS = {
     "quick": Preset("quick", members=5, test_subset=1_000),
     "smoke": Preset("smoke", members=2, timing_batch=8),
 }
-
-
-def choose_preset(name: str) -> tuple[str, str]:
-    if name != "auto":
-        return name, f"--preset {name}"
-    import jax
-    if jax.default_backend() in ("gpu", "tpu"):
-        return "paper", f"auto: found a {jax.default_backend().upper()}"
-    return "quick", "auto: no GPU or TPU found, so the CPU-sized `quick` preset"
 
 
 def member_runs(args, preset: Preset, out: Path) -> list[Path]:

@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from cnn_jax.train.sweep import guard_out, mean_std
+from cnn_jax.train.sweep import choose_preset, guard_out, mean_std
 
 # ------------------------------------------------------------------ configuration
 PAPER_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}  # Table 6
@@ -70,18 +70,6 @@ PRESETS = {
                     milestones=(10**9,), log_every=2, eval_every=3, checkpoint_every=3,
                     eval_batch=500),
 }
-
-
-def choose_preset(name: str) -> tuple[str, str]:
-    """'auto' -> paper on an accelerator, quick on a CPU; with the reason."""
-    if name != "auto":
-        return name, f"--preset {name}"
-    import jax
-    backend = jax.default_backend()
-    if backend in ("gpu", "tpu"):
-        return "paper", f"auto: found a {backend.upper()} ({jax.devices()[0].device_kind})"
-    return "quick", ("auto: no GPU or TPU found, so the CPU-sized `quick` preset "
-                     "(use --preset paper to run the full recipe anyway)")
 
 
 def nets_for(preset: Preset, depths: Optional[list[int]]) -> list[tuple[str, int, bool]]:

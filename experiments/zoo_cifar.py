@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn_jax.train.sweep import guard_out, mean_std, run_all
+from cnn_jax.train.sweep import choose_preset, guard_out, mean_std, run_all
 
 # ------------------------------------------------------------------ configuration
 
@@ -89,15 +89,6 @@ PRESETS = {
     "smoke": Preset(steps=3, batch=8, log_every=1, eval_every=3, checkpoint_every=3,
                     eval_batch=100),
 }
-
-
-def choose_preset(name: str) -> tuple[str, str]:
-    if name != "auto":
-        return name, f"--preset {name}"
-    import jax
-    if jax.default_backend() in ("gpu", "tpu"):
-        return "full", f"auto: found a {jax.default_backend().upper()}"
-    return "quick", "auto: no GPU or TPU found, so the CPU-sized `quick` preset"
 
 
 def run_config(key: str, preset: Preset, seed: int, args, out: Path):
@@ -179,7 +170,7 @@ def main(argv=None) -> int:
         "python -m experiments.zoo_cifar", *(sys.argv[1:] if argv is None else argv)])
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
-    preset_name, why = choose_preset(args.preset)
+    preset_name, why = choose_preset(args.preset, accelerator="full")
     preset = PRESETS[preset_name]
     print(f"preset {preset_name} ({why})", file=sys.stderr)
     data = args.data or preset.data

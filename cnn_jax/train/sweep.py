@@ -14,6 +14,19 @@ from typing import Optional
 from cnn_jax.train.config import TrainConfig
 
 
+def choose_preset(name: str, accelerator: str = "paper", cpu: str = "quick") -> tuple[str, str]:
+    """'auto' -> the `accelerator` preset on a GPU/TPU, the `cpu` one otherwise; with
+    the reason, for the experiment to print."""
+    if name != "auto":
+        return name, f"--preset {name}"
+    import jax
+    backend = jax.default_backend()
+    if backend in ("gpu", "tpu"):
+        return accelerator, f"auto: found a {backend.upper()} ({jax.devices()[0].device_kind})"
+    return cpu, (f"auto: no GPU or TPU found, so the CPU-sized `{cpu}` preset "
+                 f"(use --preset {accelerator} to run the full recipe anyway)")
+
+
 class OutputInUse(ValueError):
     pass
 
