@@ -38,7 +38,7 @@ from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.models import create_model
 from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.train.config import TrainConfig
-from cnn_jax.train.inputs import make_input_fn, make_normaliser, prepare_arrays
+from cnn_jax.train.inputs import make_input_fn, make_normaliser, prepare_arrays, training_arrays
 
 VIEW_COUNTS = (1, 2, 10)
 CENTRE, CENTRE_MIRRORED = 4, 9      # positions in ten_crop's order
@@ -100,8 +100,8 @@ def load_member(run_dir) -> Member:
 
 def _group_key(c: TrainConfig) -> str:
     """Members with equal keys share an architecture and an input transform."""
-    return json.dumps([c.model, c.model_options, c.dtype, c.data, c.holdout, c.normalise,
-                       c.input_pad, c.resize], sort_keys=True, default=str)
+    return json.dumps([c.model, c.model_options, c.dtype, c.data, c.holdout, c.train_subset,
+                       c.normalise, c.input_pad, c.resize], sort_keys=True, default=str)
 
 
 @dataclasses.dataclass
@@ -120,8 +120,7 @@ def build_groups(members: list[Member], data_dir: Optional[str] = None) -> list[
     out = []
     for ms in groups.values():
         c = ms[0].config
-        train = prepare_arrays(data_lib.load(c.data, "train", data_dir=data_dir or c.data_dir,
-                                             holdout=c.holdout), c.input_pad)
+        train = training_arrays(c, data_dir)
         to_input = make_input_fn(make_normaliser(c.normalise, train.images), c.resize)
         dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
         model = create_model(c.model, num_classes=len(train.classes), dtype=dtype,

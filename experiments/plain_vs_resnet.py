@@ -103,10 +103,19 @@ def run_config(name: str, depth: int, preset: Preset, seed: int, args, out: Path
 
 
 # ------------------------------------------------------------------ the sweep
-def sweep(args, preset_name: str, preset: Preset, out: Path) -> list[dict]:
+def recipe_for(preset_name: str, preset: Preset, args) -> dict:
+    """What an output folder's nets were trained with (guarded by `guard_out`)."""
+    return {"preset": preset_name, **dataclasses.asdict(preset),
+            "data": args.data or preset.data, "val": args.val, "dtype": args.dtype}
+
+
+def sweep(args, preset_name: str, preset: Preset, out: Path,
+          nets: Optional[list] = None) -> list[dict]:
+    """Train (or re-read) every net of the sweep, or only `nets` [(name, depth,
+    residual)], for args.seeds seeds; one record per net and seed."""
     from cnn_jax.train.sweep import curve, run_all
 
-    nets = nets_for(preset, args.depths)
+    nets = nets or nets_for(preset, args.depths)
     jobs = [(name, depth, residual, seed) for seed in range(args.seeds)
             for name, depth, residual in nets]
     configs = [run_config(name, depth, preset, seed, args, out / "nets" / f"{name}-seed{seed}")
@@ -224,8 +233,7 @@ def main(argv=None) -> int:
     preset = PRESETS[preset_name]
     print(f"preset {preset_name} ({why})", file=sys.stderr)
     out = Path(args.out or f"runs/plain_vs_resnet-{preset_name}")
-    recipe = {"preset": preset_name, **dataclasses.asdict(preset), "data": args.data or preset.data,
-              "val": args.val, "dtype": args.dtype}
+    recipe = recipe_for(preset_name, preset, args)
     try:
         nets_for(preset, args.depths)
         guard_out(out, recipe)

@@ -11,6 +11,11 @@ basic blocks (18, 34 layers) or bottlenecks (50, 101, 152), projection shortcuts
 the shape changes (option B), average pool and a 1000-way fc.
 
 A plain net is the same stack with `shortcut=None`.
+
+`extra_blocks=(0, 0, k)` appends k blocks at the end of a stage, named
+`stage3_extra1..k` so that a trained net's variables still fit the rest
+(experiments/identity_blocks.py); `extra_shortcut` makes them residual ('A') or
+plain (None) whatever the rest of the net is.
 """
 from __future__ import annotations
 
@@ -42,12 +47,17 @@ class CifarResNet(nn.Module):
     num_classes: int = 10
     shortcut: Optional[str] = "A"
     widths: Sequence[int] = (16, 32, 64)
+    extra_blocks: Sequence[int] = ()        # per stage: blocks appended after the n
+    extra_shortcut: Optional[str] = "A"     # ... residual ('A'/'B'/'C') or plain (None)
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         n = cifar_blocks_per_stage(self.depth)
         require_min_size(x, 1, type(self).__name__)
+        if len(self.extra_blocks) > len(self.widths) or any(k < 0 for k in self.extra_blocks):
+            raise ValueError(f"extra_blocks: one count >= 0 per stage (at most "
+                             f"{len(self.widths)}); got {tuple(self.extra_blocks)}")
         shortcut = make_shortcut(self.shortcut)
         x = ConvBN(self.widths[0], 3, dtype=self.dtype, name="stem")(x, train)
         for stage, width in enumerate(self.widths):
@@ -55,6 +65,10 @@ class CifarResNet(nn.Module):
                 strides = 2 if stage > 0 and i == 0 else 1
                 x = BasicBlock(width, strides, shortcut, dtype=self.dtype,
                                name=f"stage{stage + 1}_block{i + 1}")(x, train)
+            extra = self.extra_blocks[stage] if stage < len(self.extra_blocks) else 0
+            for j in range(extra):
+                x = BasicBlock(width, 1, make_shortcut(self.extra_shortcut), dtype=self.dtype,
+                               name=f"stage{stage + 1}_extra{j + 1}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # global average pooling
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
 

@@ -79,3 +79,26 @@ def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
     finally:
         absl_logging.set_verbosity(level)
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+
+
+def merge_variables(fresh: dict, loaded: dict, source: str) -> dict:
+    """`fresh` (a model's initial variables) with every array that `loaded` holds under
+    the same name taken from `loaded`: a trained net's variables inside a grown one.
+    A name present in both with different shapes is an error, as is no name shared."""
+    from flax import traverse_util
+    flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
+    flat_loaded = traverse_util.flatten_dict(
+        {k: v for k, v in loaded.items() if k in fresh}, sep="/")
+    taken = 0
+    for key, value in flat_loaded.items():
+        if key not in flat_fresh:
+            continue
+        if tuple(flat_fresh[key].shape) != tuple(value.shape):
+            raise ValueError(f"--init-from {source}: {key} has shape {tuple(value.shape)} "
+                             f"there but {tuple(flat_fresh[key].shape)} in this model")
+        flat_fresh[key] = value.astype(flat_fresh[key].dtype)
+        taken += 1
+    if not taken:
+        raise ValueError(f"--init-from {source}: none of its variables' names occur in "
+                         f"this model (a different architecture?)")
+    return traverse_util.unflatten_dict(flat_fresh, sep="/")

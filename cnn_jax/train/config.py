@@ -17,6 +17,8 @@ class TrainConfig:
     data_dir: Optional[str] = None
     holdout: int = 0              # >0: train on train minus a stratified holdout, evaluate on it
     eval_subset: int = 0          # >0: evaluate on a fixed stratified subset of this many
+    train_subset: int = 0         # >0: train on a fixed stratified subset of this many
+    init_from: str = ""           # a run's --out: start from its variables where names match
     # the recipe (He et al. 2015, Sec. 4.2 by default)
     steps: int = 64_000
     batch: int = 128
@@ -64,7 +66,7 @@ class TrainConfig:
         if self.schedule in ("paper", "constant"):
             d.pop("steps")  # these schedules do not depend on the run's length
         d["milestones"] = list(d["milestones"])
-        for k in ("input_pad", "resize", "eval_subset"):  # added later: absent when off, so older
+        for k in ("input_pad", "resize", "eval_subset", "train_subset", "init_from"):  # added later: absent when off, so older
             if not d[k]:                   # runs keep their digests and resume
                 d.pop(k)
         return d
@@ -99,7 +101,7 @@ class TrainConfig:
         if self.normalise not in NORMALISATIONS:
             bad("normalise", f"must be one of {', '.join(NORMALISATIONS)}; "
                              f"got {self.normalise!r}")
-        for f in ("input_pad", "resize", "eval_subset"):
+        for f in ("input_pad", "resize", "eval_subset", "train_subset"):
             if getattr(self, f) < 0:
                 bad(f, f"must be 0 or positive, got {getattr(self, f)}")
         if self.dtype not in ("float32", "bfloat16"):

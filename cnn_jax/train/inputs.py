@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax.data.augment import Normalizer, pad
+from cnn_jax.data.augment import Augment, Normalizer, cached_pca_basis, pad
 from cnn_jax.data.sources import Arrays
 
 # Sec. II.B: "the background level (white) corresponds to a value of -0.1 and the
@@ -41,6 +41,25 @@ def subset(arrays: Arrays, size: int) -> Arrays:
     keep = stratified_holdout(arrays.labels, size, seed=0)
     return dataclasses.replace(arrays, images=np.asarray(arrays.images[keep]),
                                labels=arrays.labels[keep], path=None, indices=None)
+
+
+def training_arrays(cfg, data_dir=None) -> Arrays:
+    """The images a run of `cfg` trains on (holdout, subset and padding applied): its
+    normaliser and PCA basis come from these, at training and at evaluation time."""
+    from cnn_jax.data import load
+    arrays = load(cfg.data, "train", data_dir=data_dir or cfg.data_dir, holdout=cfg.holdout)
+    return prepare_arrays(subset(arrays, cfg.train_subset), cfg.input_pad)
+
+
+def make_augment(cfg, train_arrays: Arrays) -> Augment:
+    """The run's training augmentation; the PCA basis of its training images (cached
+    beside the decoded arrays when they are a whole stored split)."""
+    pca = None
+    if cfg.pca_colour:
+        whole = train_arrays.path is not None and train_arrays.indices is None
+        pca = cached_pca_basis(train_arrays.images,
+                               train_arrays.path.with_name("train_pca.npz") if whole else None)
+    return Augment(crop_pad=cfg.crop_pad, flip=cfg.flip, colour_shift=cfg.colour_shift, pca=pca)
 
 
 def make_normaliser(kind: str, train_images: np.ndarray) -> Normalizer | None:

@@ -23,16 +23,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from cnn_jax import data as data_lib
-from cnn_jax.data.augment import Augment, cached_pca_basis
 from cnn_jax.data.pipeline import eval_batches, to_global_array, train_dataset
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
-from cnn_jax.train.checkpoint import Checkpointer
+from cnn_jax.train.checkpoint import Checkpointer, load_variables
 from cnn_jax.train.config import TrainConfig, changed_fields
-from cnn_jax.train.inputs import (make_input_fn, make_normaliser, model_input_shape,
-                                  prepare_arrays, subset)
+from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
+                                  model_input_shape, prepare_arrays, subset, training_arrays)
 from cnn_jax.train.metrics import MetricsLog, params_digest
-from cnn_jax.train.state import TrainState
+from cnn_jax.train.state import TrainState, initial_variables
 from cnn_jax.train.steps import compile_steps, make_eval_step, make_optimizer, make_train_step
 
 
@@ -122,24 +121,17 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
                          f"{jax.device_count()} devices")
 
     # ------------------------------------------------------------------ input
-    train_arrays = data_lib.load(cfg.data, "train", data_dir=cfg.data_dir, holdout=cfg.holdout)
+    train_arrays = training_arrays(cfg)
     eval_split = "val" if cfg.holdout else "test"
     eval_arrays = subset(data_lib.load(cfg.data, eval_split, data_dir=cfg.data_dir,
                                        holdout=cfg.holdout), cfg.eval_subset)
     n_dev = jax.device_count()
     eval_batch = -(-min(cfg.eval_batch, len(eval_arrays)) // n_dev) * n_dev  # a multiple of n_dev
-    train_arrays = prepare_arrays(train_arrays, cfg.input_pad)
     eval_arrays = prepare_arrays(eval_arrays, cfg.input_pad)
     normalise = make_input_fn(make_normaliser(cfg.normalise, train_arrays.images), cfg.resize)
     input_shape = model_input_shape(train_arrays.images.shape[1:], cfg.resize)
-    pca = None
-    if cfg.pca_colour:
-        pca_file = (train_arrays.path.with_name("train_pca.npz")
-                    if train_arrays.path is not None and train_arrays.indices is None else None)
-        pca = cached_pca_basis(train_arrays.images, pca_file)
-    augment = Augment(crop_pad=cfg.crop_pad, flip=cfg.flip, colour_shift=cfg.colour_shift,
-                      pca=pca)
-    dataset = train_dataset(train_arrays, cfg.batch, cfg.seed, augment, cfg.workers,
+    dataset = train_dataset(train_arrays, cfg.batch, cfg.seed, make_augment(cfg, train_arrays),
+                            cfg.workers,
                             jax.process_index(), jax.process_count())
 
     # ------------------------------------------------------------------ model
@@ -159,15 +151,19 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
                        jnp.zeros((1, *input_shape)))["params"])))
 
     # ------------------------------------------------------------------ state: init or restore
-    def init_state():
-        rng = jax.random.PRNGKey(cfg.seed)
-        init_rng, step_rng = jax.random.split(rng)
-        example = jnp.zeros((1, *input_shape), jnp.float32)
-        variables = model.init({"params": init_rng, "dropout": init_rng}, example)
+    def init_state(pretrained):
+        _, step_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        variables = initial_variables(model, cfg.seed, input_shape, pretrained, cfg.init_from)
         return TrainState.create(variables, tx, step_rng)
 
-    state = jax.jit(init_state, out_shardings=replicated)()
     ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
+    pretrained = None
+    if cfg.init_from and ckpt.latest_step() is None:  # a resumed run restores instead
+        try:  # host arrays: the same on every process
+            pretrained = jax.device_get(load_variables(Path(cfg.init_from)))
+        except FileNotFoundError as e:
+            raise ValueError(f"--init-from: {e}") from None
+    state = jax.jit(init_state, out_shardings=replicated)(pretrained)
     log = MetricsLog(out / "metrics.jsonl")
     data_iter = iter(dataset)
     start = ckpt.latest_step()

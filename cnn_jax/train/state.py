@@ -1,12 +1,13 @@
 """The train state: everything a step needs and a checkpoint keeps, as arrays only."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from cnn_jax.train.checkpoint import merge_variables
 from cnn_jax.train.schedules import NEVER
 
 
@@ -24,3 +25,16 @@ class TrainState(struct.PyTreeNode):
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                    rng=rng, warmup_end=jnp.asarray(NEVER, jnp.int32))
+
+
+def initial_variables(model, seed: int, input_shape: tuple, pretrained: Optional[dict] = None,
+                      source: str = "") -> dict:
+    """A run's variables at step 0: the model's init from the run's seed, with every
+    variable that `pretrained` holds under the same name taken from it (--init-from)."""
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
+    example = jnp.zeros((1, *input_shape), jnp.float32)
+    # compiled (as inside the training loop's own jit): op-by-op init is slow on CPU
+    variables = jax.jit(model.init)({"params": init_rng, "dropout": init_rng}, example)
+    if pretrained is not None:
+        variables = {**variables, **merge_variables(variables, pretrained, source)}
+    return variables

@@ -1,0 +1,221 @@
+"""Data augmentation, one piece at a time: ResNet-20 on CIFAR-10.
+
+The lecture's list, each setting adding one transformation to the previous one:
+
+  none           the stored 32x32 images
+  crop           4 pixels padded on each side, a random 32x32 crop (He et al. 2015)
+  crop+mirror    ... or its horizontal mirror (the main experiment's recipe)
+  +colour shift  ... plus a random offset per channel, uniform in [-20, 20] of 255
+                 (the lecture's "R+20, G-20, B+20")
+  +PCA colour    ... plus AlexNet's PCA lighting (Krizhevsky et al. 2012, Sec. 4.1):
+                 multiples of the RGB principal components, alpha ~ N(0, 0.1)
+
+Method. The same net, optimiser, iterations and seeds for every setting (the main
+experiment's recipe: SGD momentum 0.9, weight decay 1e-4, lr 0.1, per-pixel mean
+subtraction); only the augmentation changes. Test error after the last iteration,
+mean ± std over seeds. Beside it, the host pipeline's images/s for each setting
+(grain, the training run's worker count, batches drawn with no model attached): the
+cost the CPUs pay to feed the accelerator.
+
+Presets: `quick` (CPU-sized: a fixed 1,000-image stratified training subset, 100 per
+class, 200 iterations at batch 32, 2 seeds; about 14 minutes on a 2-core CPU. At this
+budget ResNet-20 still underfits, so it measures the pipeline's cost and exercises
+the recipe rather than showing augmentation's benefit), `paper` (all 50,000 training
+images, 64k iterations at batch 128 with the paper's schedule, 3 seeds: for a GPU),
+`smoke` (seconds), `auto`.
+
+Evidence: docs/results.md records the `quick` run.
+
+    python -m experiments.augmentation_ablation [--preset auto|paper|quick|smoke]
+        [--settings ...] [--seeds N] [--out DIR] [--data-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# ------------------------------------------------------------------ configuration
+SETTINGS = {  # name -> TrainConfig fields; each adds one transformation to the last
+    "none": dict(crop_pad=0, flip=False, colour_shift=0.0, pca_colour=False),
+    "crop": dict(crop_pad=4, flip=False, colour_shift=0.0, pca_colour=False),
+    "crop+mirror": dict(crop_pad=4, flip=True, colour_shift=0.0, pca_colour=False),
+    "+colour shift": dict(crop_pad=4, flip=True, colour_shift=20.0, pca_colour=False),
+    "+PCA colour": dict(crop_pad=4, flip=True, colour_shift=20.0, pca_colour=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    steps: int
+    batch: int
+    seeds: int
+    schedule: str = "paper"
+    milestones: tuple = (32_000, 48_000)
+    train_subset: int = 0      # >0: a fixed stratified training subset
+    test_subset: int = 0       # >0: a fixed stratified test subset
+    model: str = "resnet20"
+    pipeline_batches: int = 100
+    data: str = "cifar10"
+
+
+PRESETS = {
+    "paper": Preset(steps=64_000, batch=128, seeds=3),
+    "quick": Preset(steps=200, batch=32, seeds=2, schedule="cosine", train_subset=1_000,
+                    test_subset=1_000),
+    "smoke": Preset(steps=3, batch=16, seeds=1, schedule="cosine", train_subset=64,
+                    test_subset=64, model="resnet8", pipeline_batches=3),
+}
+
+
+def run_config(setting: str, preset: Preset, seed: int, args, out: Path):
+    from cnn_jax.train import TrainConfig
+    return TrainConfig(
+        model=preset.model, data=args.data or preset.data, data_dir=args.data_dir,
+        train_subset=preset.train_subset, eval_subset=preset.test_subset,
+        steps=preset.steps, batch=preset.batch, seed=seed, lr=0.1, momentum=0.9,
+        weight_decay=1e-4, schedule=preset.schedule, milestones=preset.milestones,
+        normalise="per_pixel", **SETTINGS[setting],
+        log_every=max(1, preset.steps // 20), eval_every=preset.steps,
+        checkpoint_every=max(1, min(2_000, preset.steps // 2)), eval_batch=500,
+        steps_per_call=10 if preset.steps >= 10_000 else 1, workers=args.workers,
+        out=str(out), progress=False)
+
+
+def pipeline_rate(cfg, batches: int) -> float:
+    """Images/s of the host pipeline alone for this run's augmentation."""
+    from cnn_jax.data.pipeline import train_dataset
+    from cnn_jax.train.inputs import make_augment, training_arrays
+    arrays = training_arrays(cfg)
+    it = iter(train_dataset(arrays, cfg.batch, cfg.seed, make_augment(cfg, arrays), cfg.workers))
+    for _ in range(3):  # workers started, buffers full
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * cfg.batch / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ outputs
+def table(rows: list[dict], note: str) -> str:
+    from cnn_jax.train.sweep import mean_std
+    lines = ["| augmentation | test error (%) | final training error (%) | pipeline images/s |",
+             "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {mean_std([100 * e for e in r['test_errors']])} "
+                     f"(n={len(r['test_errors'])}) | "
+                     f"{mean_std([100 * e for e in r['train_errors']])} | "
+                     f"{r['pipeline_img_per_s']:,.0f} |")
+    return "\n".join(lines + ["", note])
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Test error per setting (mean ± std, seeds as dots) and pipeline images/s."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = np.arange(len(rows))
+    test = [100 * np.array(r["test_errors"]) for r in rows]
+    train = [100 * np.array(r["train_errors"]) for r in rows]
+    ax.bar(x - 0.2, [t.mean() for t in test], 0.4,
+           yerr=[t.std(ddof=1) if len(t) > 1 else 0 for t in test],
+           label="test", color="C1", capsize=3)
+    ax.bar(x + 0.2, [t.mean() for t in train], 0.4, label="training (last window)", color="C0")
+    for i, t in enumerate(test):
+        ax.plot(np.full(len(t), i - 0.2), t, "k.", markersize=4)
+    ax.set_xticks(x, [r["setting"] for r in rows], rotation=15)
+    ax.set_ylabel("error (%)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    bx.bar(x, [r["pipeline_img_per_s"] for r in rows], color="C2")
+    bx.set_xticks(x, [r["setting"] for r in rows], rotation=15)
+    bx.set_ylabel("host pipeline images/s")
+    bx.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    from cnn_jax.data import DataError
+    from cnn_jax.train.loop import ConfigMismatch, hardware, versions
+    from cnn_jax.train.sweep import choose_preset, guard_out, run_all
+
+    p = argparse.ArgumentParser(prog="python -m experiments.augmentation_ablation",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--seeds", type=int, default=None, help="default per preset")
+    p.add_argument("--out", default=None, help="default runs/augmentation_ablation-<preset>")
+    p.add_argument("--data", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--workers", type=int, default=None)
+    args = p.parse_args(argv)
+    args.command = " ".join(["python -m experiments.augmentation_ablation",
+                             *(sys.argv[1:] if argv is None else argv)])
+    preset_name, why = choose_preset(args.preset)
+    print(f"preset {preset_name} ({why})", file=sys.stderr)
+    preset = PRESETS[preset_name]
+    seeds = args.seeds or preset.seeds
+    if seeds < 1:
+        p.error("--seeds must be at least 1")
+    out = Path(args.out or f"runs/augmentation_ablation-{preset_name}")
+    jobs = [(s, seed) for seed in range(seeds) for s in args.settings]
+    configs = [run_config(s, preset, seed, args, out / "nets" / f"{slug(s)}-seed{seed}")
+               for s, seed in jobs]
+    try:
+        guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset),
+                        "data": args.data or preset.data})
+        results = run_all(configs, args.command, [f"{s} seed {seed}" for s, seed in jobs])
+        rates = {s: pipeline_rate(configs[args.settings.index(s)], preset.pipeline_batches)
+                 for s in args.settings}
+    except (DataError, ConfigMismatch, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    rows = []
+    for s in args.settings:
+        mine = [(cfg, res) for (name, _), cfg, res in zip(jobs, configs, results) if name == s]
+        rows.append({"setting": s, "augment": SETTINGS[s],
+                     "test_errors": [res["final_test_error"] for _, res in mine],
+                     "train_errors": [res["final_train_error"] for _, res in mine],
+                     "final_test_error": float(np.mean([res["final_test_error"] for _, res in mine])),
+                     "pipeline_img_per_s": rates[s],
+                     "train_img_per_s": float(np.mean([res["img_per_s"] for _, res in mine])),
+                     "run_dirs": [cfg.out for cfg, _ in mine]})
+    data = args.data or preset.data
+    note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "") +
+            f"; {preset.model}, {preset.steps} iterations at batch {preset.batch}, schedule "
+            f"{preset.schedule}, seeds 0..{seeds - 1}" +
+            (f", trained on a fixed {preset.train_subset}-image subset" if preset.train_subset else "") +
+            (f", test error on a fixed {preset.test_subset}-image subset" if preset.test_subset else "") +
+            f". Pipeline images/s: {preset.pipeline_batches} batches, workers "
+            f"{configs[0].workers if configs[0].workers is not None else 'default'}, no model. "
+            f"Command: `{args.command}`.")
+    (out / "results.json").write_text(json.dumps({
+        "preset": preset_name, "preset_reason": why, "command": args.command,
+        "versions": versions(), "hardware": hardware(), "settings": rows}, indent=1))
+    (out / "table.md").write_text(table(rows, note) + "\n")
+    plot(rows, out / "augmentation.png",
+         f"{preset.model} on {data}, preset {preset_name}: one augmentation added at a time")
+    print(table(rows, note))
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'augmentation.png'}")
+    return 0
+
+
+def slug(setting: str) -> str:
+    return setting.replace("+", "plus_").replace(" ", "_").strip("_")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Why a residual block is easy to add: it can fall back to the identity.
+
+The argument (He et al. 2015, Sec. 3.1; the lecture's "residual blocks learn the
+identity easily"). Append a block to a trained network. A residual block computes
+a[l+2] = g(z[l+2] + a[l]); if weight decay shrinks its weights, z[l+2] -> 0 and, as
+a[l] >= 0 after a ReLU, a[l+2] = g(a[l]) = a[l]: the block becomes the identity and
+the network is no worse than before. A plain block has to *learn* the identity
+through two convolutions, which is hard, so appending plain layers can hurt.
+
+Method. Take a trained CIFAR-10 net (the main experiment's ResNet-20 by default:
+`--base RUN` for any other run of this project), append k freshly initialised basic
+blocks at the end of its last stage (64 filters, 8x8), residual (option A) or plain,
+and train all of it briefly with weight decay; as a control, train the unchanged net
+for the same steps. Report training error (a fixed subset of the training images,
+no augmentation) and test error right after appending and after training, and for
+each new block: the norm of its two convolution kernels, the mean |gamma| of its
+last BN (the residual branch's output scale), and how far it is from the identity,
+||a[l+2] - a[l]|| / ||a[l]|| on test images.
+
+Presets: `quick` (the main experiment's quick ResNet-20 as the base, k = 3, 300
+iterations per arm at batch 32; about 8 minutes on a 2-core CPU), `paper` (the
+base trained 64k iterations as in the main experiment, k = 3, 4,000 iterations per
+arm), `smoke` (seconds), `auto` (paper on a GPU/TPU, quick on a CPU).
+
+Evidence: docs/results.md records the `quick` run.
+
+    python -m experiments.identity_blocks [--preset auto|paper|quick|smoke]
+        [--base RUN] [--blocks K] [--seeds N] [--out DIR] [--data-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from experiments import plain_vs_resnet as main_experiment
+
+# ------------------------------------------------------------------ configuration
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    base_depth: int      # the main experiment's ResNet to grow (when no --base)
+    blocks: int          # k blocks appended to the last stage
+    steps: int           # iterations of each arm
+    batch: int
+    lr: float            # constant: the first phase of the paper's schedule ...
+    weight_decay: float  # ... with a stronger pull to zero than its 1e-4
+    train_images: int    # the fixed training subset the training error is read on
+    test_images: int     # 0: all
+
+
+PRESETS = {
+    "paper": Preset(base_depth=20, blocks=3, steps=4_000, batch=128, lr=0.01,
+                    weight_decay=5e-4, train_images=10_000, test_images=0),
+    "quick": Preset(base_depth=20, blocks=3, steps=300, batch=32, lr=0.1,
+                    weight_decay=5e-4, train_images=2_000, test_images=1_000),
+    "smoke": Preset(base_depth=8, blocks=1, steps=4, batch=16, lr=0.1,
+                    weight_decay=5e-4, train_images=64, test_images=64),
+}
+ARMS = {"control": None, "residual": "A", "plain": None}  # arm -> the new blocks' shortcut
+
+
+def arm_config(arm: str, base_cfg, preset: Preset, blocks: int, seed: int, base: Path,
+               out: Path, workers):
+    """The base run's recipe continued from its weights, k blocks grown (or not)."""
+    options = dict(base_cfg.model_options)
+    if arm != "control":
+        options.update(extra_blocks=(0, 0, blocks), extra_shortcut=ARMS[arm])
+    return dataclasses.replace(
+        base_cfg, model_options=options, init_from=str(base), seed=seed, steps=preset.steps,
+        batch=preset.batch, lr=preset.lr, weight_decay=preset.weight_decay,
+        schedule="constant", warmup_lr=0.0, eval_subset=preset.test_images,
+        log_every=max(1, preset.steps // 10), eval_every=preset.steps,
+        checkpoint_every=max(1, preset.steps // 3), workers=workers, out=str(out),
+        progress=False)
+
+
+# ------------------------------------------------------------------ measurements
+class Probe:
+    """Errors and appended-block statistics of one architecture (compiled once, for
+    any variables of it)."""
+
+    def __init__(self, cfg, data_dir=None):
+        import jax
+        import flax.linen as nn
+        from cnn_jax.models import create_model
+        from cnn_jax.models.layers import BasicBlock
+        from cnn_jax.train.inputs import make_input_fn, make_normaliser, training_arrays
+
+        train = training_arrays(cfg, data_dir)
+        to_input = make_input_fn(make_normaliser(cfg.normalise, train.images), cfg.resize)
+        model = create_model(cfg.model, num_classes=len(train.classes), **cfg.model_options)
+        grown = [i + 1 for i, k in enumerate(cfg.model_options.get("extra_blocks", ())) if k]
+        stage = f"stage{grown[-1]}" if grown else None
+        self.names: list = []  # the last stage's blocks in call order, seen while tracing
+
+        def in_grown_stage(module, method):
+            return isinstance(module, BasicBlock) and module.name.startswith(stage)
+
+        def forward(variables, x):
+            logits, st = model.apply(variables, to_input(x), train=False,
+                                     capture_intermediates=in_grown_stage if stage else False,
+                                     mutable=["intermediates"])
+            blocks = st.get("intermediates", {})
+            self.names[:] = list(blocks)
+            return logits, [v["__call__"][0] for v in blocks.values()]
+
+        self.forward = jax.jit(forward)
+
+    def errors(self, variables: dict, splits: dict, batch: int = 500) -> dict:
+        """Single-view error on each named split."""
+        from cnn_jax.data.pipeline import eval_batches
+        out = {}
+        for name, arrays in splits.items():
+            wrong = n = 0
+            for b in eval_batches(arrays, min(batch, len(arrays))):
+                logits, _ = self.forward(variables, b["image"])
+                keep = b["mask"] > 0
+                wrong += int(np.sum(np.argmax(np.asarray(logits)[keep], -1) != b["label"][keep]))
+                n += int(keep.sum())
+            out[name] = wrong / n
+        return out
+
+    def new_blocks(self, variables: dict, images) -> list[dict]:
+        """Per appended block: its conv kernels' norm, the mean |gamma| of its last BN
+        and its relative change of the signal ||out - in|| / ||in|| on `images`."""
+        _, acts = self.forward(variables, np.asarray(images))
+        stats = []
+        for i, name in enumerate(self.names):
+            if "_extra" not in name:
+                continue
+            a_in, a_out = np.asarray(acts[i - 1]), np.asarray(acts[i])
+            p = variables["params"][name]
+            kernels = [p[c]["conv"]["kernel"] for c in ("ConvBN_0", "ConvBN_1")]
+            stats.append({
+                "block": name,
+                "kernel_norm": float(np.sqrt(sum(np.sum(np.square(k)) for k in kernels))),
+                "last_bn_gamma": float(np.mean(np.abs(p["ConvBN_1"]["bn"]["scale"]))),
+                "change": float(np.linalg.norm(a_out - a_in) / np.linalg.norm(a_in))})
+        return stats
+
+
+# ------------------------------------------------------------------ outputs
+def table(rows: list[dict], note: str) -> str:
+    from cnn_jax.train.sweep import mean_std
+    lines = ["| arm | when | training error (%) | test error (%) | new blocks: kernel norm |"
+             " last-BN mean abs(gamma) | change of the signal |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for arm in ARMS:
+        for when in ("appended", "trained"):
+            rs = [r for r in rows if r["arm"] == arm]
+            if not rs:
+                continue
+            tr = mean_std([100 * r[when]["train_error"] for r in rs])
+            te = mean_std([100 * r[when]["test_error"] for r in rs])
+            blocks = [b for r in rs for b in r[when]["blocks"]]
+            f = lambda key: f"{np.mean([b[key] for b in blocks]):.3f}" if blocks else "-"
+            lines.append(f"| {arm} | {when} | {tr} | {te} | {f('kernel_norm')} | "
+                         f"{f('last_bn_gamma')} | {f('change')} |")
+    return "\n".join(lines + ["", note])
+
+
+def plot(rows: list[dict], base_errors: dict, path: Path, title: str) -> None:
+    """Errors before/after per arm (left); each new block's change of the signal (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    x = np.arange(len(arms))
+    for i, (when, split, hatch) in enumerate([("appended", "train_error", ""),
+                                              ("trained", "train_error", ""),
+                                              ("appended", "test_error", "//"),
+                                              ("trained", "test_error", "//")]):
+        vals = [100 * np.mean([r[when][split] for r in rows if r["arm"] == a]) for a in arms]
+        ax.bar(x + (i - 1.5) * 0.2, vals, 0.2, hatch=hatch, alpha=0.5 if when == "appended" else 1,
+               color="C0" if split == "train_error" else "C1",
+               label=f"{split.split('_')[0]}, {'just appended' if when == 'appended' else 'after training'}")
+    ax.axhline(100 * base_errors["test_error"], color="C1", linestyle=":", label="base net, test")
+    ax.axhline(100 * base_errors["train_error"], color="C0", linestyle=":", label="base net, train")
+    ax.set_xticks(x, arms)
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(0, 130)  # room for the legend above the bars
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    for arm, colour in (("residual", "C2"), ("plain", "C3")):
+        for when, style in (("appended", ":"), ("trained", "-")):
+            per_block = [[b["change"] for b in r[when]["blocks"]] for r in rows if r["arm"] == arm]
+            if per_block and per_block[0]:
+                v = np.mean(per_block, axis=0)
+                bx.plot(np.arange(1, len(v) + 1), v, style, marker="o", color=colour,
+                        label=f"{arm}, {'just appended' if when == 'appended' else 'after training'}")
+    bx.set_xticks(np.arange(1, max(len(r["trained"]["blocks"]) for r in rows) + 1))
+    bx.set_xlabel("appended block")
+    bx.set_ylabel("||a[l+2] - a[l]|| / ||a[l]||")
+    bx.set_yscale("log")
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    from cnn_jax import data as data_lib
+    from cnn_jax.data import DataError
+    from cnn_jax.evaluate import load_member
+    from cnn_jax.models import create_model
+    from cnn_jax.train.checkpoint import load_variables
+    from cnn_jax.train.inputs import model_input_shape, subset, training_arrays
+    from cnn_jax.train.loop import ConfigMismatch, hardware, versions
+    from cnn_jax.train.state import initial_variables
+    from cnn_jax.train.sweep import choose_preset, guard_out, run_all
+
+    p = argparse.ArgumentParser(prog="python -m experiments.identity_blocks",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
+    p.add_argument("--base", default=None, help="a trained CIFAR resnet/plain run's --out "
+                   "(default: the main experiment's ResNet of the preset, trained if missing)")
+    p.add_argument("--blocks", type=int, default=None, help="blocks to append (default per preset)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds of the new blocks and the training")
+    p.add_argument("--out", default=None, help="default runs/identity_blocks-<preset>")
+    p.add_argument("--data", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--workers", type=int, default=None)
+    args = p.parse_args(argv)
+    args.command = " ".join(["python -m experiments.identity_blocks",
+                             *(sys.argv[1:] if argv is None else argv)])
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    if args.blocks is not None and args.blocks < 1:
+        p.error("--blocks must be at least 1")
+
+    preset_name, why = choose_preset(args.preset)
+    print(f"preset {preset_name} ({why})", file=sys.stderr)
+    preset = PRESETS[preset_name]
+    blocks = args.blocks or preset.blocks
+    out = Path(args.out or f"runs/identity_blocks-{preset_name}")
+    try:
+        # ---------------------------------------------------------- the trained base net
+        if args.base:
+            base = Path(args.base)
+        else:
+            main_preset = main_experiment.PRESETS[preset_name]
+            main_args = argparse.Namespace(depths=None, seeds=1, data=args.data,
+                                           data_dir=args.data_dir, val=False, dtype="float32",
+                                           workers=args.workers, command=args.command)
+            runs = Path(f"runs/plain_vs_resnet-{preset_name}") if args.data is None \
+                else out / "base"
+            guard_out(runs, main_experiment.recipe_for(preset_name, main_preset, main_args))
+            d = preset.base_depth
+            base = Path(main_experiment.sweep(main_args, preset_name, main_preset, runs,
+                                              [(f"resnet{d}", d, True)])[0]["run_dir"])
+        base_member = load_member(base)
+        base_cfg = base_member.config
+        if not base_cfg.model.startswith(("resnet", "plain")) or base_cfg.resize:
+            raise ValueError(f"--base {base}: expected a CIFAR resnetN/plainN run, got "
+                             f"{base_cfg.model!r}")
+        guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset), "blocks": blocks,
+                        "base": str(base), "seeds": args.seeds})
+
+        # ---------------------------------------------------------- the arms
+        data_dir = args.data_dir or base_cfg.data_dir
+        splits = {
+            "train_error": subset(training_arrays(base_cfg, data_dir), preset.train_images),
+            "test_error": subset(data_lib.load(base_cfg.data, "test", data_dir=data_dir),
+                                 preset.test_images)}
+        images = splits["test_error"].images[:min(500, len(splits["test_error"]))]
+        jobs = [(arm, seed) for seed in range(args.seeds) for arm in ARMS]
+        configs = [arm_config(arm, base_cfg, preset, blocks, seed, base,
+                              out / "arms" / f"{arm}-seed{seed}", args.workers)
+                   for arm, seed in jobs]
+        appended = []
+        for cfg in configs:   # each arm's variables at step 0, as its training starts
+            if not cfg.model_options.get("extra_blocks"):
+                appended.append(base_member.variables)  # the control: the base net itself
+                continue
+            model = create_model(cfg.model, num_classes=len(splits["test_error"].classes),
+                                 **cfg.model_options)
+            shape = model_input_shape(splits["test_error"].images.shape[1:], cfg.resize)
+            appended.append(initial_variables(model, cfg.seed, shape, base_member.variables,
+                                              str(base)))
+        trained = run_all(configs, args.command, [f"{a} seed {s}" for a, s in jobs])
+        probes = {arm: Probe(configs[jobs.index((arm, 0))], data_dir) for arm in ARMS}
+        base_errors = probes["control"].errors(base_member.variables, splits)
+        rows = []
+        for (arm, seed), cfg, v0, res in zip(jobs, configs, appended, trained):
+            v1 = load_variables(Path(cfg.out))
+            rows.append({"arm": arm, "seed": seed, "run_dir": cfg.out,
+                         "params": res["params"], "wall_s": res["wall_s"], **{
+                             when: {**probes[arm].errors(v, splits),
+                                    "blocks": probes[arm].new_blocks(v, images)}
+                             for when, v in (("appended", v0), ("trained", v1))}})
+    except (DataError, ConfigMismatch, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def mean(arm, when, key):
+        return float(np.mean([r[when][key] for r in rows if r["arm"] == arm]))
+
+    summary = {
+        "base_errors": base_errors,
+        # "does not hurt": no worse than the unchanged net trained the same steps
+        "residual_no_worse_than_control": mean("residual", "trained", "test_error")
+        <= mean("control", "trained", "test_error") + 0.01,
+        "plain_hurts_more_than_residual": mean("plain", "trained", "test_error")
+        > mean("residual", "trained", "test_error"),
+        "residual_blocks_closer_to_identity": float(np.mean(
+            [b["change"] for r in rows if r["arm"] == "residual" for b in r["trained"]["blocks"]]))
+        < float(np.mean([b["change"] for r in rows if r["arm"] == "plain"
+                         for b in r["trained"]["blocks"]]))}
+    note = (f"Base: `{base}` ({base_cfg.model}; training error {100 * base_errors['train_error']:.2f} %, "
+            f"test error {100 * base_errors['test_error']:.2f} %). {blocks} blocks appended to the "
+            f"last stage; every arm trained {preset.steps} iterations at batch {preset.batch}, "
+            f"constant lr {preset.lr}, weight decay {preset.weight_decay}, seeds {args.seeds}. "
+            f"Training error on a fixed {len(splits['train_error'])}-image training subset "
+            f"(no augmentation), test error on {len(splits['test_error'])} test images. "
+            f"Command: `{args.command}`.")
+    (out / "results.json").write_text(json.dumps({
+        "preset": preset_name, "preset_reason": why, "command": args.command,
+        "base": str(base), "blocks": blocks, "versions": versions(), "hardware": hardware(),
+        "claims": summary, "arms": rows}, indent=1))
+    (out / "table.md").write_text(table(rows, note) + "\n")
+    plot(rows, base_errors, out / "identity_blocks.png",
+         f"{blocks} blocks appended to {base_cfg.model}: residual vs plain, preset {preset_name}")
+    print(table(rows, note))
+    for claim, value in summary.items():
+        if isinstance(value, bool):
+            print(f"{claim}: {'yes' if value else 'NO'}")
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'identity_blocks.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
