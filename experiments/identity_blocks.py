@@ -34,7 +34,6 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -86,7 +85,6 @@ class Probe:
 
     def __init__(self, cfg, data_dir=None):
         import jax
-        import flax.linen as nn
         from cnn_jax.models import create_model
         from cnn_jax.models.layers import BasicBlock
         from cnn_jax.train.inputs import make_input_fn, make_normaliser, training_arrays
