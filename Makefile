@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup run test test-slow clean
+.PHONY: setup setup-test run test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -15,14 +15,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The tests also build PyTorch reference networks (weight conversion).
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev,torch]"
+	touch $@
+
 # The main experiment on its default preset: `paper` on a GPU/TPU, `quick` on a CPU.
 run: setup
 	$(PY) -m experiments.plain_vs_resnet
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -n 2 -q
 
-test-slow: setup
+test-slow: setup-test
 	$(PY) -m pytest -n 2 -q -m slow
 
 clean:

@@ -74,12 +74,33 @@ def find_local(name: str, data_dir: Optional[str] = None) -> tuple[Optional[Path
 
 
 # ------------------------------------------------------------------ ImageFolder reading
-def _member_parts(path: str) -> Optional[tuple[str, str, str]]:
-    """'<root>/<split>/<class>/<file>' (root optional) -> (split, class, file)."""
+def _member_parts(path: str) -> Optional[tuple[Optional[str], str, str]]:
+    """'<root>/<split>/<class>/<file>' (root optional) -> (split, class, file);
+    '<class>/<file>' (torchvision's ImageFolder: no split folders) -> (None, class, file)."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
+    if len(parts) < 2 or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
         return None
-    return parts[-3], parts[-2], parts[-1]
+    return (parts[-3] if len(parts) > 2 else None), parts[-2], parts[-1]
+
+
+def _fit(img: np.ndarray, size: tuple, crop: bool) -> np.ndarray:
+    """Resize to `size` (H, W): stretched, or (crop=True) scaled until it covers
+    `size` keeping its aspect ratio, then centre-cropped."""
+    h, w = img.shape[:2]
+    if (h, w) == tuple(size):
+        return img
+    mode = "L" if img.shape[-1] == 1 else "RGB"
+    pil = Image.fromarray(img.squeeze(-1) if mode == "L" else img, mode)
+    if crop:
+        scale = max(size[0] / h, size[1] / w)
+        sh, sw = max(size[0], round(h * scale)), max(size[1], round(w * scale))
+        pil = pil.resize((sw, sh), Image.BILINEAR)
+        top, left = (sh - size[0]) // 2, (sw - size[1]) // 2
+        pil = pil.crop((left, top, left + size[1], top + size[0]))
+    else:
+        pil = pil.resize((size[1], size[0]), Image.BILINEAR)
+    out = np.asarray(pil, np.uint8)
+    return out[..., None] if out.ndim == 2 else out
 
 
 def _iter_files(root: Path, bar: tqdm) -> Iterator[tuple[str, bytes]]:
@@ -123,11 +144,15 @@ def _decode(data: bytes, where: str, channels: Optional[int]) -> np.ndarray:
 
 
 def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool = False,
-                     size: Optional[tuple[int, int]] = None) -> dict[str, Arrays]:
+                     size: Optional[tuple[int, int]] = None, crop: bool = False
+                     ) -> dict[str, Arrays]:
     """Decode every split of an ImageFolder directory or archive in one pass.
 
+    Layout: <root>/<split>/<class>/<image> with splits train, val, test; or
+    <root>/<class>/<image> (no split folders: everything is 'train').
     channels: None keeps each file's own (grayscale -> 1, colour -> 3), 1 or 3 convert.
-    size: (H, W) to resize every image to; None requires all images to share one size.
+    size: (H, W) to resize every image to (crop=True: keep the aspect ratio, scale to
+    cover and centre-crop); None requires all images to share one size.
     """
     root = Path(root)
     if not root.exists():
@@ -150,11 +175,8 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
                 raise
             log.warning("skipping %s: cannot decode", where)
             continue
-        if size is not None and img.shape[:2] != tuple(size):
-            mode = "L" if img.shape[-1] == 1 else "RGB"
-            img = np.asarray(Image.fromarray(img.squeeze(-1) if mode == "L" else img, mode)
-                             .resize((size[1], size[0]), Image.BILINEAR), np.uint8)
-            img = img[..., None] if img.ndim == 2 else img
+        if size is not None:
+            img = _fit(img, size, crop)
         if not first_shape:
             first_shape.update(shape=img.shape, where=where)
         elif img.shape != first_shape["shape"]:
@@ -166,14 +188,26 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
     bar.close()
     if not per_split:
         raise DataError(f"{root}: found no images laid out <root>/<split>/<class>/<image> "
-                        f"with suffix {', '.join(IMAGE_SUFFIXES)}")
+                        f"or <root>/<class>/<image> with suffix {', '.join(IMAGE_SUFFIXES)}")
+    if not set(per_split) & set(SPLITS):  # <top folder>/<class>/<image>: no split folders
+        per_split = {"train": [item for items in per_split.values() for item in items]}
+    if None in per_split:
+        per_split.setdefault("train", []).extend(per_split.pop(None))
     class_sets = {s: sorted({c for c, _ in items}) for s, items in per_split.items()}
     for split in per_split:
         empty = _empty_class_dirs(root, split)
         if empty:
             raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}")
+    if root.is_dir() and not (set(per_split) - {"train"}) and not (root / "train").is_dir():
+        empty = [str(d) for d in sorted(root.iterdir()) if d.is_dir() and not any(
+            f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*"))]
+        if empty:
+            raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}")
     reference_split = "train" if "train" in class_sets else sorted(class_sets)[0]
     classes = class_sets[reference_split]
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class folder ({', '.join(classes)}); "
+                        f"classification needs at least two, one folder of images per class")
     for split, cs in class_sets.items():
         if cs != classes:
             raise DataError(
@@ -203,7 +237,8 @@ def _fingerprint(root: Path) -> str:
 
 
 def cached_imagefolder(root: Path, split: str, channels: Optional[int] = None,
-                       skip_bad: bool = False, size: Optional[tuple] = None) -> Arrays:
+                       skip_bad: bool = False, size: Optional[tuple] = None,
+                       crop: bool = False) -> Arrays:
     """`read_imagefolder` through the cache: decode once, then memory-map.
 
     All splits are written together into `<cache>/<name>-<hash>/`; the folder appears
@@ -214,6 +249,8 @@ def cached_imagefolder(root: Path, split: str, channels: Optional[int] = None,
     if not root.exists():
         raise DataError(f"{root}: no such file or directory")
     options = f"c{channels}-s{'x'.join(map(str, size)) if size else 'native'}-b{int(skip_bad)}"
+    if size and crop:
+        options += "-crop"  # (absent otherwise: existing caches keep their keys)
     key = hashlib.sha256(f"{CACHE_FORMAT}|{_fingerprint(root)}|{options}".encode()).hexdigest()[:16]
     name = re.sub(r"(\.tar(\.xz|\.gz)?|\.tgz)$", "", root.name)
     final = cache_dir() / f"{name}-{key}"
@@ -222,7 +259,7 @@ def cached_imagefolder(root: Path, split: str, channels: Optional[int] = None,
         with open(final.parent / f".{final.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here
             if not (final / "meta.json").exists():
-                _write_cache(root, final, channels, skip_bad, size)
+                _write_cache(root, final, channels, skip_bad, size, crop)
     meta = json.loads((final / "meta.json").read_text())
     if split not in meta["splits"]:
         raise DataError(f"{root}: has no '{split}' split; found {sorted(meta['splits'])}")
@@ -231,12 +268,12 @@ def cached_imagefolder(root: Path, split: str, channels: Optional[int] = None,
                   np.load(final / f"{split}_labels.npy"), meta["classes"], images_path)
 
 
-def _write_cache(root, final, channels, skip_bad, size) -> None:
+def _write_cache(root, final, channels, skip_bad, size, crop=False) -> None:
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        decoded = read_imagefolder(root, channels, skip_bad, size)
+        decoded = read_imagefolder(root, channels, skip_bad, size, crop)
         for split, arr in decoded.items():
             np.save(tmp / f"{split}_images.npy", arr.images)
             np.save(tmp / f"{split}_labels.npy", arr.labels)
@@ -312,13 +349,14 @@ def synthetic_arrays(spec: str, split: str) -> Arrays:
 
 def load(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int = 0,
          holdout_seed: int = 0, channels: Optional[int] = None, skip_bad: bool = False,
-         size: Optional[tuple] = None) -> Arrays:
+         size: Optional[tuple] = None, crop: bool = False) -> Arrays:
     """One split of a dataset as arrays.
 
     name: 'cifar10', 'mnist', 'imagefolder:PATH' or 'synthetic[:HxWxC:classes:n:n]'.
     split: 'train', 'val' or 'test'. With `holdout=N`, 'val' is a stratified N-example
     holdout of the training set and 'train' is the rest; 'val' without a holdout size
-    takes 10 % of train (5,000 for CIFAR-10).
+    takes 10 % of train (5,000 for CIFAR-10). An ImageFolder without a test/ folder
+    is evaluated on its val/ folder.
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
@@ -327,7 +365,16 @@ def load(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int 
         arrays = synthetic_arrays(name, base_split)
     elif name.startswith("imagefolder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
-        arrays = cached_imagefolder(path, base_split, channels, skip_bad, size)
+        try:
+            arrays = cached_imagefolder(path, base_split, channels, skip_bad, size, crop)
+        except DataError as e:
+            if base_split != "test" or "has no 'test' split" not in str(e):
+                raise
+            try:
+                arrays = cached_imagefolder(path, "val", channels, skip_bad, size, crop)
+            except DataError:
+                raise DataError(f"{path}: no test/ or val/ folder to evaluate on; hold out "
+                                f"part of the training images instead (--holdout N)") from None
     elif name in NAMED:
         arrays = _named(name, base_split, data_dir, channels, skip_bad, size)
     else:

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import flax.linen as nn
 
-from cnn_jax.models.alexnet import AlexNet
-from cnn_jax.models.inception import GoogLeNet, InceptionBlock
+from cnn_jax.models.alexnet import AlexNet, AlexNetTorchvision
+from cnn_jax.models.inception import GoogLeNet, GoogLeNetTorchvision, InceptionBlock
 from cnn_jax.models.layers import BasicBlock, Bottleneck, LocalResponseNorm
 from cnn_jax.models.lenet import LeNet5, LeNet5Classic
 from cnn_jax.models.nin import NiN
@@ -37,6 +37,9 @@ _REGISTRY: dict[str, ModelSpec] = {
     "alexnet": ModelSpec(AlexNet, (227, 227, 3), 1000),
     "nin": ModelSpec(NiN, CIFAR, 10),
     "googlenet": ModelSpec(GoogLeNet, IMAGENET, 1000),
+    # torchvision's variants, for its trained weights (cnn_jax.models.convert)
+    "alexnet_torchvision": ModelSpec(AlexNetTorchvision, IMAGENET, 1000),
+    "googlenet_torchvision": ModelSpec(GoogLeNetTorchvision, IMAGENET, 1000),
 }
 for _d in (11, 13, 16, 19):
     _REGISTRY[f"vgg{_d}"] = ModelSpec(lambda d=_d, **kw: VGG(depth=d, **kw), IMAGENET, 1000)
@@ -100,5 +103,5 @@ def _natural_key(name: str):
 
 
 __all__ = ["create_model", "available", "input_shape", "spec", "ModelSpec", "AlexNet",
-           "GoogLeNet", "InceptionBlock", "BasicBlock", "Bottleneck", "LocalResponseNorm",
+           "AlexNetTorchvision", "GoogLeNet", "GoogLeNetTorchvision", "InceptionBlock", "BasicBlock", "Bottleneck", "LocalResponseNorm",
            "LeNet5", "LeNet5Classic", "NiN", "CifarResNet", "ImageNetResNet", "VGG"]

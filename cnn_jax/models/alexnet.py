@@ -10,6 +10,12 @@ first layer needs 227 (see docs/deviations.md). `groups=2` reproduces the two-GP
 split: conv2, conv4 and conv5 see only the maps on their own GPU (60,965,224
 parameters); the default single tower has 62,378,344. Top-1 / top-5 error of one net:
 40.7 / 18.2 % (Table 2).
+
+`AlexNetTorchvision` is the single-tower variant torchvision ships (after Krizhevsky
+2014, "One weird trick for parallelizing convolutional neural networks"): 64, 192,
+384, 256, 256 filters, no LRN, 224x224 input, an adaptive 6x6 average pool and dropout
+before each hidden fc layer; 61,100,840 parameters. It exists so that torchvision's
+trained weights can be used here (cnn_jax.models.convert).
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.models.layers import LocalResponseNorm, require_min_size
+from cnn_jax.models.layers import LocalResponseNorm, adaptive_avg_pool, require_min_size
 
 # Sec. 5: weights from N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden fc
 # layers ("accelerates the early stages of learning by providing the ReLUs with
@@ -60,3 +66,30 @@ class AlexNet(nn.Module):
         x = nn.Dense(self.num_classes, kernel_init=paper_weights, dtype=self.dtype,
                      name="fc8")(x)
         return x.astype(jnp.float32)
+
+
+class AlexNetTorchvision(nn.Module):
+    """torchvision's `alexnet`: conv 11x11/4 pad 2, 64 -> max 3/2 -> conv 5x5, 192 ->
+    max 3/2 -> conv 3x3, 384 -> 256 -> 256 -> max 3/2 -> avg to 6x6 -> dropout -> fc
+    4096 -> dropout -> fc 4096 -> fc."""
+
+    num_classes: int = 1000
+    dropout: float = 0.5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        require_min_size(x, 63, "alexnet_torchvision")
+        conv = lambda f, k, name, s=1: nn.Conv(f, (k, k), s, padding=k // 2 if k != 11 else 2,
+                                               dtype=self.dtype, name=name)
+        pool = lambda y: nn.max_pool(y, (3, 3), (2, 2))
+        x = pool(nn.relu(conv(64, 11, "conv1", 4)(x)))
+        x = pool(nn.relu(conv(192, 5, "conv2")(x)))
+        x = nn.relu(conv(384, 3, "conv3")(x))
+        x = nn.relu(conv(256, 3, "conv4")(x))
+        x = pool(nn.relu(conv(256, 3, "conv5")(x)))
+        x = adaptive_avg_pool(x, 6).reshape(x.shape[0], -1)
+        for i in (6, 7):
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = nn.relu(nn.Dense(4096, dtype=self.dtype, name=f"fc{i}")(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(x).astype(jnp.float32)

@@ -14,6 +14,13 @@ losses are added with weight 0.3. Here they are computed when `train=True` and
 returned through `sow("intermediates", "aux_logits", ...)`; the main output is
 always the final classifier's logits. Top-5 error of one model, one crop: 10.07 %
 (Table 3).
+
+`GoogLeNetTorchvision` is the variant torchvision ships, so its trained weights can
+be used here (cnn_jax.models.convert): BatchNorm (eps 1e-3) after every convolution
+and no bias, no LRN, the "5x5" branch with a 3x3 kernel (a discrepancy torchvision
+keeps for its weights), ceil-mode max pools, a 2x2 pool before 5a, dropout 0.2, and
+auxiliary heads pooling adaptively to 4x4 with a 2048 -> 1024 fc; 6,624,904
+parameters without the auxiliary heads.
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.models.layers import LocalResponseNorm, require_min_size
+from cnn_jax.models.layers import (BN_MOMENTUM, LocalResponseNorm, adaptive_avg_pool,
+                                   max_pool_ceil, require_min_size)
 
 # Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj
 TABLE1 = {
@@ -124,3 +132,89 @@ class GoogLeNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))  # the 7x7 average pool on 224x224 input
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------ torchvision's variant
+class ConvBNReLU(nn.Module):
+    """torchvision's BasicConv2d: conv (no bias) -> BN (eps 1e-3) -> ReLU."""
+
+    features: int
+    kernel: int = 1
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        pad = self.kernel // 2
+        x = nn.Conv(self.features, (self.kernel, self.kernel), self.strides,
+                    padding=[(pad, pad), (pad, pad)], use_bias=False, dtype=self.dtype,
+                    name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-3,
+                         dtype=self.dtype, name="bn")(x)
+        return nn.relu(x)
+
+
+class InceptionBlockTorchvision(nn.Module):
+    c1x1: int
+    c3x3_reduce: int
+    c3x3: int
+    c5x5_reduce: int
+    c5x5: int
+    pool_proj: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        cbr = lambda f, k, name: ConvBNReLU(f, k, dtype=self.dtype, name=name)
+        b1 = cbr(self.c1x1, 1, "branch1")(x, train)
+        b2 = cbr(self.c3x3, 3, "branch2_1")(cbr(self.c3x3_reduce, 1, "branch2_0")(x, train), train)
+        b3 = cbr(self.c5x5, 3, "branch3_1")(cbr(self.c5x5_reduce, 1, "branch3_0")(x, train), train)
+        b4 = cbr(self.pool_proj, 1, "branch4_1")(max_pool_ceil(x, 3, 1, pad=1), train)
+        return jnp.concatenate([b1, b2, b3, b4], axis=-1)
+
+
+class AuxClassifierTorchvision(nn.Module):
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = ConvBNReLU(128, 1, dtype=self.dtype, name="conv")(adaptive_avg_pool(x, 4), train)
+        # torch flattens channels first: C, H, W
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(1024, dtype=self.dtype, name="fc1")(x))
+        x = nn.Dropout(0.7, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
+
+
+class GoogLeNetTorchvision(nn.Module):
+    num_classes: int = 1000
+    aux_logits: bool = False
+    dropout: float = 0.2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        require_min_size(x, 15, "googlenet_torchvision")
+        cbr = lambda f, k, name, s=1: ConvBNReLU(f, k, s, dtype=self.dtype, name=name)
+        inception = lambda name: InceptionBlockTorchvision(*TABLE1[name], dtype=self.dtype,
+                                                           name=f"inception{name}")
+        aux = lambda name: AuxClassifierTorchvision(self.num_classes, dtype=self.dtype, name=name)
+        with_aux = self.aux_logits and (train or self.is_initializing())
+
+        x = max_pool_ceil(cbr(64, 7, "conv1", 2)(x, train), 3, 2)
+        x = cbr(192, 3, "conv3")(cbr(64, 1, "conv2")(x, train), train)
+        x = max_pool_ceil(x, 3, 2)
+        x = inception("3b")(inception("3a")(x, train), train)
+        x = inception("4a")(max_pool_ceil(x, 3, 2), train)
+        if with_aux:
+            self.sow("intermediates", "aux_logits", aux("aux1")(x, train).astype(jnp.float32))
+        for name in ("4b", "4c", "4d"):
+            x = inception(name)(x, train)
+        if with_aux:
+            self.sow("intermediates", "aux_logits", aux("aux2")(x, train).astype(jnp.float32))
+        x = max_pool_ceil(inception("4e")(x, train), 2, 2)
+        x = inception("5b")(inception("5a")(x, train), train)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)

@@ -179,3 +179,32 @@ class Bottleneck(nn.Module):
             y = y + self.shortcut(self.features * self.expansion, strides=self.strides,
                                   dtype=self.dtype, name="shortcut")(x, train)
         return nn.relu(y)
+
+
+# ---------------------------------------------------------------- PyTorch-style pooling
+# The torchvision variants (alexnet_torchvision, googlenet_torchvision) pool as PyTorch
+# does, so that weights trained there compute the same function here.
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """PyTorch's `adaptive_avg_pool2d`: `size` x `size` bins, bin i covering
+    [floor(i n / size), ceil((i + 1) n / size)) (neighbouring bins may overlap)."""
+    def bins(n):
+        return [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
+    rows = [jnp.mean(x[:, a:b], axis=1, keepdims=True) for a, b in bins(x.shape[1])]
+    x = jnp.concatenate(rows, axis=1)
+    cols = [jnp.mean(x[:, :, a:b], axis=2, keepdims=True) for a, b in bins(x.shape[2])]
+    return jnp.concatenate(cols, axis=2)
+
+
+def max_pool_ceil(x: jax.Array, window: int, stride: int, pad: int = 0) -> jax.Array:
+    """PyTorch's `max_pool2d(..., ceil_mode=True)`: the last window may hang over the
+    bottom/right edge (padded with -inf) as long as it starts inside the input."""
+    def extra(n):
+        out = -(-(n + 2 * pad - window) // stride) + 1
+        if (out - 1) * stride >= n + pad:
+            out -= 1
+        return max((out - 1) * stride + window - n - 2 * pad, 0)
+    h_extra, w_extra = extra(x.shape[1]), extra(x.shape[2])
+    return nn.max_pool(x, (window, window), (stride, stride),
+                       padding=((pad, pad + h_extra), (pad, pad + w_extra)))

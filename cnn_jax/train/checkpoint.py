@@ -81,6 +81,25 @@ def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
 
 
+def load_pretrained(source: str, model: str, options: dict) -> dict:
+    """{'params', 'batch_stats'} to start a run of `model` from: a run's latest
+    checkpoint, or a torchvision/timm weights file converted to our layout."""
+    from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
+    path = Path(source)
+    if path.suffix in WEIGHT_SUFFIXES:
+        return load_torch_weights(path, model, options)[2]
+    return load_variables(path)
+
+
+def drop_modules(variables: dict, names: str) -> dict:
+    """`variables` without the top-level modules in the comma-separated `names` (a
+    name covers its numbered parts: 'conv5' drops 'conv5_1', 'conv5_2', ...)."""
+    skip = [n.strip() for n in names.split(",") if n.strip()]
+    return {col: {k: v for k, v in tree.items()
+                  if not any(k == s or k.startswith(s + "_") for s in skip)}
+            for col, tree in variables.items()}
+
+
 def merge_variables(fresh: dict, loaded: dict, source: str) -> dict:
     """`fresh` (a model's initial variables) with every array that `loaded` holds under
     the same name taken from `loaded`: a trained net's variables inside a grown one.

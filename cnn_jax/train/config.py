@@ -18,7 +18,13 @@ class TrainConfig:
     holdout: int = 0              # >0: train on train minus a stratified holdout, evaluate on it
     eval_subset: int = 0          # >0: evaluate on a fixed stratified subset of this many
     train_subset: int = 0         # >0: train on a fixed stratified subset of this many
-    init_from: str = ""           # a run's --out: start from its variables where names match
+    classes: str = ""             # train and evaluate on these classes only ("0,1,2", "cat,dog")
+    image_size: int = 0           # >0: ImageFolder images resized to cover it, centre-cropped
+    init_from: str = ""           # a run's --out, or torchvision/timm weights (.pth/.safetensors):
+                                  # start from its variables where names match
+    init_skip: str = ""           # top-level modules not taken from init_from (a new head: "fc")
+    trainable: str = ""           # top-level module prefixes that train ("conv5,fc"); the rest
+                                  # is frozen, its BatchNorm in inference mode. "": all
     # the recipe (He et al. 2015, Sec. 4.2 by default)
     steps: int = 64_000
     batch: int = 128
@@ -38,7 +44,8 @@ class TrainConfig:
     flip: bool = True
     colour_shift: float = 0.0
     pca_colour: bool = False
-    normalise: str = "per_pixel"       # per_pixel | per_channel | standard | lecun | none
+    normalise: str = "per_pixel"       # per_pixel | per_channel | standard | lecun | imagenet |
+                                       # inception | source (init_from's own) | none
     input_pad: int = 0                 # zero-pad every image first (LeNet: MNIST 28 -> 32)
     resize: int = 0                    # >0: bilinear resize to resize x resize on the device
     # compute
@@ -66,7 +73,8 @@ class TrainConfig:
         if self.schedule in ("paper", "constant"):
             d.pop("steps")  # these schedules do not depend on the run's length
         d["milestones"] = list(d["milestones"])
-        for k in ("input_pad", "resize", "eval_subset", "train_subset", "init_from"):  # added later: absent when off, so older
+        for k in ("input_pad", "resize", "eval_subset", "train_subset", "init_from", "classes",
+                  "image_size", "init_skip", "trainable"):  # added later: absent when off, so older
             if not d[k]:                   # runs keep their digests and resume
                 d.pop(k)
         return d
@@ -101,7 +109,9 @@ class TrainConfig:
         if self.normalise not in NORMALISATIONS:
             bad("normalise", f"must be one of {', '.join(NORMALISATIONS)}; "
                              f"got {self.normalise!r}")
-        for f in ("input_pad", "resize", "eval_subset", "train_subset"):
+        if self.normalise == "source" and not self.init_from:
+            bad("normalise", "'source' takes the normaliser of --init-from, which is not set")
+        for f in ("input_pad", "resize", "eval_subset", "train_subset", "image_size"):
             if getattr(self, f) < 0:
                 bad(f, f"must be 0 or positive, got {getattr(self, f)}")
         if self.dtype not in ("float32", "bfloat16"):

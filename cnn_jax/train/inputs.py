@@ -8,6 +8,7 @@ needs more pixels than the data has, e.g. AlexNet or GoogLeNet on CIFAR-10).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -21,7 +22,14 @@ from cnn_jax.data.sources import Arrays
 # foreground (black) corresponds to 1.175": x / 255 * 1.275 - 0.1 = (x - 20) / 200.
 LECUN = Normalizer(np.array([20.0], np.float32), np.array([200.0], np.float32))
 
-NORMALISATIONS = ("per_pixel", "per_channel", "standard", "lecun", "none")
+# torchvision's ImageNet models: x / 255 normalised by ImageNet's channel statistics.
+IMAGENET = Normalizer(np.array([0.485, 0.456, 0.406], np.float32) * 255,
+                      np.array([0.229, 0.224, 0.225], np.float32) * 255)
+# torchvision's GoogLeNet weights (transform_input=True): x / 255 mapped to [-1, 1].
+INCEPTION = Normalizer(np.full(3, 127.5, np.float32), np.full(3, 127.5, np.float32))
+
+NORMALISATIONS = ("per_pixel", "per_channel", "standard", "lecun", "imagenet", "inception",
+                  "source", "none")
 
 
 def prepare_arrays(arrays: Arrays, input_pad: int) -> Arrays:
@@ -43,12 +51,44 @@ def subset(arrays: Arrays, size: int) -> Arrays:
                                labels=arrays.labels[keep], path=None, indices=None)
 
 
+def select_classes(arrays: Arrays, spec: str) -> Arrays:
+    """Only the classes of `spec` ("0,1,2" or "cat,dog"), relabelled 0.. in its order."""
+    if not spec:
+        return arrays
+    wanted = [c.strip() for c in spec.split(",") if c.strip()]
+    index = []
+    for c in wanted:
+        if c in arrays.classes:
+            index.append(arrays.classes.index(c))
+        elif c.isdigit() and int(c) < len(arrays.classes):
+            index.append(int(c))
+        else:
+            raise ValueError(f"--classes: {c!r} is neither a class name nor an index of "
+                             f"{arrays.classes}")
+    if len(set(index)) != len(index) or len(index) < 2:
+        raise ValueError(f"--classes: need at least two different classes; got {spec!r}")
+    relabel = np.full(len(arrays.classes), -1, np.int32)
+    relabel[index] = np.arange(len(index))
+    keep = np.flatnonzero(relabel[arrays.labels] >= 0)
+    return Arrays(np.asarray(arrays.images[keep]), relabel[arrays.labels[keep]],
+                  [arrays.classes[i] for i in index])
+
+
+def split_arrays(cfg, split: str, data_dir=None) -> Arrays:
+    """One split as a run of `cfg` sees it: resized, held out and class-selected
+    (not yet subset or padded)."""
+    from cnn_jax.data import load
+    size = (cfg.image_size, cfg.image_size) if getattr(cfg, "image_size", 0) else None
+    arrays = load(cfg.data, split, data_dir=data_dir or cfg.data_dir, holdout=cfg.holdout,
+                  size=size, crop=size is not None)
+    return select_classes(arrays, getattr(cfg, "classes", ""))
+
+
 def training_arrays(cfg, data_dir=None) -> Arrays:
     """The images a run of `cfg` trains on (holdout, subset and padding applied): its
     normaliser and PCA basis come from these, at training and at evaluation time."""
-    from cnn_jax.data import load
-    arrays = load(cfg.data, "train", data_dir=data_dir or cfg.data_dir, holdout=cfg.holdout)
-    return prepare_arrays(subset(arrays, cfg.train_subset), cfg.input_pad)
+    return prepare_arrays(subset(split_arrays(cfg, "train", data_dir), cfg.train_subset),
+                          cfg.input_pad)
 
 
 def make_augment(cfg, train_arrays: Arrays) -> Augment:
@@ -62,13 +102,19 @@ def make_augment(cfg, train_arrays: Arrays) -> Augment:
     return Augment(crop_pad=cfg.crop_pad, flip=cfg.flip, colour_shift=cfg.colour_shift, pca=pca)
 
 
-def make_normaliser(kind: str, train_images: np.ndarray) -> Normalizer | None:
+def make_normaliser(kind: str, train_images: np.ndarray, source: str = "") -> Normalizer | None:
     """per_pixel / per_channel: the training set's mean subtracted (He et al.);
-    standard: per-channel mean and standard deviation; lecun: the 1998 paper's scale."""
+    standard: per-channel mean and standard deviation; lecun: the 1998 paper's scale;
+    imagenet / inception: torchvision's for its ImageNet weights; source: the one the
+    run at `source` (--init-from) was trained with, so a pretrained net sees its inputs
+    as it learnt them."""
     if kind == "none":
         return None
-    if kind == "lecun":
-        return LECUN
+    fixed = {"lecun": LECUN, "imagenet": IMAGENET, "inception": INCEPTION}
+    if kind in fixed:
+        return fixed[kind]
+    if kind == "source":
+        return source_normaliser(source)
     return Normalizer.from_data(train_images, per_pixel=kind == "per_pixel",
                                 scale=kind == "standard")
 
@@ -87,3 +133,52 @@ def make_input_fn(normaliser: Normalizer | None, resize: int = 0) -> Callable:
             x = jax.image.resize(x, (x.shape[0], resize, resize, x.shape[3]), "bilinear")
         return x
     return to_input
+
+
+NORMALISER_FILE = "normaliser.npz"
+
+
+def save_normaliser(out: Path, normaliser: Normalizer | None, image_shape: tuple) -> None:
+    """Beside a run's checkpoints: what its inputs were normalised with, and the shape
+    of its stored training images."""
+    shape = np.asarray(image_shape, np.int64)
+    if normaliser is None:
+        np.savez(out / NORMALISER_FILE, none=np.array(True), image_shape=shape)
+    else:
+        np.savez(out / NORMALISER_FILE, mean=normaliser.mean, std=normaliser.std,
+                 image_shape=shape)
+
+
+def _saved_config(source: Path):
+    import json
+    from cnn_jax.train.config import TrainConfig
+    try:
+        return TrainConfig.from_json(json.loads((source / "config.json").read_text())["config"])
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"{source} is not the --out folder of a training run (no "
+                         f"{NORMALISER_FILE}, no config.json)") from None
+
+
+def training_image_shape(source) -> tuple:
+    """(H, W, C) of the images the run at `source` trained on."""
+    saved = Path(source) / NORMALISER_FILE
+    if saved.exists():
+        with np.load(saved) as f:
+            if "image_shape" in f:
+                return tuple(int(v) for v in f["image_shape"])
+    return tuple(training_arrays(_saved_config(Path(source))).images.shape[1:])
+
+
+def source_normaliser(source: str) -> Normalizer | None:
+    """The normaliser of the run at `source`: its saved one, else recomputed from its
+    config and training data; torchvision/timm weight files: ImageNet's."""
+    from cnn_jax.models.convert import WEIGHT_SUFFIXES
+    source = Path(source)
+    if source.suffix in WEIGHT_SUFFIXES:
+        return IMAGENET
+    saved = source / NORMALISER_FILE
+    if saved.exists():
+        with np.load(saved) as f:
+            return None if "none" in f else Normalizer(f["mean"], f["std"])
+    cfg = _saved_config(source)  # a run from before normalisers were saved
+    return make_normaliser(cfg.normalise, training_arrays(cfg).images, cfg.init_from)

@@ -7,6 +7,7 @@ logging, evaluation, checkpoints, signals) -> results.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -22,17 +23,19 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from cnn_jax import data as data_lib
 from cnn_jax.data.pipeline import eval_batches, to_global_array, train_dataset
+from cnn_jax.data.sources import DataError
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
-from cnn_jax.train.checkpoint import Checkpointer, load_variables
+from cnn_jax.train.checkpoint import Checkpointer, drop_modules, load_pretrained
 from cnn_jax.train.config import TrainConfig, changed_fields
 from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
-                                  model_input_shape, prepare_arrays, subset, training_arrays)
+                                  model_input_shape, prepare_arrays, save_normaliser,
+                                  split_arrays, subset, training_arrays)
 from cnn_jax.train.metrics import MetricsLog, params_digest
 from cnn_jax.train.state import TrainState, initial_variables
-from cnn_jax.train.steps import compile_steps, make_eval_step, make_optimizer, make_train_step
+from cnn_jax.train.steps import (compile_steps, freeze, is_trainable, make_eval_step,
+                                 make_optimizer, make_train_step)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -123,12 +126,12 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     # ------------------------------------------------------------------ input
     train_arrays = training_arrays(cfg)
     eval_split = "val" if cfg.holdout else "test"
-    eval_arrays = subset(data_lib.load(cfg.data, eval_split, data_dir=cfg.data_dir,
-                                       holdout=cfg.holdout), cfg.eval_subset)
+    eval_arrays = subset(split_arrays(cfg, eval_split), cfg.eval_subset)
     n_dev = jax.device_count()
     eval_batch = -(-min(cfg.eval_batch, len(eval_arrays)) // n_dev) * n_dev  # a multiple of n_dev
     eval_arrays = prepare_arrays(eval_arrays, cfg.input_pad)
-    normalise = make_input_fn(make_normaliser(cfg.normalise, train_arrays.images), cfg.resize)
+    normaliser = make_normaliser(cfg.normalise, train_arrays.images, cfg.init_from)
+    normalise = make_input_fn(normaliser, cfg.resize)
     input_shape = model_input_shape(train_arrays.images.shape[1:], cfg.resize)
     dataset = train_dataset(train_arrays, cfg.batch, cfg.seed, make_augment(cfg, train_arrays),
                             cfg.workers,
@@ -141,14 +144,22 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     tx = make_optimizer(cfg.momentum, cfg.weight_decay, cfg.nesterov, cfg.decay_norm_and_bias)
     lr_fn = schedules.with_warmup(
         schedules.make_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.milestones), cfg.warmup_lr)
+    trainable = tuple(t.strip() for t in cfg.trainable.split(",") if t.strip())
+    if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
+        tx = freeze(tx, trainable)
     train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
                                  warmup_until_error=cfg.warmup_until_error,
-                                 label_smoothing=cfg.label_smoothing)
+                                 label_smoothing=cfg.label_smoothing, trainable=trainable)
     step_one, step_many, eval_step = compile_steps(train_step, make_eval_step(model, normalise),
                                                    mesh)
-    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(
-        jax.eval_shape(model.init, jax.random.key(0),
-                       jnp.zeros((1, *input_shape)))["params"])))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
+    modules = list(abstract["params"])
+    for flag, names in (("trainable", trainable), ("init_skip", cfg.init_skip.split(","))):
+        for name in (n.strip() for n in names if n.strip()):
+            if not any(is_trainable(m, (name,)) for m in modules):
+                raise ValueError(f"--{flag.replace('_', '-')}: {name!r} names no module of "
+                                 f"{cfg.model}; its modules: {', '.join(modules)}")
 
     # ------------------------------------------------------------------ state: init or restore
     def init_state(pretrained):
@@ -160,9 +171,11 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     pretrained = None
     if cfg.init_from and ckpt.latest_step() is None:  # a resumed run restores instead
         try:  # host arrays: the same on every process
-            pretrained = jax.device_get(load_variables(Path(cfg.init_from)))
+            pretrained = jax.device_get(load_pretrained(cfg.init_from, cfg.model,
+                                                        cfg.model_options))
         except FileNotFoundError as e:
             raise ValueError(f"--init-from: {e}") from None
+        pretrained = drop_modules(pretrained, cfg.init_skip)
     state = jax.jit(init_state, out_shardings=replicated)(pretrained)
     log = MetricsLog(out / "metrics.jsonl")
     data_iter = iter(dataset)
@@ -190,6 +203,7 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     elif jax.process_index() == 0:
         log.truncate_after(0)  # lines of an attempt that died before its first checkpoint
     if jax.process_index() == 0:
+        save_normaliser(out, normaliser, train_arrays.images.shape[1:])
         config_file.write_text(json.dumps({"config": cfg.to_json(), "config_digest": cfg.digest(),
                                            "command": command, "versions": versions(),
                                            "hardware": hardware()}, indent=1))
@@ -316,9 +330,13 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     if last_eval is None or last_eval["step"] != step:
         last_eval = {"step": step, **{f"eval_{k}": v for k, v in evaluate(state).items()}}
     if cfg.holdout:  # selection used the holdout; the test set is read once, at the end
-        test = evaluate(state, prepare_arrays(
-            data_lib.load(cfg.data, "test", data_dir=cfg.data_dir), cfg.input_pad))
-        last_eval.update(final_test_loss=test["loss"], final_test_error=test["error"])
+        try:
+            test_arrays = split_arrays(dataclasses.replace(cfg, holdout=0), "test")
+        except DataError:  # an ImageFolder of the user's without test/ (or val/) images
+            test_arrays = None
+        if test_arrays is not None:
+            test = evaluate(state, prepare_arrays(test_arrays, cfg.input_pad))
+            last_eval.update(final_test_loss=test["loss"], final_test_error=test["error"])
     history = log.read()
     train_records = [r for r in history if "train_loss" in r]
     rates = [r["img_per_s"] for r in train_records if r.get("img_per_s")]

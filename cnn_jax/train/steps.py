@@ -12,8 +12,10 @@ steps in one call with `lax.scan` over a [K, B, ...] chunk of batches.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,6 +41,44 @@ def make_optimizer(momentum: float, weight_decay: float, nesterov: bool = False,
                        optax.trace(decay=momentum, nesterov=nesterov))
 
 
+# ------------------------------------------------------------------ freezing (fine-tuning)
+def is_trainable(module: str, trainable: Sequence[str]) -> bool:
+    """Whether the top-level module `module` trains: all do when `trainable` is empty.
+    A name covers itself and its numbered parts ('conv5' covers 'conv5_1', 'conv5_2';
+    'conv1' does not cover 'conv13')."""
+    return not trainable or any(module == t or module.startswith(t + "_") for t in trainable)
+
+
+def freeze(tx: optax.GradientTransformation, trainable: Sequence[str]):
+    """`tx` on the trainable modules' parameters, no update at all on the others."""
+    def labels(params):
+        return {k: jax.tree.map(lambda _: "train" if is_trainable(k, trainable) else "frozen", v)
+                for k, v in params.items()}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_batchnorm(trainable: Sequence[str]):
+    """A method interceptor under which the BatchNorms of frozen modules normalise with
+    their running statistics (inference mode) and leave them unchanged, whatever the
+    `train` flag: a frozen layer computes in training exactly what it computes at test
+    time (as Keras does for frozen BN layers)."""
+    def intercept(next_fun, args, kwargs, context):
+        m = context.module
+        if (not isinstance(m, nn.BatchNorm) or context.method_name != "__call__"
+                or is_trainable(m.scope.path[0], trainable)):
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        mean = m.get_variable("batch_stats", "mean")
+        var = m.get_variable("batch_stats", "var")
+        y = (x - mean) * jax.lax.rsqrt(var + m.epsilon)
+        if m.use_scale:
+            y = y * m.get_variable("params", "scale")
+        if m.use_bias:
+            y = y + m.get_variable("params", "bias")
+        return y.astype(m.dtype or x.dtype)
+    return nn.intercept_methods(intercept)
+
+
 def cross_entropy(logits, labels, smoothing: float = 0.0):
     num_classes = logits.shape[-1]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) \
@@ -48,15 +88,18 @@ def cross_entropy(logits, labels, smoothing: float = 0.0):
 
 def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
                     bn_group: int = 0, warmup_until_error: float = 0.8,
-                    label_smoothing: float = 0.0):
-    """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}."""
+                    label_smoothing: float = 0.0, trainable: Sequence[str] = ()):
+    """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}.
+    `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
+    is computed for it, its BatchNorms run in inference mode); empty: all learn."""
 
     def forward(params, batch_stats, images, rng):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
-        return model.apply(variables, images, train=True, rngs={"dropout": rng},
-                           mutable=["batch_stats", "intermediates"])
+        with frozen_batchnorm(trainable) if trainable else contextlib.nullcontext():
+            return model.apply(variables, images, train=True, rngs={"dropout": rng},
+                               mutable=["batch_stats", "intermediates"])
 
     def grouped_forward(params, batch_stats, images, rng):
         # He et al. computed BN statistics per GPU: here per group of `bn_group`
@@ -73,6 +116,9 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
     run = grouped_forward if bn_group else forward
 
     def loss_fn(params, batch_stats, images, labels, rng):
+        if trainable:  # frozen weights are constants: XLA drops their gradients' work
+            params = {k: v if is_trainable(k, trainable) else jax.lax.stop_gradient(v)
+                      for k, v in params.items()}
         logits, new = run(params, batch_stats, normalise(images), rng)
         loss = cross_entropy(logits, labels, label_smoothing).mean()
         for aux in new.get("intermediates", {}).get("aux_logits", ()):

@@ -1,0 +1,382 @@
+"""Transfer learning: take a network someone already trained, keep what it learnt,
+and teach it new classes from a few labelled images.
+
+Backbones come from a run of this project (its --out folder) or from torchvision/timm
+weights (`cnn_jax.models.convert`). Three modes:
+
+- frozen:   the backbone runs once over the data; its penultimate activations (the
+            input of the final classifier) are saved to disk as memory-mappable .npy
+            files and a new softmax classifier trains on them. No augmentation: every
+            epoch sees the same cached features.
+- finetune: the last k stages and a new classifier train, the rest is frozen (no
+            update, its BatchNorm statistics fixed and used as at test time).
+- full:     everything trains, from the pretrained weights, with a smaller step.
+
+The last two are ordinary runs of the training engine (`TrainConfig.init_from`,
+`init_skip`, `trainable`), so they checkpoint, resume and log like any run. Every
+mode ends as one network of the backbone's architecture with a new head, saved with
+`model.json` beside it so that `predict` can label a folder of images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cnn_jax.data.augment import Normalizer
+from cnn_jax.data.sources import IMAGE_SUFFIXES, Arrays, _decode, _fit
+from cnn_jax.models import create_model
+from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
+from cnn_jax.train.checkpoint import load_variables
+from cnn_jax.train.config import TrainConfig
+from cnn_jax.train.inputs import (make_input_fn, make_normaliser, source_normaliser,
+                                  training_image_shape)
+from cnn_jax.train.metrics import params_digest
+
+MODES = ("frozen", "finetune", "full")
+
+
+# ------------------------------------------------------------------ backbones
+@dataclasses.dataclass
+class Backbone:
+    model: str            # registry name
+    options: dict         # model options
+    variables: dict       # {'params', 'batch_stats'} as trained
+    normalise: str        # TrainConfig.normalise that reproduces its training inputs
+    image_size: int       # images are fitted to image_size x image_size ...
+    resize: int           # ... and resized on the device to this (0: not), as in training
+    source: str           # the run folder or weights file
+
+    def build(self, num_classes: Optional[int] = None):
+        return create_model(self.model, num_classes=num_classes or self.num_classes,
+                            **self.options)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.variables["params"][self.head]["bias"].shape[0])
+
+    @property
+    def input_size(self) -> int:
+        return self.resize or self.image_size
+
+    @property
+    def head(self) -> str:
+        return head_name(self.model, self.options, self.input_size)
+
+    def normaliser(self) -> Optional[Normalizer]:
+        if self.normalise == "source":
+            return source_normaliser(self.source)
+        return make_normaliser(self.normalise, None)  # a fixed one: imagenet, inception
+
+    def to_input(self):
+        """uint8 images -> the model's input, on the device."""
+        return make_input_fn(self.normaliser(), self.resize)
+
+    def digest(self) -> str:
+        return params_digest({"params": self.variables["params"],
+                              "batch_stats": self.variables.get("batch_stats", {})})
+
+
+def load_backbone(source, arch: Optional[str] = None) -> Backbone:
+    """A run folder of this project, or a torchvision/timm weights file (the
+    architecture detected from its keys unless `arch` names it)."""
+    path = Path(source)
+    if path.suffix in WEIGHT_SUFFIXES:
+        name, options, variables = load_torch_weights(path, arch)
+        # torchvision's GoogLeNet weights expect its transform_input=True: [-1, 1] inputs
+        normalise = "inception" if name == "googlenet_torchvision" else "imagenet"
+        return Backbone(name, options, variables, normalise, 224, 0, str(path))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--backbone {path}: expected the --out folder of a training run "
+                         f"(config.json, checkpoints/) or a weights file "
+                         f"({', '.join(WEIGHT_SUFFIXES)})")
+    cfg = TrainConfig.from_json(json.loads((path / "config.json").read_text())["config"])
+    if arch and arch != cfg.model:
+        raise ValueError(f"--arch {arch}: the run at {path} trained a {cfg.model}")
+    try:
+        variables = jax.device_get(load_variables(path))
+    except FileNotFoundError as e:
+        raise ValueError(f"--backbone: {e}") from None
+    if cfg.input_pad:
+        raise ValueError(f"--backbone {path}: a run with --input-pad (zero-padded inputs) "
+                         f"cannot serve as a backbone here")
+    size = training_image_shape(path)[0]
+    return Backbone(cfg.model, dict(cfg.model_options), variables, "source", size, cfg.resize,
+                    str(path))
+
+
+def _top_level_calls(model, image_size: int, channels: int = 3) -> list[tuple[str, type]]:
+    """(name, class) of the top-level submodules a forward pass calls, in order."""
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        path = context.module.scope.path if context.module.scope else ()
+        if context.method_name == "__call__" and len(path) == 1:
+            calls.append((path[0], type(context.module)))
+        return next_fun(*args, **kwargs)
+
+    x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    return calls
+
+
+def head_name(model_name: str, options: dict, image_size: int) -> str:
+    """The final classifier: the last top-level Dense layer a forward pass calls."""
+    calls = _top_level_calls(create_model(model_name, **options), image_size)
+    dense = [n for n, cls in calls if issubclass(cls, nn.Dense)]
+    if not dense:
+        raise ValueError(f"{model_name}: no final dense layer to replace")
+    return dense[-1]
+
+
+def stages(model_name: str, options: dict, image_size: int) -> list[str]:
+    """The top-level modules before the head, grouped into stages by name
+    ('conv5_2' -> 'conv5', 'stage3_block4' -> 'stage3'), in forward order."""
+    head = head_name(model_name, options, image_size)
+    out = []
+    for name, _ in _top_level_calls(create_model(model_name, **options), image_size):
+        stage = name.split("_")[0]
+        if name != head and stage not in out:
+            out.append(stage)
+    return out
+
+
+def trainable_for(backbone: Backbone, k: int) -> str:
+    """TrainConfig.trainable for fine-tuning the last `k` stages and the new head."""
+    names = stages(backbone.model, backbone.options, backbone.input_size)
+    if not 1 <= k <= len(names):
+        raise ValueError(f"--stages {k}: {backbone.model} has {len(names)} stages "
+                         f"({', '.join(names)})")
+    return ",".join(names[-k:] + [backbone.head])
+
+
+# ------------------------------------------------------------------ features
+def feature_fn(model, head: str):
+    """jit-able (variables, normalised images) -> the head's input (penultimate
+    activations), in inference mode."""
+    def features(variables, x):
+        captured = {}
+
+        def grab(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and context.module.scope.path == (head,):
+                captured["x"] = args[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(grab):
+            model.apply(variables, x, train=False)
+        return captured["x"].astype(jnp.float32)
+    return features
+
+
+def data_digest(arrays: Arrays) -> str:
+    h = hashlib.sha256()
+    for i in range(0, len(arrays), 1024):
+        h.update(np.ascontiguousarray(arrays.images[i:i + 1024]).tobytes())
+    h.update(np.asarray(arrays.labels, np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_features(directory: Path, split: str, backbone: Backbone, arrays: Arrays,
+                    batch: int = 100, progress: bool = True) -> tuple[np.ndarray, dict]:
+    """The backbone's penultimate activations of `arrays`, computed once and kept in
+    `directory/<split>.npy` (memory-mapped when read back). A file made by another
+    backbone, other images or another preprocessing is detected and rebuilt.
+    Returns (features [N, D], {'cached': bool, 'extract_s': seconds the backbone took
+    over these images, when they were computed})."""
+    from tqdm.auto import tqdm
+    key = {"backbone": backbone.digest(), "model": backbone.model, "options": backbone.options,
+           "normalise": backbone.normalise, "source": backbone.source, "resize": backbone.resize,
+           "data": data_digest(arrays), "n": len(arrays), "image_shape": list(arrays.images.shape[1:])}
+    file, meta_file = directory / f"{split}.npy", directory / f"{split}.json"
+    if file.exists() and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("key") == key:
+            return np.load(file, mmap_mode="r"), {"cached": True, "extract_s": meta["seconds"]}
+        print(f"{file}: cached features of another backbone or data; rebuilding")
+    directory.mkdir(parents=True, exist_ok=True)
+    model = backbone.build()
+    to_input = backbone.to_input()
+    forward = jax.jit(lambda v, x: feature_fn(model, backbone.head)(v, to_input(x)))
+    variables = {k: v for k, v in backbone.variables.items() if v}
+    # compiled before the clock starts: the time is what every epoch would pay again
+    jax.block_until_ready(forward(variables, np.zeros((batch, *arrays.images.shape[1:]),
+                                                      arrays.images.dtype)))
+    start = time.perf_counter()
+    tmp = directory / f".{split}.{os.getpid()}.npy"
+    out = None
+    bar = tqdm(total=len(arrays), unit="img", desc=f"features ({split})", disable=not progress,
+               leave=False)
+    for i in range(0, len(arrays), batch):
+        images = np.asarray(arrays.images[i:i + batch])
+        n = len(images)
+        if n < batch:  # one compiled shape: pad the last batch
+            images = np.concatenate([images, np.zeros((batch - n, *images.shape[1:]), images.dtype)])
+        f = np.asarray(forward(variables, images))[:n]
+        if out is None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                            shape=(len(arrays), f.shape[-1]))
+        out[i:i + n] = f
+        bar.update(n)
+    bar.close()
+    out.flush()
+    del out
+    seconds = time.perf_counter() - start
+    os.replace(tmp, file)  # complete files only: a killed extraction leaves no stale cache
+    meta_file.write_text(json.dumps({"key": key, "seconds": seconds}, indent=1))
+    return np.load(file, mmap_mode="r"), {"cached": False, "extract_s": seconds}
+
+
+# ------------------------------------------------------------------ the new softmax
+def train_softmax(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                  epochs: int = 100, batch: int = 64, lr: float = 0.1,
+                  weight_decay: float = 5e-4, seed: int = 0) -> tuple[dict, dict]:
+    """A softmax classifier on fixed features (SGD, momentum 0.9, cosine schedule).
+    Features are standardised for the optimisation and the scaling is folded back
+    into the weights, so the result is a plain dense layer on the raw features.
+    Returns ({'kernel', 'bias'}, timing)."""
+    x = np.asarray(features, np.float32)
+    mu, sigma = x.mean(0), x.std(0) + 1e-6
+    n, d = x.shape
+    steps_per_epoch = -(-n // batch)
+    tx = optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(optax.cosine_decay_schedule(lr, epochs * steps_per_epoch), 0.9))
+    params = {"kernel": jnp.zeros((d, num_classes)), "bias": jnp.zeros((num_classes,))}
+    state = tx.init(params)
+
+    def loss_fn(p, xb, yb, mask):
+        logits = xb @ p["kernel"] + p["bias"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+        return jnp.sum(ce * mask) / jnp.maximum(mask.sum(), 1)
+
+    @jax.jit
+    def step(p, s, xb, yb, mask):
+        g = jax.grad(loss_fn)(p, xb, yb, mask)
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    rng = np.random.default_rng(seed)
+    epoch_seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        order = rng.permutation(n)
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
+            xb = np.zeros((batch, d), np.float32)
+            yb = np.zeros(batch, np.int32)
+            mask = np.zeros(batch, np.float32)
+            xb[:len(idx)] = (x[idx] - mu) / sigma
+            yb[:len(idx)], mask[:len(idx)] = labels[idx], 1.0
+            params, state = step(params, state, xb, yb, mask)
+        jax.block_until_ready(params)
+        epoch_seconds.append(time.perf_counter() - start)
+    kernel = np.asarray(params["kernel"]) / sigma[:, None]
+    bias = np.asarray(params["bias"]) - mu @ kernel
+    # the first epoch includes compilation
+    return ({"kernel": kernel, "bias": bias},
+            {"epoch_s": float(np.median(epoch_seconds[1:] or epoch_seconds))})
+
+
+def with_head(backbone: Backbone, head: dict) -> dict:
+    """The backbone's variables with its final classifier replaced by `head`."""
+    params = dict(backbone.variables["params"])
+    params[backbone.head] = {"kernel": np.asarray(head["kernel"]), "bias": np.asarray(head["bias"])}
+    return {"params": params, "batch_stats": backbone.variables.get("batch_stats", {})}
+
+
+# ------------------------------------------------------------------ a trained classifier on disk
+MODEL_FILE = "model.json"
+
+
+def save_classifier(out: Path, *, model: str, options: dict, classes: list, image_size: int,
+                    resize: int, normaliser: Optional[Normalizer],
+                    variables: Optional[dict] = None, run: Optional[str] = None) -> None:
+    """model.json (+ the variables, unless they live in the engine run `run`)."""
+    import orbax.checkpoint as ocp
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "options": options, "classes": list(classes),
+            "image_size": image_size, "resize": resize, "run": run,
+            "normaliser": None if normaliser is None else
+            {"mean": np.asarray(normaliser.mean).tolist(), "std": np.asarray(normaliser.std).tolist()}}
+    if variables is not None:
+        target = out / "classifier"
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(target.absolute(), jax.tree.map(np.asarray, variables), force=True)
+    tmp = out / f".{MODEL_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(out / MODEL_FILE)
+
+
+def load_classifier(run: Path):
+    """(model, variables, meta) of a folder written by `save_classifier`."""
+    import orbax.checkpoint as ocp
+    run = Path(run)
+    if not (run / MODEL_FILE).is_file():
+        raise ValueError(f"{run}: no {MODEL_FILE} (expected the --out folder of a "
+                         f"transfer_learning run)")
+    meta = json.loads((run / MODEL_FILE).read_text())
+    if meta.get("run"):
+        variables = load_variables(run / meta["run"])
+    else:
+        with ocp.StandardCheckpointer() as ckpt:
+            variables = ckpt.restore((run / "classifier").absolute())
+    model = create_model(meta["model"], num_classes=len(meta["classes"]), **meta["options"])
+    return model, variables, meta
+
+
+def read_images(folder: Path, image_size: int) -> tuple[list[str], np.ndarray]:
+    """Every image under `folder` (sorted), fitted to image_size x image_size."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--predict {folder}: not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"--predict {folder}: no {', '.join(IMAGE_SUFFIXES)} files in it")
+    images = [_fit(_decode(p.read_bytes(), str(p), 3), (image_size, image_size), crop=True)
+              for p in files]
+    return [str(p.relative_to(folder)) for p in files], np.stack(images)
+
+
+def predict(run: Path, folder: Path, batch: int = 64) -> list[dict]:
+    """Class and probability for every image under `folder`."""
+    model, variables, meta = load_classifier(run)
+    names, images = read_images(folder, meta["image_size"])
+    norm = meta["normaliser"]
+    to_input = make_input_fn(Normalizer(np.asarray(norm["mean"], np.float32),
+                                        np.asarray(norm["std"], np.float32)) if norm else None,
+                             meta.get("resize", 0))
+    variables = {k: v for k, v in variables.items() if v}
+    forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, to_input(x), train=False), -1))
+    probs = np.concatenate([np.asarray(forward(variables, images[i:i + batch]))
+                            for i in range(0, len(images), batch)])
+    return [{"file": f, "class": meta["classes"][int(p.argmax())], "probability": float(p.max())}
+            for f, p in zip(names, probs)]
+
+
+def accuracy(model, variables: dict, arrays: Arrays, to_input, batch: int = 250) -> float:
+    """Single-view accuracy of `variables` on `arrays`."""
+    variables = {k: v for k, v in variables.items() if v}
+    forward = jax.jit(lambda v, x: jnp.argmax(model.apply(v, to_input(x), train=False), -1))
+    right = 0
+    for i in range(0, len(arrays), batch):
+        images = np.asarray(arrays.images[i:i + batch])
+        n = len(images)
+        if n < batch:
+            images = np.concatenate([images, np.zeros((batch - n, *images.shape[1:]), images.dtype)])
+        right += int((np.asarray(forward(variables, images))[:n] == arrays.labels[i:i + n]).sum())
+    return right / len(arrays)
+
+
+__all__ = ["MODES", "Backbone", "load_backbone", "head_name", "stages", "trainable_for",
+           "feature_fn", "cached_features", "train_softmax", "with_head", "save_classifier",
+           "load_classifier", "predict", "accuracy"]

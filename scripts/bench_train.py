@@ -1,0 +1,154 @@
+"""Our CIFAR ResNet train step against a PyTorch reference, side by side in one run.
+
+For each model, batch, dtype and steps-per-call K: the training engine's step
+(`cnn_jax.train.steps`: normalise on device, forward, backward, SGD with momentum and
+coupled weight decay, BatchNorm statistics) on random uint8 images resident on the
+device; compilation and warm-up excluded; the median of `--repeats` timed windows.
+With `--reference torch` (torch installed), scripts/torch_reference.py times the same
+network in PyTorch (eager float32, AMP bf16 channels_last, torch.compile) in the same
+process. With `--pipeline`, the first variant is also fed by the real grain pipeline
+(CIFAR-10, crop + mirror, host -> device every step): end-to-end vs resident data.
+
+    python scripts/bench_train.py --model resnet20 --batch 128 --dtype float32 \\
+        --reference torch --json
+    python scripts/bench_train.py --model resnet20 resnet56 resnet110 --batch 128 512 \\
+        --dtype float32 bfloat16 --steps-per-call 1 10 --reference torch \\
+        --torch-modes eager amp_bf16 compile --pipeline --json
+
+The last line is one JSON object: `ours_img_per_s` and `reference_img_per_s` (the
+first variant and PyTorch eager in the matching precision: float32 -> eager,
+bfloat16 -> amp_bf16), `ratio` (ours / reference), `backend`, and every variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
+                  repeats: int, pipeline: bool = False, data_dir=None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from cnn_jax.models import create_model
+    from cnn_jax.train import schedules
+    from cnn_jax.train.state import TrainState
+    from cnn_jax.train.steps import make_optimizer, make_train_step, multi_step
+
+    model = create_model(model_name, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    tx = make_optimizer(0.9, 1e-4)
+    lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.0)
+    mean = jnp.asarray(np.random.default_rng(0).uniform(100, 150, (32, 32, 3)), jnp.float32)
+    train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean)
+    fn = jax.jit(multi_step(train_step) if k > 1 else train_step, donate_argnums=0)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    state = TrainState.create(variables, tx, jax.random.PRNGKey(3))
+    lead = (k, batch) if k > 1 else (batch,)
+    data = {"image": jax.random.randint(jax.random.key(1), (*lead, 32, 32, 3), 0, 256
+                                        ).astype(jnp.uint8),
+            "label": jax.random.randint(jax.random.key(2), lead, 0, 10)}
+    calls = max(1, steps // k)
+    for _ in range(2):  # compile + warm-up
+        state, m = fn(state, data)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            state, m = fn(state, data)
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - t) / (calls * k))
+    ms = 1000 * statistics.median(times)
+    out = {"impl": "ours", "model": model_name, "batch": batch, "dtype": dtype,
+           "steps_per_call": k, "ms_per_step": ms, "img_per_s": batch / ms * 1000}
+    if pipeline and k == 1:
+        from cnn_jax.data import load
+        from cnn_jax.data.augment import Augment
+        from cnn_jax.data.pipeline import train_dataset
+        arrays = load("cifar10", "train", data_dir=data_dir)
+        it = iter(train_dataset(arrays, batch, 0, Augment(crop_pad=4, flip=True)))
+        for _ in range(3):
+            b = next(it)
+            state, m = fn(state, {"image": jnp.asarray(b["image"]), "label": jnp.asarray(b["label"])})
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(calls):
+                b = next(it)
+                state, m = fn(state, {"image": jnp.asarray(b["image"]),
+                                      "label": jnp.asarray(b["label"])})
+            jax.block_until_ready(state)
+            times.append((time.perf_counter() - t) / calls)
+        e2e = 1000 * statistics.median(times)
+        out.update(pipeline_ms_per_step=e2e, pipeline_img_per_s=batch / e2e * 1000,
+                   pipeline_over_resident=ms / e2e)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["resnet20"])
+    p.add_argument("--batch", type=int, nargs="+", default=[128])
+    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
+    p.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--reference", choices=["none", "torch"], default="none")
+    p.add_argument("--torch-modes", nargs="+", choices=["eager", "amp_bf16", "compile"],
+                   default=None, help="default: eager, plus amp_bf16 for bfloat16")
+    p.add_argument("--pipeline", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", action="store_true", help="only the JSON line")
+    a = p.parse_args(argv)
+
+    import jax
+    from cnn_jax.train.loop import hardware, versions
+    ours = []
+    for model in a.model:
+        for batch in a.batch:
+            for dtype in a.dtype:
+                for k in a.steps_per_call:
+                    r = our_step_time(model, batch, dtype, k, max(a.steps, k), a.repeats,
+                                      a.pipeline and not ours, a.data_dir)
+                    ours.append(r)
+                    if not a.json:
+                        print(json.dumps(r), file=sys.stderr)
+    reference = []
+    if a.reference == "torch":
+        try:
+            import torch_reference  # scripts/ is on sys.path when run as a script
+        except ImportError:
+            sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+            import torch_reference
+        modes = a.torch_modes or (["eager"] + (["amp_bf16"] if "bfloat16" in a.dtype else []))
+        for model in a.model:
+            depth = int(model.removeprefix("resnet"))
+            for batch in a.batch:
+                for mode in modes:
+                    r = torch_reference.step_time(depth, batch, mode, a.steps, a.repeats)
+                    r = {"impl": "torch", "model": model, **r}
+                    reference.append(r)
+                    if not a.json:
+                        print(json.dumps(r), file=sys.stderr)
+    first = ours[0]
+    want = "amp_bf16" if first["dtype"] == "bfloat16" else "eager"
+    ref = next((r for r in reference if r["model"] == first["model"] and
+                r["batch"] == first["batch"] and r["mode"] == want), None)
+    print(json.dumps({
+        "ours_img_per_s": first["img_per_s"],
+        "reference_img_per_s": ref["img_per_s"] if ref else None,
+        "ratio": first["img_per_s"] / ref["img_per_s"] if ref else None,
+        "reference_mode": want if ref else None,
+        "backend": jax.default_backend(), "variants": ours, "reference": reference,
+        "hardware": hardware(), "versions": versions(),
+        "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
