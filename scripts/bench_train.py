@@ -15,9 +15,11 @@ process. With `--pipeline`, the first variant is also fed by the real grain pipe
         --dtype float32 bfloat16 --steps-per-call 1 10 --reference torch \\
         --torch-modes eager amp_bf16 compile --pipeline --json
 
-The last line is one JSON object: `ours_img_per_s` and `reference_img_per_s` (the
-first variant and PyTorch eager in the matching precision: float32 -> eager,
-bfloat16 -> amp_bf16), `ratio` (ours / reference), `backend`, and every variant.
+The last line is one JSON object: `ours_img_per_s` (the fastest of our variants in the
+first model, batch and dtype), `reference_img_per_s` (PyTorch eager in the matching
+precision: float32 -> eager, bfloat16 -> amp_bf16), `ratio` (ours / reference),
+`backend`, and every variant. `--conv-grad xla matmul` times both kernel-gradient
+paths (cnn_jax.train.conv_grad).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import time
 
 
 def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
-                  repeats: int, pipeline: bool = False, data_dir=None) -> dict:
+                  repeats: int, pipeline: bool = False, data_dir=None,
+                  conv_grad: str = "xla") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -42,7 +45,8 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
     tx = make_optimizer(0.9, 1e-4)
     lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.0)
     mean = jnp.asarray(np.random.default_rng(0).uniform(100, 150, (32, 32, 3)), jnp.float32)
-    train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean)
+    train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean,
+                                 conv_grad=conv_grad)
     fn = jax.jit(multi_step(train_step) if k > 1 else train_step, donate_argnums=0)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     state = TrainState.create(variables, tx, jax.random.PRNGKey(3))
@@ -63,7 +67,8 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
         times.append((time.perf_counter() - t) / (calls * k))
     ms = 1000 * statistics.median(times)
     out = {"impl": "ours", "model": model_name, "batch": batch, "dtype": dtype,
-           "steps_per_call": k, "ms_per_step": ms, "img_per_s": batch / ms * 1000}
+           "steps_per_call": k, "conv_grad": conv_grad, "ms_per_step": ms,
+           "img_per_s": batch / ms * 1000}
     if pipeline and k == 1:
         from cnn_jax.data import load
         from cnn_jax.data.augment import Augment
@@ -96,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[128])
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
     p.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
+    p.add_argument("--conv-grad", nargs="+", choices=["xla", "matmul"], default=["xla"],
+                   help="kernel gradients: XLA's convolution or matrix products")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reference", choices=["none", "torch"], default="none")
@@ -112,9 +119,9 @@ def main(argv=None) -> int:
     for model in a.model:
         for batch in a.batch:
             for dtype in a.dtype:
-                for k in a.steps_per_call:
+                for k, cg in [(k, cg) for k in a.steps_per_call for cg in a.conv_grad]:
                     r = our_step_time(model, batch, dtype, k, max(a.steps, k), a.repeats,
-                                      a.pipeline and not ours, a.data_dir)
+                                      a.pipeline and not ours, a.data_dir, cg)
                     ours.append(r)
                     if not a.json:
                         print(json.dumps(r), file=sys.stderr)
@@ -127,20 +134,26 @@ def main(argv=None) -> int:
             import torch_reference
         modes = a.torch_modes or (["eager"] + (["amp_bf16"] if "bfloat16" in a.dtype else []))
         for model in a.model:
-            depth = int(model.removeprefix("resnet"))
+            depth = int(model.removeprefix("resnet"))  # CIFAR ResNets only
             for batch in a.batch:
                 for mode in modes:
-                    r = torch_reference.step_time(depth, batch, mode, a.steps, a.repeats)
+                    try:
+                        r = torch_reference.step_time(depth, batch, mode, a.steps, a.repeats)
+                    except Exception as e:  # e.g. torch.compile without a C++ compiler
+                        r = {"mode": mode, "depth": depth, "batch": batch,
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"}
                     r = {"impl": "torch", "model": model, **r}
                     reference.append(r)
                     if not a.json:
                         print(json.dumps(r), file=sys.stderr)
-    first = ours[0]
+    first = max((r for r in ours if (r["model"], r["batch"], r["dtype"]) ==
+                 (ours[0]["model"], ours[0]["batch"], ours[0]["dtype"])),
+                key=lambda r: r["img_per_s"])
     want = "amp_bf16" if first["dtype"] == "bfloat16" else "eager"
     ref = next((r for r in reference if r["model"] == first["model"] and
-                r["batch"] == first["batch"] and r["mode"] == want), None)
+                r["batch"] == first["batch"] and r["mode"] == want and "error" not in r), None)
     print(json.dumps({
-        "ours_img_per_s": first["img_per_s"],
+        "ours_img_per_s": first["img_per_s"], "ours_variant": first,
         "reference_img_per_s": ref["img_per_s"] if ref else None,
         "ratio": first["img_per_s"] / ref["img_per_s"] if ref else None,
         "reference_mode": want if ref else None,

@@ -298,3 +298,43 @@ def test_evaluation_before_the_first_log_line(tmp_path):
     logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "eval_error" in r] == [1, 2]
     assert r["final_train_error"] is not None
+
+
+def test_matmul_kernel_gradients_compute_the_same_step():
+    """conv_grad="matmul" (faster on CPUs) changes only the kernel gradient's summation
+    order: same loss bit for bit, same parameters after a step within 1e-5; grouped
+    convolutions (AlexNet's two towers) fall back to XLA's path."""
+    import jax.numpy as jnp
+    from cnn_jax.models import create_model
+    from cnn_jax.train.state import TrainState
+    from cnn_jax.train.steps import make_optimizer, make_train_step
+    from helpers import quick_variables
+    for name, shape, options in [("resnet8", (32, 32, 3), {}), ("alexnet", (67, 67, 3), {"groups": 2})]:
+        model = create_model(name, num_classes=4, **options)
+        x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, *shape)), jnp.uint8)
+        batch = {"image": x, "label": jnp.array([0, 1, 2, 3])}
+        variables = quick_variables(model, jnp.zeros((1, *shape)))
+        tx = make_optimizer(0.9, 1e-4)
+        out = {}
+        for cg in ("xla", "matmul"):
+            step = jax.jit(make_train_step(model, tx, lambda s, w: 0.1, lambda im: im / 255.0,
+                                           conv_grad=cg))
+            out[cg] = step(TrainState.create(variables, tx, jax.random.PRNGKey(0)), batch)
+        assert out["xla"][1]["loss"] == out["matmul"][1]["loss"]
+        for a, b in zip(jax.tree.leaves(out["xla"][0].params), jax.tree.leaves(out["matmul"][0].params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_train_benchmark_contract():
+    """scripts/bench_train.py's JSON line (small net: the contract, not the speed)."""
+    r = subprocess.run([sys.executable, "scripts/bench_train.py", "--model", "resnet8",
+                        "--batch", "8", "--conv-grad", "xla", "matmul", "--steps", "1",
+                        "--repeats", "1", "--reference", "torch", "--json"],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["backend"] == "cpu" and d["ours_img_per_s"] > 0
+    assert [v["conv_grad"] for v in d["variants"]] == ["xla", "matmul"]
+    if d["reference"]:  # torch installed
+        assert d["reference_img_per_s"] > 0 and d["ratio"] == d["ours_img_per_s"] / d["reference_img_per_s"]

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
+from cnn_jax.train.conv_grad import matmul_conv_grads
 from cnn_jax.train.schedules import NEVER
 from cnn_jax.train.state import TrainState
 
@@ -88,16 +89,23 @@ def cross_entropy(logits, labels, smoothing: float = 0.0):
 
 def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
                     bn_group: int = 0, warmup_until_error: float = 0.8,
-                    label_smoothing: float = 0.0, trainable: Sequence[str] = ()):
+                    label_smoothing: float = 0.0, trainable: Sequence[str] = (),
+                    conv_grad: str = "xla"):
     """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}.
     `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
-    is computed for it, its BatchNorms run in inference mode); empty: all learn."""
+    is computed for it, its BatchNorms run in inference mode); empty: all learn.
+    `conv_grad="matmul"`: convolution kernel gradients by matrix products (faster on
+    CPUs, the same function: cnn_jax.train.conv_grad)."""
 
     def forward(params, batch_stats, images, rng):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
-        with frozen_batchnorm(trainable) if trainable else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if trainable:
+                stack.enter_context(frozen_batchnorm(trainable))
+            if conv_grad == "matmul":
+                stack.enter_context(matmul_conv_grads())
             return model.apply(variables, images, train=True, rngs={"dropout": rng},
                                mutable=["batch_stats", "intermediates"])
 
