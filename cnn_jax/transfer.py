@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from cnn_jax.data.augment import Normalizer
-from cnn_jax.data.sources import IMAGE_SUFFIXES, Arrays, _decode, _fit
+from cnn_jax.data.sources import IMAGE_SUFFIXES, Arrays, decode_image, fit_image
 from cnn_jax.models import create_model
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
 from cnn_jax.train.checkpoint import load_variables
@@ -342,8 +342,8 @@ def read_images(folder: Path, image_size: int) -> tuple[list[str], np.ndarray]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"--predict {folder}: no {', '.join(IMAGE_SUFFIXES)} files in it")
-    images = [_fit(_decode(p.read_bytes(), str(p), 3), (image_size, image_size), crop=True)
-              for p in files]
+    images = [fit_image(decode_image(p.read_bytes(), str(p), 3), (image_size, image_size),
+                        crop=True) for p in files]
     return [str(p.relative_to(folder)) for p in files], np.stack(images)
 
 

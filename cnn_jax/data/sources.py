@@ -83,7 +83,7 @@ def _member_parts(path: str) -> Optional[tuple[Optional[str], str, str]]:
     return (parts[-3] if len(parts) > 2 else None), parts[-2], parts[-1]
 
 
-def _fit(img: np.ndarray, size: tuple, crop: bool) -> np.ndarray:
+def fit_image(img: np.ndarray, size: tuple, crop: bool) -> np.ndarray:
     """Resize to `size` (H, W): stretched, or (crop=True) scaled until it covers
     `size` keeping its aspect ratio, then centre-cropped."""
     h, w = img.shape[:2]
@@ -129,7 +129,7 @@ def _empty_class_dirs(root: Path, split: str) -> list[str]:
                   and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()))
 
 
-def _decode(data: bytes, where: str, channels: Optional[int]) -> np.ndarray:
+def decode_image(data: bytes, where: str, channels: Optional[int]) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -169,14 +169,14 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
         split, cls, _ = parsed
         where = f"{root}:{path}" if root.is_file() else str(root / path)
         try:
-            img = _decode(data, where, channels)
+            img = decode_image(data, where, channels)
         except DataError:
             if not skip_bad:
                 raise
             log.warning("skipping %s: cannot decode", where)
             continue
         if size is not None:
-            img = _fit(img, size, crop)
+            img = fit_image(img, size, crop)
         if not first_shape:
             first_shape.update(shape=img.shape, where=where)
         elif img.shape != first_shape["shape"]:
