@@ -86,11 +86,9 @@ class Member:
 def load_member(run_dir) -> Member:
     run_dir = Path(run_dir)
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        config = TrainConfig.from_json(saved["config"])
-    except (OSError, ValueError, KeyError):
-        raise ValueError(f"--checkpoint {run_dir}: expected the --out folder of a training "
-                         f"run, holding config.json and checkpoints/") from None
+        config = TrainConfig.of_run(run_dir)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint {e}") from None
     try:
         variables = load_variables(run_dir)
     except FileNotFoundError as e:

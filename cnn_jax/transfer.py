@@ -20,6 +20,7 @@ mode ends as one network of the backbone's architecture with a new head, saved w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 
 from cnn_jax.data.augment import Normalizer
+from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.data.sources import IMAGE_SUFFIXES, Arrays, decode_image, fit_image
 from cnn_jax.models import create_model
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
@@ -69,8 +71,8 @@ class Backbone:
     def input_size(self) -> int:
         return self.resize or self.image_size
 
-    @property
-    def head(self) -> str:
+    @functools.cached_property
+    def head(self) -> str:  # traced once: the architecture does not change
         return head_name(self.model, self.options, self.input_size)
 
     def normaliser(self) -> Optional[Normalizer]:
@@ -96,11 +98,11 @@ def load_backbone(source, arch: Optional[str] = None) -> Backbone:
         # torchvision's GoogLeNet weights expect its transform_input=True: [-1, 1] inputs
         normalise = "inception" if name == "googlenet_torchvision" else "imagenet"
         return Backbone(name, options, variables, normalise, 224, 0, str(path))
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--backbone {path}: expected the --out folder of a training run "
-                         f"(config.json, checkpoints/) or a weights file "
-                         f"({', '.join(WEIGHT_SUFFIXES)})")
-    cfg = TrainConfig.from_json(json.loads((path / "config.json").read_text())["config"])
+    try:
+        cfg = TrainConfig.of_run(path)
+    except ValueError as e:
+        raise ValueError(f"--backbone {e}, or a weights file "
+                         f"({', '.join(WEIGHT_SUFFIXES)})") from None
     if arch and arch != cfg.model:
         raise ValueError(f"--arch {arch}: the run at {path} trained a {cfg.model}")
     try:
@@ -131,21 +133,24 @@ def _top_level_calls(model, image_size: int, channels: int = 3) -> list[tuple[st
     return calls
 
 
-def head_name(model_name: str, options: dict, image_size: int) -> str:
-    """The final classifier: the last top-level Dense layer a forward pass calls."""
-    calls = _top_level_calls(create_model(model_name, **options), image_size)
+def _head(model_name: str, calls: list) -> str:
     dense = [n for n, cls in calls if issubclass(cls, nn.Dense)]
     if not dense:
         raise ValueError(f"{model_name}: no final dense layer to replace")
     return dense[-1]
 
 
+def head_name(model_name: str, options: dict, image_size: int) -> str:
+    """The final classifier: the last top-level Dense layer a forward pass calls."""
+    return _head(model_name, _top_level_calls(create_model(model_name, **options), image_size))
+
+
 def stages(model_name: str, options: dict, image_size: int) -> list[str]:
     """The top-level modules before the head, grouped into stages by name
     ('conv5_2' -> 'conv5', 'stage3_block4' -> 'stage3'), in forward order."""
-    head = head_name(model_name, options, image_size)
-    out = []
-    for name, _ in _top_level_calls(create_model(model_name, **options), image_size):
+    calls = _top_level_calls(create_model(model_name, **options), image_size)
+    head, out = _head(model_name, calls), []
+    for name, _ in calls:
         stage = name.split("_")[0]
         if name != head and stage not in out:
             out.append(stage)
@@ -217,17 +222,14 @@ def cached_features(directory: Path, split: str, backbone: Backbone, arrays: Arr
     out = None
     bar = tqdm(total=len(arrays), unit="img", desc=f"features ({split})", disable=not progress,
                leave=False)
-    for i in range(0, len(arrays), batch):
-        images = np.asarray(arrays.images[i:i + batch])
-        n = len(images)
-        if n < batch:  # one compiled shape: pad the last batch
-            images = np.concatenate([images, np.zeros((batch - n, *images.shape[1:]), images.dtype)])
-        f = np.asarray(forward(variables, images))[:n]
+    for b in eval_batches(arrays, batch):  # one compiled shape: the last batch padded
+        keep = b["mask"] > 0
+        f = np.asarray(forward(variables, b["image"]))[keep]
         if out is None:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                             shape=(len(arrays), f.shape[-1]))
-        out[i:i + n] = f
-        bar.update(n)
+        out[b["index"][keep]] = f
+        bar.update(len(f))
     bar.close()
     out.flush()
     del out
@@ -357,8 +359,9 @@ def predict(run: Path, folder: Path, batch: int = 64) -> list[dict]:
                              meta.get("resize", 0))
     variables = {k: v for k, v in variables.items() if v}
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, to_input(x), train=False), -1))
-    probs = np.concatenate([np.asarray(forward(variables, images[i:i + batch]))
-                            for i in range(0, len(images), batch)])
+    unlabelled = Arrays(images, np.zeros(len(images), np.int32), meta["classes"])
+    probs = np.concatenate([np.asarray(forward(variables, b["image"]))[b["mask"] > 0]
+                            for b in eval_batches(unlabelled, min(batch, len(images)))])
     return [{"file": f, "class": meta["classes"][int(p.argmax())], "probability": float(p.max())}
             for f, p in zip(names, probs)]
 
@@ -368,12 +371,8 @@ def accuracy(model, variables: dict, arrays: Arrays, to_input, batch: int = 250)
     variables = {k: v for k, v in variables.items() if v}
     forward = jax.jit(lambda v, x: jnp.argmax(model.apply(v, to_input(x), train=False), -1))
     right = 0
-    for i in range(0, len(arrays), batch):
-        images = np.asarray(arrays.images[i:i + batch])
-        n = len(images)
-        if n < batch:
-            images = np.concatenate([images, np.zeros((batch - n, *images.shape[1:]), images.dtype)])
-        right += int((np.asarray(forward(variables, images))[:n] == arrays.labels[i:i + n]).sum())
+    for b in eval_batches(arrays, batch):
+        right += int(((np.asarray(forward(variables, b["image"])) == b["label"]) * b["mask"]).sum())
     return right / len(arrays)
 
 

@@ -82,8 +82,9 @@ LR = {"finetune": 0.01, "full": 0.01, "scratch": 0.1}
 
 # ------------------------------------------------------------------ one mode
 def engine_config(mode: str, base, backbone, lr: float, steps: int, batch: int,
-                  stages: int, out: Path, augment: bool = True):
-    """The TrainConfig of a finetune / full / scratch run on `base`'s data."""
+                  stages: int, out: Path, n_train: int, augment: bool = True):
+    """The TrainConfig of a finetune / full / scratch run on `base`'s data (`n_train`
+    training images: the batch is at most that)."""
     from cnn_jax.transfer import trainable_for
     pretrained = mode != "scratch"
     return dataclasses.replace(
@@ -92,16 +93,11 @@ def engine_config(mode: str, base, backbone, lr: float, steps: int, batch: int,
         init_skip=backbone.head if pretrained else "",
         trainable=trainable_for(backbone, stages) if mode == "finetune" else "",
         normalise=backbone.normalise if pretrained else "per_pixel",
-        resize=backbone.resize, steps=steps, batch=min(batch, base_size(base)), lr=lr,
+        resize=backbone.resize, steps=steps, batch=min(batch, n_train), lr=lr,
         momentum=0.9, weight_decay=5e-4, schedule="cosine",
         crop_pad=max(1, backbone.input_size // 8) if augment else 0, flip=augment,
         log_every=max(1, steps // 10), eval_every=steps, checkpoint_every=steps,
         eval_batch=250, out=str(out), progress=False)
-
-
-def base_size(base) -> int:
-    from cnn_jax.train.inputs import training_arrays
-    return len(training_arrays(base))
 
 
 def trained_params(variables: dict, trainable: str) -> int:
@@ -146,16 +142,16 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str) -> dict:
     return row
 
 
-def run_engine(mode: str, cfg, backbone, command: str, eval_split: str, out: Path) -> dict:
+def run_engine(mode: str, cfg, backbone, command: str, eval_split: str, out: Path,
+               train) -> dict:
     """Modes 2 and 3 (and training from scratch): a run of the training engine in
-    `cfg.out`, a folder inside `out` (where model.json goes)."""
+    `cfg.out`, a folder inside `out` (where model.json goes); `train`: its images."""
     from cnn_jax.train.checkpoint import load_variables
-    from cnn_jax.train.inputs import source_normaliser, training_arrays
+    from cnn_jax.train.inputs import source_normaliser
     from cnn_jax.train.sweep import run_all
     from cnn_jax.transfer import save_classifier
     res = run_all([cfg], command, [mode])[0]
     run = Path(cfg.out)
-    train = training_arrays(cfg)
     normaliser = source_normaliser(str(run))  # the run saved what it used
     save_classifier(out, model=cfg.model, options=cfg.model_options, classes=train.classes,
                     image_size=backbone.image_size, resize=cfg.resize, normaliser=normaliser,
@@ -218,6 +214,7 @@ def write(out: Path, payload: dict, rows: list, note: str, title: str) -> None:
 # ------------------------------------------------------------------ the demonstration
 def demonstration(args, preset_name: str, preset: Preset, why: str) -> int:
     from cnn_jax.train import TrainConfig
+    from cnn_jax.train.inputs import training_arrays
     from cnn_jax.train.loop import hardware, versions
     from cnn_jax.train.sweep import guard_out, run_all
     from cnn_jax.transfer import load_backbone
@@ -239,6 +236,7 @@ def demonstration(args, preset_name: str, preset: Preset, why: str) -> int:
     target = TrainConfig(model=preset.model, classes=TARGET_CLASSES,
                          train_subset=5 * preset.per_class, eval_subset=preset.test_subset,
                          out="", **common)
+    train = training_arrays(target)
     rows = []
     for mode in args.modes:
         print(f"{mode}: {preset.per_class} images per class", file=sys.stderr)
@@ -246,8 +244,8 @@ def demonstration(args, preset_name: str, preset: Preset, why: str) -> int:
             rows.append(run_frozen(target, backbone, out / mode, preset.softmax_epochs, "test"))
         else:
             cfg = engine_config(mode, target, backbone, LR[mode], preset.steps, preset.batch,
-                                1, out / mode / "run")
-            rows.append(run_engine(mode, cfg, backbone, args.command, "test", out / mode))
+                                1, out / mode / "run", len(train))
+            rows.append(run_engine(mode, cfg, backbone, args.command, "test", out / mode, train))
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "") +
             f". Backbone: {preset.model} pretrained on classes {PRETRAIN_CLASSES} (airplane, "
             f"automobile, bird, cat, deer) for {preset.pretrain_steps} iterations at batch "
@@ -304,10 +302,12 @@ def users_run(args) -> int:
               "use --mode finetune or full to augment)", file=sys.stderr)
         row = run_frozen(base, backbone, out, args.epochs, eval_split)
     else:
+        if base.holdout:
+            train = training_arrays(base)  # without the held-out images
         cfg = engine_config(args.mode, base, backbone, args.lr or LR[args.mode], args.steps,
-                            args.batch, args.stages, out / "run",
+                            args.batch, args.stages, out / "run", len(train),
                             augment=args.augment is not False)
-        row = run_engine(args.mode, cfg, backbone, args.command, eval_split, out)
+        row = run_engine(args.mode, cfg, backbone, args.command, eval_split, out, train)
     note = (f"Data: {args.data}; backbone {backbone.model} from {backbone.source}; evaluated on "
             f"{note_split}. Command: `{args.command}`.")
     write(out, {"command": args.command, "versions": versions(), "hardware": hardware(),

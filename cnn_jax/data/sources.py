@@ -39,6 +39,10 @@ class DataError(ValueError):
     """Bad or missing data: the message says what was found and what was expected."""
 
 
+class MissingSplit(DataError):
+    """The dataset has no such split (e.g. an ImageFolder without test/)."""
+
+
 @dataclasses.dataclass
 class Arrays:
     images: np.ndarray   # uint8 [N, H, W, C], possibly a read-only memory map
@@ -262,7 +266,7 @@ def cached_imagefolder(root: Path, split: str, channels: Optional[int] = None,
                 _write_cache(root, final, channels, skip_bad, size, crop)
     meta = json.loads((final / "meta.json").read_text())
     if split not in meta["splits"]:
-        raise DataError(f"{root}: has no '{split}' split; found {sorted(meta['splits'])}")
+        raise MissingSplit(f"{root}: has no '{split}' split; found {sorted(meta['splits'])}")
     images_path = final / f"{split}_images.npy"
     return Arrays(np.load(images_path, mmap_mode="r"),
                   np.load(final / f"{split}_labels.npy"), meta["classes"], images_path)
@@ -367,12 +371,12 @@ def load(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int 
         path = Path(name.split(":", 1)[1]).expanduser()
         try:
             arrays = cached_imagefolder(path, base_split, channels, skip_bad, size, crop)
-        except DataError as e:
-            if base_split != "test" or "has no 'test' split" not in str(e):
+        except MissingSplit:
+            if base_split != "test":
                 raise
             try:
                 arrays = cached_imagefolder(path, "val", channels, skip_bad, size, crop)
-            except DataError:
+            except MissingSplit:
                 raise DataError(f"{path}: no test/ or val/ folder to evaluate on; hold out "
                                 f"part of the training images instead (--holdout N)") from None
     elif name in NAMED:

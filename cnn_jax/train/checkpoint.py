@@ -94,9 +94,9 @@ def load_pretrained(source: str, model: str, options: dict) -> dict:
 def drop_modules(variables: dict, names: str) -> dict:
     """`variables` without the top-level modules in the comma-separated `names` (a
     name covers its numbered parts: 'conv5' drops 'conv5_1', 'conv5_2', ...)."""
-    skip = [n.strip() for n in names.split(",") if n.strip()]
-    return {col: {k: v for k, v in tree.items()
-                  if not any(k == s or k.startswith(s + "_") for s in skip)}
+    from cnn_jax.train.config import covers, module_names
+    skip = module_names(names)
+    return {col: {k: v for k, v in tree.items() if not covers(skip, k)}
             for col, tree in variables.items()}
 
 

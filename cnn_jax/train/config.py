@@ -93,6 +93,17 @@ class TrainConfig:
         return d
 
     @classmethod
+    def of_run(cls, run_dir) -> "TrainConfig":
+        """The configuration a run's --out folder was trained with."""
+        from pathlib import Path
+        try:
+            saved = json.loads((Path(run_dir) / "config.json").read_text())
+            return cls.from_json(saved["config"])
+        except (OSError, ValueError, KeyError):
+            raise ValueError(f"{run_dir}: expected the --out folder of a training run, "
+                             f"holding config.json and checkpoints/") from None
+
+    @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
@@ -129,6 +140,18 @@ class TrainConfig:
         for f in ("log_every", "eval_every", "checkpoint_every", "eval_batch"):
             if getattr(self, f) < 1:
                 bad(f, f"must be positive, got {getattr(self, f)}")
+
+
+def module_names(spec: str) -> tuple[str, ...]:
+    """'conv5, fc' (--trainable, --init-skip) -> ('conv5', 'fc')."""
+    return tuple(n.strip() for n in spec.split(",") if n.strip())
+
+
+def covers(names, module: str) -> bool:
+    """Whether one of `names` names the top-level module `module`: a name covers itself
+    and its numbered parts ('conv5' covers 'conv5_1', 'conv5_2'; 'conv1' does not
+    cover 'conv13')."""
+    return any(module == n or module.startswith(n + "_") for n in names)
 
 
 def changed_fields(old: dict, new: TrainConfig) -> list[str]:

@@ -78,10 +78,10 @@ def split_arrays(cfg, split: str, data_dir=None) -> Arrays:
     """One split as a run of `cfg` sees it: resized, held out and class-selected
     (not yet subset or padded)."""
     from cnn_jax.data import load
-    size = (cfg.image_size, cfg.image_size) if getattr(cfg, "image_size", 0) else None
+    size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
     arrays = load(cfg.data, split, data_dir=data_dir or cfg.data_dir, holdout=cfg.holdout,
                   size=size, crop=size is not None)
-    return select_classes(arrays, getattr(cfg, "classes", ""))
+    return select_classes(arrays, cfg.classes)
 
 
 def training_arrays(cfg, data_dir=None) -> Arrays:
@@ -149,16 +149,6 @@ def save_normaliser(out: Path, normaliser: Normalizer | None, image_shape: tuple
                  image_shape=shape)
 
 
-def _saved_config(source: Path):
-    import json
-    from cnn_jax.train.config import TrainConfig
-    try:
-        return TrainConfig.from_json(json.loads((source / "config.json").read_text())["config"])
-    except (OSError, ValueError, KeyError):
-        raise ValueError(f"{source} is not the --out folder of a training run (no "
-                         f"{NORMALISER_FILE}, no config.json)") from None
-
-
 def training_image_shape(source) -> tuple:
     """(H, W, C) of the images the run at `source` trained on."""
     saved = Path(source) / NORMALISER_FILE
@@ -166,7 +156,8 @@ def training_image_shape(source) -> tuple:
         with np.load(saved) as f:
             if "image_shape" in f:
                 return tuple(int(v) for v in f["image_shape"])
-    return tuple(training_arrays(_saved_config(Path(source))).images.shape[1:])
+    from cnn_jax.train.config import TrainConfig
+    return tuple(training_arrays(TrainConfig.of_run(source)).images.shape[1:])
 
 
 def source_normaliser(source: str) -> Normalizer | None:
@@ -180,5 +171,6 @@ def source_normaliser(source: str) -> Normalizer | None:
     if saved.exists():
         with np.load(saved) as f:
             return None if "none" in f else Normalizer(f["mean"], f["std"])
-    cfg = _saved_config(source)  # a run from before normalisers were saved
+    from cnn_jax.train.config import TrainConfig
+    cfg = TrainConfig.of_run(source)  # a run from before normalisers were saved
     return make_normaliser(cfg.normalise, training_arrays(cfg).images, cfg.init_from)

@@ -28,14 +28,14 @@ from cnn_jax.data.sources import DataError
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
 from cnn_jax.train.checkpoint import Checkpointer, drop_modules, load_pretrained
-from cnn_jax.train.config import TrainConfig, changed_fields
+from cnn_jax.train.config import TrainConfig, changed_fields, covers, module_names
 from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
                                   model_input_shape, prepare_arrays, save_normaliser,
                                   split_arrays, subset, training_arrays)
 from cnn_jax.train.metrics import MetricsLog, params_digest
 from cnn_jax.train.state import TrainState, initial_variables
-from cnn_jax.train.steps import (compile_steps, freeze, is_trainable, make_eval_step,
-                                 make_optimizer, make_train_step)
+from cnn_jax.train.steps import (compile_steps, freeze, make_eval_step, make_optimizer,
+                                 make_train_step)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,7 +144,7 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     tx = make_optimizer(cfg.momentum, cfg.weight_decay, cfg.nesterov, cfg.decay_norm_and_bias)
     lr_fn = schedules.with_warmup(
         schedules.make_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.milestones), cfg.warmup_lr)
-    trainable = tuple(t.strip() for t in cfg.trainable.split(",") if t.strip())
+    trainable = module_names(cfg.trainable)
     if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
         tx = freeze(tx, trainable)
     train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
@@ -156,9 +156,9 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
     modules = list(abstract["params"])
-    for flag, names in (("trainable", trainable), ("init_skip", cfg.init_skip.split(","))):
-        for name in (n.strip() for n in names if n.strip()):
-            if not any(is_trainable(m, (name,)) for m in modules):
+    for flag, names in (("trainable", trainable), ("init_skip", module_names(cfg.init_skip))):
+        for name in names:
+            if not any(covers((name,), m) for m in modules):
                 raise ValueError(f"--{flag.replace('_', '-')}: {name!r} names no module of "
                                  f"{cfg.model}; its modules: {', '.join(modules)}")
 

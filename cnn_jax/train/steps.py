@@ -22,6 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
+from cnn_jax.train.config import covers
 from cnn_jax.train.conv_grad import matmul_conv_grads
 from cnn_jax.train.schedules import NEVER
 from cnn_jax.train.state import TrainState
@@ -44,10 +45,9 @@ def make_optimizer(momentum: float, weight_decay: float, nesterov: bool = False,
 
 # ------------------------------------------------------------------ freezing (fine-tuning)
 def is_trainable(module: str, trainable: Sequence[str]) -> bool:
-    """Whether the top-level module `module` trains: all do when `trainable` is empty.
-    A name covers itself and its numbered parts ('conv5' covers 'conv5_1', 'conv5_2';
-    'conv1' does not cover 'conv13')."""
-    return not trainable or any(module == t or module.startswith(t + "_") for t in trainable)
+    """Whether the top-level module `module` trains: all do when `trainable` is empty
+    (names cover their numbered parts: config.covers)."""
+    return not trainable or covers(trainable, module)
 
 
 def freeze(tx: optax.GradientTransformation, trainable: Sequence[str]):
