@@ -19,7 +19,8 @@ The last line is one JSON object: `ours_img_per_s` (the fastest of our variants 
 first model, batch and dtype), `reference_img_per_s` (PyTorch eager in the matching
 precision: float32 -> eager, bfloat16 -> amp_bf16), `ratio` (ours / reference),
 `backend`, and every variant. `--conv-grad xla matmul` times both kernel-gradient
-paths (cnn_jax.train.conv_grad).
+paths (cnn_jax.train.conv_grad); `xla_flags` records XLA_FLAGS, which choose the
+CPU convolution library (cnn_jax.cpu_kernels).
 """
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ import time
 
 def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
                   repeats: int, pipeline: bool = False, data_dir=None,
-                  conv_grad: str = "xla") -> dict:
+                  conv_grad: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from cnn_jax.models import create_model
     from cnn_jax.train import schedules
+    from cnn_jax.train.conv_grad import resolve
     from cnn_jax.train.state import TrainState
     from cnn_jax.train.steps import make_optimizer, make_train_step, multi_step
 
@@ -45,6 +47,7 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
     tx = make_optimizer(0.9, 1e-4)
     lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.0)
     mean = jnp.asarray(np.random.default_rng(0).uniform(100, 150, (32, 32, 3)), jnp.float32)
+    conv_grad = resolve(conv_grad)
     train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean,
                                  conv_grad=conv_grad)
     fn = jax.jit(multi_step(train_step) if k > 1 else train_step, donate_argnums=0)
@@ -101,8 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[128])
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
     p.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
-    p.add_argument("--conv-grad", nargs="+", choices=["xla", "matmul"], default=["xla"],
-                   help="kernel gradients: XLA's convolution or matrix products")
+    p.add_argument("--conv-grad", nargs="+", choices=["auto", "xla", "matmul"],
+                   default=["auto"], help="kernel gradients: XLA's convolution or matrix "
+                   "products (auto: matmul on CPUs, the training default)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reference", choices=["none", "torch"], default="none")
@@ -159,6 +163,7 @@ def main(argv=None) -> int:
         "reference_mode": want if ref else None,
         "backend": jax.default_backend(), "variants": ours, "reference": reference,
         "hardware": hardware(), "versions": versions(),
+        "xla_flags": __import__("os").environ.get("XLA_FLAGS", ""),
         "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv)}))
     return 0
 

@@ -7,6 +7,8 @@ import hashlib
 import json
 from typing import Optional
 
+CONV_GRADS = ("auto", "xla", "matmul")  # cnn_jax.train.conv_grad
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -52,8 +54,8 @@ class TrainConfig:
     dtype: str = "float32"             # float32 | bfloat16 (compute; params stay float32)
     bn_group: int = 0                  # >0: BatchNorm statistics per group of this many examples
     steps_per_call: int = 1            # K steps inside one compiled call (lax.scan)
-    conv_grad: str = "xla"             # xla | matmul (kernel gradients by matrix products:
-                                       # faster on CPUs; cnn_jax.train.conv_grad)
+    conv_grad: str = "auto"            # auto | xla | matmul: kernel gradients by matrix
+                                       # products (cnn_jax.train.conv_grad); auto: on CPUs
     # cadence and output
     eval_batch: int = 1000             # evaluation batch (any size: results do not depend on it)
     log_every: int = 100
@@ -75,8 +77,7 @@ class TrainConfig:
         if self.schedule in ("paper", "constant"):
             d.pop("steps")  # these schedules do not depend on the run's length
         d["milestones"] = list(d["milestones"])
-        if d["conv_grad"] == "xla":  # added later, like the ones below
-            d.pop("conv_grad")
+        d.pop("conv_grad")  # a kernel choice, like the backend: same function, other rounding
         for k in ("input_pad", "resize", "eval_subset", "train_subset", "init_from", "classes",
                   "image_size", "init_skip", "trainable"):  # added later: absent when off, so older
             if not d[k]:                   # runs keep their digests and resume
@@ -131,8 +132,8 @@ class TrainConfig:
                 bad(f, f"must be 0 or positive, got {getattr(self, f)}")
         if self.dtype not in ("float32", "bfloat16"):
             bad("dtype", f"must be float32 or bfloat16; got {self.dtype!r}")
-        if self.conv_grad not in ("xla", "matmul"):
-            bad("conv_grad", f"must be xla or matmul; got {self.conv_grad!r}")
+        if self.conv_grad not in CONV_GRADS:
+            bad("conv_grad", f"must be one of {', '.join(CONV_GRADS)}; got {self.conv_grad!r}")
         if self.steps_per_call < 1:
             bad("steps_per_call", f"must be positive, got {self.steps_per_call}")
         if self.bn_group and self.batch % self.bn_group:

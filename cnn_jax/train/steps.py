@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
 from cnn_jax.train.config import covers
-from cnn_jax.train.conv_grad import matmul_conv_grads
+from cnn_jax.train.conv_grad import matmul_conv_grads, resolve
 from cnn_jax.train.schedules import NEVER
 from cnn_jax.train.state import TrainState
 
@@ -90,12 +90,13 @@ def cross_entropy(logits, labels, smoothing: float = 0.0):
 def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
                     bn_group: int = 0, warmup_until_error: float = 0.8,
                     label_smoothing: float = 0.0, trainable: Sequence[str] = (),
-                    conv_grad: str = "xla"):
+                    conv_grad: str = "auto"):
     """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}.
     `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
     is computed for it, its BatchNorms run in inference mode); empty: all learn.
     `conv_grad="matmul"`: convolution kernel gradients by matrix products (faster on
-    CPUs, the same function: cnn_jax.train.conv_grad)."""
+    CPUs, the same function: cnn_jax.train.conv_grad); "auto": matmul on CPUs."""
+    conv_grad = resolve(conv_grad)
 
     def forward(params, batch_stats, images, rng):
         variables = {"params": params}

@@ -1,0 +1,85 @@
+"""CPU kernel choices: Eigen's convolutions (cnn_jax.cpu_kernels) and kernel gradients
+by matrix products (cnn_jax.train.conv_grad) compute the same function as XLA's own."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cnn_jax.cpu_kernels import EIGEN_CONVOLUTIONS, prefer_eigen_convolutions
+from cnn_jax.train import TrainConfig
+from cnn_jax.train.conv_grad import conv_matmul_grad, resolve
+
+
+@pytest.mark.parametrize("batch, size, kernel, strides, padding", [
+    (5, 9, 3, (1, 1), ((1, 1), (1, 1))),      # odd batch: zero images pad the last chunk
+    (3, 8, 3, (2, 2), ((0, 1), (0, 1))),      # ResNet's strided "SAME" convolution
+    (9, 7, 1, (2, 2), ((0, 0), (0, 0))),      # 1x1 projection shortcut
+    (2, 10, 5, (1, 1), ((2, 2), (2, 2))),
+    (4, 11, 3, (3, 2), ((0, 0), (1, 0))),     # VALID rows, uneven strides and padding
+])
+def test_kernel_gradient_by_products_equals_xla(batch, size, kernel, strides, padding):
+    rng = np.random.default_rng(batch)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 6, 5)), jnp.float32)
+    xla = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, w: conv_matmul_grad(x, w, strides, padding)
+    y, vjp = jax.vjp(xla, x, w)
+    y2, vjp2 = jax.vjp(ours, x, w)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    (dx, dw), (dx2, dw2) = vjp(dy), vjp2(dy)
+    assert (y == y2).all() and (dx == dx2).all()  # XLA's own forward and input gradient
+    np.testing.assert_allclose(dw2, dw, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw).max()))
+
+
+def test_auto_means_products_on_cpus_and_is_not_part_of_the_digest(monkeypatch):
+    monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
+    assert jax.default_backend() == "cpu" and resolve("auto") == "matmul"
+    monkeypatch.setenv("CNN_JAX_CONV_GRAD", "xla")  # older records, bit for bit
+    assert resolve("auto") == "xla" and resolve("matmul") == "matmul"
+    monkeypatch.setenv("CNN_JAX_CONV_GRAD", "fast")
+    with pytest.raises(ValueError, match="CNN_JAX_CONV_GRAD must be xla or matmul"):
+        resolve("auto")
+    assert resolve("xla") == "xla" and TrainConfig().conv_grad == "auto"
+    assert TrainConfig(conv_grad="xla").digest() == TrainConfig().digest()
+    with pytest.raises(ValueError, match="--conv-grad: must be one of auto, xla, matmul"):
+        TrainConfig(conv_grad="fast").validate()
+
+
+def test_eigen_convolutions_are_asked_for_unless_the_user_chose():
+    env = {}
+    prefer_eigen_convolutions(env)
+    assert env["XLA_FLAGS"] == EIGEN_CONVOLUTIONS
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    prefer_eigen_convolutions(env)
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
+                                        EIGEN_CONVOLUTIONS]
+    mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
+    env = {"XLA_FLAGS": mine}
+    prefer_eigen_convolutions(env)
+    assert env["XLA_FLAGS"] == mine
+
+
+@pytest.mark.parametrize("user_flags, ynn", [("", False), (
+    "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution", True)])
+def test_importing_cnn_jax_moves_cpu_convolutions_off_ynnpack(user_flags, ynn):
+    """The flag reaches XLA: the compiled convolution (32 channels: YNNPACK takes those
+    by default) is (not) a YNNPACK fusion."""
+    code = ("import cnn_jax, jax, jax.numpy as jnp\n"
+            "f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', "
+            "dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+            "hlo = jax.jit(f).lower(jnp.ones((8, 16, 16, 32)), jnp.ones((3, 3, 32, 32)))"
+            ".compile().as_text()\n"
+            "print('convolution' in hlo, '__ynn_fusion' in hlo)")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if user_flags:
+        env["XLA_FLAGS"] = user_flags
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(env, JAX_PLATFORMS="cpu"), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", str(ynn)]
