@@ -18,7 +18,7 @@ from its output folder (`--runs`, default `runs/plain_vs_resnet-<preset>`), and 
 missing ones trained there with its recipe, so `make run` followed by this reuses
 those checkpoints. Presets: `paper` (plain-20/56, ResNet-20/56/110, all 10,000 test
 images), `quick` (20 and 56 at the main experiment's CPU-sized recipe, 1,000 test
-images; about 12 minutes on a 2-core CPU if nothing is trained yet, seconds if `make
+images; about 9 minutes on a 2-core CPU if nothing is trained yet, seconds if `make
 run` ran), `smoke` (seconds, for tests), `auto`.
 
 Evidence: docs/results.md records the `quick` run and says whether it shows the claim.

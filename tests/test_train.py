@@ -262,6 +262,7 @@ def test_per_group_batchnorm_statistics():
     assert max_rel_diff(new.batch_stats, whole.batch_stats) > 1e-3
 
 
+@pytest.mark.slow  # 60 s; the eight-device test above stays in the fast suite
 def test_two_processes_on_localhost_equal_one(tmp_path):
     """Multi-host through jax.distributed.initialize (CPU collectives over gloo): each
     process feeds its half of every global batch."""

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
@@ -33,6 +35,7 @@ def test_lenet_mnist_smoke_writes_one_entry_per_variant(tmp_path):
     assert again.returncode == 0 and "0 to train" in again.stderr
 
 
+@pytest.mark.slow  # 95 s: the longest smoke run, kept out of the 15-minute CI
 def test_zoo_cifar_smoke_reports_cost_and_error_per_net(tmp_path):
     nets = ["lenet5", "alexnet", "resnet20"]
     r = run("experiments.zoo_cifar", tmp_path, "--data", "synthetic:32x32x3:10:64:40",

@@ -72,8 +72,13 @@ class _Signals:
 def versions() -> dict:
     import flax
     import optax
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
+    import os
+    out = {"python": platform.python_version(), "jax": jax.__version__,
+           "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
+    # the CPU kernels (cnn_jax.cpu_kernels, cnn_jax.train.conv_grad) change rounding
+    out.update({k.lower(): os.environ[k] for k in ("XLA_FLAGS", "CNN_JAX_CONV_GRAD")
+                if os.environ.get(k)})
+    return out
 
 
 def cpu_name() -> str:
