@@ -131,6 +131,7 @@ def test_layer_responses_smoke_and_the_stem_std_by_hand(tmp_path):
     assert got == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow  # 80 s; identity blocks' mechanics are tested above: kept out of the 15-minute CI
 def test_identity_blocks_smoke(tmp_path):
     r = run("experiments.identity_blocks", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -87,6 +87,7 @@ def test_bad_input(tmp_path):
     assert json.loads((tmp_path / "other" / "config.json").read_text()) == {"preset": "paper"}
 
 
+@pytest.mark.slow  # 50 s; the notebook calls the experiment tested above: kept out of the 15-minute CI
 def test_notebook_code_runs_on_cpu(tmp_path):
     nb = json.loads(Path("notebooks/plain_vs_resnet.ipynb").read_text())
     code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")

@@ -241,6 +241,7 @@ def test_eight_devices_equal_one_and_checkpoints_move_between_them(tmp_path):
     assert max_rel_diff(a["params"], b["params"]) < 5e-3
 
 
+@pytest.mark.slow  # 50 s: kept out of the 15-minute CI
 def test_per_group_batchnorm_statistics():
     model = create_model("resnet8")
     tx = make_optimizer(0.9, 0.0)
