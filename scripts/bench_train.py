@@ -19,8 +19,8 @@ The last line is one JSON object: `ours_img_per_s` (the fastest of our variants 
 first model, batch and dtype), `reference_img_per_s` (PyTorch eager in the matching
 precision: float32 -> eager, bfloat16 -> amp_bf16), `ratio` (ours / reference),
 `backend`, and every variant. `--conv-grad xla matmul` times both kernel-gradient
-paths (cnn_jax.train.conv_grad); `xla_flags` records XLA_FLAGS, which choose the
-CPU convolution library (cnn_jax.cpu_kernels).
+paths (cnn_jax.train.conv_grad); `versions.xla_flags` records XLA_FLAGS, which
+choose the CPU convolution library (cnn_jax.cpu_kernels).
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ import json
 import statistics
 import sys
 import time
+
+from cnn_jax.train.config import CONV_GRADS
 
 
 def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[128])
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
     p.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
-    p.add_argument("--conv-grad", nargs="+", choices=["auto", "xla", "matmul"],
+    p.add_argument("--conv-grad", nargs="+", choices=CONV_GRADS,
                    default=["auto"], help="kernel gradients: XLA's convolution or matrix "
                    "products (auto: matmul on CPUs, the training default)")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
@@ -163,7 +165,6 @@ def main(argv=None) -> int:
         "reference_mode": want if ref else None,
         "backend": jax.default_backend(), "variants": ours, "reference": reference,
         "hardware": hardware(), "versions": versions(),
-        "xla_flags": __import__("os").environ.get("XLA_FLAGS", ""),
         "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv)}))
     return 0
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Optional
 
-CONV_GRADS = ("auto", "xla", "matmul")  # cnn_jax.train.conv_grad
+CONV_GRADS = ("auto", "xla", "matmul")  # cnn_jax.train.conv_grad; "auto" first
 
 
 @dataclasses.dataclass

@@ -31,6 +31,8 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
+from cnn_jax.train.config import CONV_GRADS
+
 CHUNK = 8  # images per accumulated kernel-gradient product
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -83,13 +85,13 @@ conv_matmul_grad.defvjp(_forward, _backward)
 
 def _plain_2d(m: nn.Conv, x) -> bool:
     one = lambda v: v is None or v == 1 or tuple(v) == (1, 1)
+    pad = canonicalize_padding(m.padding, 2)
     return (type(m) is nn.Conv and x.ndim == 4 and m.feature_group_count == 1
             and one(m.kernel_dilation) and one(m.input_dilation) and m.mask is None
             and m.shared_weights and m.conv_general_dilated is None
             and m.conv_general_dilated_cls is None
-            and not (isinstance(m.padding, str) and m.padding not in ("SAME", "VALID"))
-            and (isinstance(m.padding, str) or all(p >= 0 for pad in
-                 canonicalize_padding(m.padding, 2) for p in pad)))
+            and (pad in ("SAME", "VALID") if isinstance(pad, str)
+                 else all(p >= 0 for lo_hi in pad for p in lo_hi)))
 
 
 def resolve(conv_grad: str) -> str:
@@ -100,7 +102,7 @@ def resolve(conv_grad: str) -> str:
         return conv_grad
     chosen = os.environ.get("CNN_JAX_CONV_GRAD", "")
     if chosen:
-        if chosen not in ("xla", "matmul"):
+        if chosen not in CONV_GRADS[1:]:
             raise ValueError(f"CNN_JAX_CONV_GRAD must be xla or matmul; got {chosen!r}")
         return chosen
     return "matmul" if jax.default_backend() == "cpu" else "xla"

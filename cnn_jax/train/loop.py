@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import signal
 import sys
@@ -72,7 +73,6 @@ class _Signals:
 def versions() -> dict:
     import flax
     import optax
-    import os
     out = {"python": platform.python_version(), "jax": jax.__version__,
            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
     # the CPU kernels (cnn_jax.cpu_kernels, cnn_jax.train.conv_grad) change rounding
@@ -83,7 +83,6 @@ def versions() -> dict:
 
 def cpu_name() -> str:
     """The host CPU's model name and core count (for records of CPU timings)."""
-    import os
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
