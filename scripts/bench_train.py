@@ -7,7 +7,8 @@ device; compilation and warm-up excluded; the median of `--repeats` timed window
 With `--reference torch` (torch installed), scripts/torch_reference.py times the same
 network in PyTorch (eager float32, AMP bf16 channels_last, torch.compile) in the same
 process. With `--pipeline`, the first variant is also fed by the real grain pipeline
-(CIFAR-10, crop + mirror, host -> device every step): end-to-end vs resident data.
+(CIFAR-10, crop + mirror, host -> device through the training loop's prefetch thread):
+end-to-end vs resident data, for each steps-per-call of the first model, batch, dtype.
 
     python scripts/bench_train.py --model resnet20 --batch 128 --dtype float32 \\
         --reference torch --json
@@ -15,8 +16,11 @@ process. With `--pipeline`, the first variant is also fed by the real grain pipe
         --dtype float32 bfloat16 --steps-per-call 1 10 --reference torch \\
         --torch-modes eager amp_bf16 compile --pipeline --json
 
+`--seeds 1 5` also times 5 runs vmapped into one step (img/s then counts all five
+runs' images: the throughput of training seeds together vs one after another).
+
 The last line is one JSON object: `ours_img_per_s` (the fastest of our variants in the
-first model, batch and dtype), `reference_img_per_s` (PyTorch eager in the matching
+first model, batch, dtype and seed count), `reference_img_per_s` (PyTorch eager in the matching
 precision: float32 -> eager, bfloat16 -> amp_bf16), `ratio` (ours / reference),
 `backend`, and every variant. `--conv-grad xla matmul` times both kernel-gradient
 paths (cnn_jax.train.conv_grad); `versions.xla_flags` records XLA_FLAGS, which
@@ -33,9 +37,11 @@ import time
 from cnn_jax.train.config import CONV_GRADS
 
 
-def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
-                  repeats: int, pipeline: bool = False, data_dir=None,
-                  conv_grad: str = "auto") -> dict:
+def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = "auto",
+              seeds: int = 1):
+    """The engine's jitted train step (k steps per call when k > 1; `seeds` runs
+    vmapped into one step when seeds > 1), a fresh state and one resident batch of
+    random uint8 images: (fn, state, data, conv_grad used)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -43,7 +49,7 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
     from cnn_jax.train import schedules
     from cnn_jax.train.conv_grad import resolve
     from cnn_jax.train.state import TrainState
-    from cnn_jax.train.steps import make_optimizer, make_train_step, multi_step
+    from cnn_jax.train.steps import make_optimizer, make_train_step, multi_step, seeds_at_once
 
     model = create_model(model_name, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     tx = make_optimizer(0.9, 1e-4)
@@ -52,13 +58,27 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
     conv_grad = resolve(conv_grad)
     train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean,
                                  conv_grad=conv_grad)
+    if seeds > 1:
+        train_step = seeds_at_once(train_step)
     fn = jax.jit(multi_step(train_step) if k > 1 else train_step, donate_argnums=0)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    state = TrainState.create(variables, tx, jax.random.PRNGKey(3))
-    lead = (k, batch) if k > 1 else (batch,)
+    init = jax.jit(model.init)
+    states = [TrainState.create(init(jax.random.key(s), jnp.zeros((1, 32, 32, 3))), tx,
+                                jax.random.PRNGKey(100 + s)) for s in range(seeds)]
+    state = states[0] if seeds == 1 else jax.tree.map(lambda *x: jnp.stack(x), *states)
+    lead = ((k,) if k > 1 else ()) + ((seeds,) if seeds > 1 else ()) + (batch,)
     data = {"image": jax.random.randint(jax.random.key(1), (*lead, 32, 32, 3), 0, 256
                                         ).astype(jnp.uint8),
             "label": jax.random.randint(jax.random.key(2), lead, 0, 10)}
+    return fn, state, data, conv_grad
+
+
+def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
+                  repeats: int, pipeline: bool = False, data_dir=None,
+                  conv_grad: str = "auto", seeds: int = 1) -> dict:
+    import jax
+    import numpy as np
+
+    fn, state, data, conv_grad = make_step(model_name, batch, dtype, k, conv_grad, seeds)
     calls = max(1, steps // k)
     for _ in range(2):  # compile + warm-up
         state, m = fn(state, data)
@@ -72,27 +92,30 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
         times.append((time.perf_counter() - t) / (calls * k))
     ms = 1000 * statistics.median(times)
     out = {"impl": "ours", "model": model_name, "batch": batch, "dtype": dtype,
-           "steps_per_call": k, "conv_grad": conv_grad, "ms_per_step": ms,
-           "img_per_s": batch / ms * 1000}
-    if pipeline and k == 1:
+           "steps_per_call": k, "conv_grad": conv_grad, "seeds": seeds, "ms_per_step": ms,
+           "img_per_s": seeds * batch / ms * 1000}  # a step of all seeds; images of all
+    if pipeline and seeds == 1:  # the training loop's input path: grain -> prefetch thread -> device
         from cnn_jax.data import load
         from cnn_jax.data.augment import Augment
-        from cnn_jax.data.pipeline import train_dataset
+        from cnn_jax.data.pipeline import ChunkPrefetcher, train_dataset
         arrays = load("cifar10", "train", data_dir=data_dir)
         it = iter(train_dataset(arrays, batch, 0, Augment(crop_pad=4, flip=True)))
-        for _ in range(3):
-            b = next(it)
-            state, m = fn(state, {"image": jnp.asarray(b["image"]), "label": jnp.asarray(b["label"])})
-        jax.block_until_ready(state)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in range(calls):
-                b = next(it)
-                state, m = fn(state, {"image": jnp.asarray(b["image"]),
-                                      "label": jnp.asarray(b["label"])})
+
+        def to_device(bs):
+            stack = (lambda x: np.stack(x)) if k > 1 else (lambda x: x[0])
+            return {key: jax.device_put(stack([b[key] for b in bs])) for key in ("image", "label")}
+
+        with ChunkPrefetcher(it, [k] * (calls * repeats + 3), to_device) as chunks:
+            for _ in range(3):
+                state, m = fn(state, next(chunks)[0])
             jax.block_until_ready(state)
-            times.append((time.perf_counter() - t) / calls)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for _ in range(calls):
+                    state, m = fn(state, next(chunks)[0])
+                jax.block_until_ready(state)
+                times.append((time.perf_counter() - t) / (calls * k))
         e2e = 1000 * statistics.median(times)
         out.update(pipeline_ms_per_step=e2e, pipeline_img_per_s=batch / e2e * 1000,
                    pipeline_over_resident=ms / e2e)
@@ -109,6 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--conv-grad", nargs="+", choices=CONV_GRADS,
                    default=["auto"], help="kernel gradients: XLA's convolution or matrix "
                    "products (auto: matmul on CPUs, the training default)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1],
+                   help="independent runs vmapped into one step (cnn_jax.train.steps."
+                   "seeds_at_once); img/s then counts the images of all of them")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reference", choices=["none", "torch"], default="none")
@@ -125,9 +151,11 @@ def main(argv=None) -> int:
     for model in a.model:
         for batch in a.batch:
             for dtype in a.dtype:
-                for k, cg in [(k, cg) for k in a.steps_per_call for cg in a.conv_grad]:
+                for k, cg, n in [(k, cg, n) for k in a.steps_per_call for cg in a.conv_grad
+                                 for n in a.seeds]:
+                    first = (model, batch, dtype) == (a.model[0], a.batch[0], a.dtype[0])
                     r = our_step_time(model, batch, dtype, k, max(a.steps, k), a.repeats,
-                                      a.pipeline and not ours, a.data_dir, cg)
+                                      a.pipeline and first, a.data_dir, cg, n)
                     ours.append(r)
                     if not a.json:
                         print(json.dumps(r), file=sys.stderr)
@@ -152,8 +180,8 @@ def main(argv=None) -> int:
                     reference.append(r)
                     if not a.json:
                         print(json.dumps(r), file=sys.stderr)
-    first = max((r for r in ours if (r["model"], r["batch"], r["dtype"]) ==
-                 (ours[0]["model"], ours[0]["batch"], ours[0]["dtype"])),
+    first = max((r for r in ours if (r["model"], r["batch"], r["dtype"], r["seeds"]) ==
+                 (ours[0]["model"], ours[0]["batch"], ours[0]["dtype"], ours[0]["seeds"])),
                 key=lambda r: r["img_per_s"])
     want = "amp_bf16" if first["dtype"] == "bfloat16" else "eager"
     ref = next((r for r in reference if r["model"] == first["model"] and

@@ -15,7 +15,7 @@ from PIL import Image
 from cnn_jax.data import DataError, load, load_arrays, stratified_holdout
 from cnn_jax.data import augment as A
 from cnn_jax.data import sources
-from cnn_jax.data.pipeline import eval_batches, train_dataset
+from cnn_jax.data.pipeline import ChunkPrefetcher, eval_batches, train_dataset
 
 SHARED = sources.SHARED_DATA
 needs_cifar = pytest.mark.skipif(not (SHARED / "cifar10.tar.xz").exists(),
@@ -344,6 +344,58 @@ def test_mid_epoch_resume_sees_the_same_batches():
     resumed.set_state(state)
     for x, y in zip(uninterrupted[4:], take(resumed, 6)):
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_prefetched_chunks_and_states_equal_drawing_in_turn():
+    """The background thread draws the same batches, and records after each chunk the
+    state from which a resumed iterator continues exactly there."""
+    arrays = synthetic(100)
+    make = lambda: iter(train_dataset(arrays, 16, seed=7, augment=A.Augment(crop_pad=1),
+                                      workers=0))
+    sizes = [3, 1, 2, 3, 1]
+    expected, it = [], make()
+    for k in sizes:
+        expected.append((np.stack([b["image"] for b in take(it, k)]), it.get_state()))
+    with ChunkPrefetcher(make(), sizes, lambda bs: np.stack([b["image"] for b in bs])) as c:
+        got = list(c)
+    assert len(got) == len(sizes)
+    for (x, state_x), (y, state_y) in zip(expected, got):
+        np.testing.assert_array_equal(x, y)
+        assert state_x == state_y
+    resumed = make()
+    resumed.set_state(got[2][1])  # after 6 batches
+    np.testing.assert_array_equal(next(resumed)["image"], expected[3][0][0])
+
+
+def test_prefetch_errors_reach_the_consumer_and_close_stops_the_thread():
+    def put(batches):
+        if len(batches) == 2:
+            raise ValueError("bad chunk")
+        return len(batches)
+    chunks = ChunkPrefetcher(_Counter(), [1, 2, 1], put)
+    assert next(chunks)[0] == 1
+    with pytest.raises(ValueError, match="bad chunk"):
+        next(chunks)
+    chunks.close()
+    endless = ChunkPrefetcher(_Counter(), [1] * 10**6, lambda bs: bs[0], ahead=2)
+    assert [next(endless)[0] for _ in range(3)] == [0, 1, 2]
+    endless.close()
+    assert not endless._thread.is_alive()
+
+
+class _Counter:
+    def __init__(self):
+        self.n = -1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.n += 1
+        return self.n
+
+    def get_state(self):
+        return self.n
 
 
 def test_processes_read_disjoint_shards_of_each_global_batch():

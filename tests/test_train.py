@@ -327,6 +327,62 @@ def test_matmul_kernel_gradients_compute_the_same_step():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_seeds_at_once_equals_each_seed_alone():
+    """Several runs vmapped into one step (seeds_at_once) compute each run's own step:
+    three seeds with their own parameters, momentum, BatchNorm statistics and batches,
+    two steps (the second uses the momentum of the first), against the plain step run
+    per seed; within 1e-5, the summation order of batched convolutions aside (at lr 0.1
+    such differences grow chaotically over steps, as between device counts)."""
+    import jax.numpy as jnp
+    from cnn_jax.models import create_model
+    from cnn_jax.train.state import TrainState
+    from cnn_jax.train.steps import make_optimizer, make_train_step, seeds_at_once
+    from helpers import quick_variables
+    model = create_model("resnet8", num_classes=4)
+    tx = make_optimizer(0.9, 1e-4)
+    step = make_train_step(model, tx, lambda s, w: 0.01, lambda im: im / 255.0, conv_grad="xla")
+    rng = np.random.default_rng(0)
+    base = quick_variables(model, jnp.zeros((1, 32, 32, 3)))
+    perturb = lambda s: {**base, "params": jax.tree.map(
+        lambda v: v + 0.05 * np.random.default_rng(s).standard_normal(v.shape), base["params"])}
+    states = [TrainState.create(perturb(s), tx, jax.random.PRNGKey(s)) for s in range(3)]
+    batches = [[{"image": jnp.asarray(rng.integers(0, 256, (3, 6, 32, 32, 3)), jnp.uint8)[i],
+                 "label": jnp.asarray(rng.integers(0, 4, (3, 6)))[i]} for i in range(3)]
+               for _ in range(2)]
+    stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+    together, alone = stack(states), list(states)
+    for t in range(2):
+        together, m_together = jax.jit(seeds_at_once(step))(together, stack(batches[t]))
+        outs = [jax.jit(step)(alone[i], batches[t][i]) for i in range(3)]
+        alone = [o[0] for o in outs]
+        np.testing.assert_allclose(m_together["loss"], [o[1]["loss"] for o in outs], rtol=1e-5)
+    assert len({float(l) for l in m_together["loss"]}) == 3  # three different runs
+    for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(stack(alone))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_profile_summary_counts_per_step():
+    """scripts/profile_step.py's arithmetic on a hand-made trace: events and busy time
+    per training step on each track, costliest names first."""
+    sys.path.insert(0, "scripts")
+    from profile_step import summarise
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+    events += [{"ph": "X", "pid": 1, "name": "conv", "ts": i, "dur": 300.0} for i in range(4)]
+    events += [{"ph": "X", "pid": 1, "name": "relu", "ts": i, "dur": 50.0} for i in range(8)]
+    events += [{"ph": "X", "pid": 2, "name": "dispatch", "ts": 0, "dur": 1000.0},
+               {"ph": "i", "pid": 1, "name": "marker", "ts": 0}]  # no duration: ignored
+    out = summarise(events, steps=2, wall_ms=4.0)
+    gpu = out["/device:GPU:0"]
+    assert gpu["events_per_step"] == 6
+    assert gpu["busy_ms_per_step"] == pytest.approx(0.8)
+    assert gpu["busy_fraction"] == pytest.approx(1.6 / 4.0)
+    assert [t["name"] for t in gpu["top"]] == ["conv", "relu"]
+    assert gpu["top"][0] == {"name": "conv", "calls_per_step": 2,
+                             "ms_per_step": pytest.approx(0.6)}
+    assert out["/host:CPU"]["busy_ms_per_step"] == pytest.approx(0.5)
+
+
 def test_train_benchmark_contract():
     """scripts/bench_train.py's JSON line (small net: the contract, not the speed)."""
     r = subprocess.run([sys.executable, "scripts/bench_train.py", "--model", "resnet8",

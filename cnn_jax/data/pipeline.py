@@ -166,3 +166,74 @@ def prefetch_to_device(batches: Iterator[dict], sharding, size: int = 2,
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+class ChunkPrefetcher:
+    """The training loop's input, prepared on a background thread.
+
+    For each k of `sizes` (the steps of each compiled call, known in advance): draw k
+    batches from the grain iterator `it`, hand them to `put` (stack, host -> device)
+    and record the iterator's state after them: what a checkpoint taken after that
+    call stores, so a resumed run sees the same batches whether or not chunks were
+    prepared ahead. Up to `ahead` chunks wait ready, so gathering, augmenting and
+    transferring the next call's inputs overlap the device's work on this one instead
+    of sitting between two calls. An error on the thread is raised by `next`.
+
+        with ChunkPrefetcher(it, sizes, put) as chunks:
+            for inputs, data_state in chunks: ...
+    """
+
+    _END = object()
+
+    def __init__(self, it, sizes, put, ahead: int = 2):
+        import queue
+        import threading
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(it, list(sizes), put),
+                                        name="chunk-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self, it, sizes, put):
+        try:
+            for k in sizes:
+                batches = [next(it) for _ in range(k)]
+                item = (put(batches), it.get_state())
+                if not self._offer(item):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._offer(e)
+            return
+        self._offer(self._END)
+
+    def _offer(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)  # at most one chunk in progress to finish
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

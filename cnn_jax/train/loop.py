@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from cnn_jax.data.pipeline import eval_batches, to_global_array, train_dataset
+from cnn_jax.data.pipeline import (ChunkPrefetcher, eval_batches, to_global_array,
+                                   train_dataset)
 from cnn_jax.data.sources import DataError
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
@@ -285,22 +286,27 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
         bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
                         err=f"{last_train['train_error']:.3f}", lr=f"{last_train['lr']:.3g}")
 
-    with _Signals().installed() as signals:
-        while step < cfg.steps:
-            k = min(cfg.steps_per_call, next_boundary(step) - step)
-            host_batches = []
-            for _ in range(k):
-                b = next(data_iter)
-                host_batches.append({"image": b["image"], "label": b["label"]})
-            data_state = data_iter.get_state()
-            if k == 1 and cfg.steps_per_call == 1:
-                state, metrics = step_one(state, to_global_array(host_batches[0], batch_sharding))
+    def to_device(host_batches):
+        """k host batches -> the compiled call's input (runs on the prefetch thread)."""
+        if cfg.steps_per_call == 1:
+            b = host_batches[0]
+            return to_global_array({"image": b["image"], "label": b["label"]}, batch_sharding)
+        chunk = {key: np.stack([b[key] for b in host_batches]) for key in ("image", "label")}
+        return {key: jax.make_array_from_process_local_data(
+            NamedSharding(mesh, P(None, "data")), v) for key, v in chunk.items()}
+
+    calls, s = [], step  # steps per compiled call: k stops at every log/eval/save step
+    while s < cfg.steps:
+        calls.append(min(cfg.steps_per_call, next_boundary(s) - s))
+        s += calls[-1]
+    with _Signals().installed() as signals, \
+            ChunkPrefetcher(data_iter, calls, to_device) as chunks:
+        for k, (inputs, data_state) in zip(calls, chunks):
+            if cfg.steps_per_call == 1:
+                state, metrics = step_one(state, inputs)
                 metrics = jax.tree.map(lambda m: m[None], metrics)
             else:
-                chunk = {key: np.stack([b[key] for b in host_batches]) for key in ("image", "label")}
-                chunk = {key: jax.make_array_from_process_local_data(
-                    NamedSharding(mesh, P(None, "data")), v) for key, v in chunk.items()}
-                state, metrics = step_many(state, chunk)
+                state, metrics = step_many(state, inputs)
             pending.append(metrics)
             step += k
             window_images += k * cfg.batch

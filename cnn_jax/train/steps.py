@@ -175,6 +175,16 @@ def multi_step(train_step):
     return run
 
 
+def seeds_at_once(train_step):
+    """S independent runs (their own parameters, data and randomness) as one step:
+    `vmap` over a leading seed axis of the state and the batch, [S, ...] in and out.
+    Every kernel then does S runs' work: a CIFAR ResNet's step on a GPU is ~1,000
+    kernels too small to fill the chip (docs/benchmarks.md), so S seeds together
+    should cost much less there than S steps one after another (`scripts/bench_train.py
+    --seeds 1 5` measures it). Each run's BatchNorm statistics stay its own."""
+    return jax.vmap(train_step)
+
+
 def compile_steps(train_step, eval_step, mesh):
     """jit with the state replicated, batches sharded along `data`, state donated."""
     replicated = NamedSharding(mesh, P())
