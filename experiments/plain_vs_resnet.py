@@ -61,7 +61,7 @@ class Preset:
 PRESETS = {
     "paper": Preset(plain=(20, 32, 44, 56), residual=(20, 32, 44, 56, 110), steps=64_000,
                     batch=128, steps_per_call=10),
-    # A 2-core CPU trains ResNet-56 at about 32 images/s: a few hundred iterations of
+    # A 2-core CPU trains ResNet-56 at about 50 images/s: a few hundred iterations of
     # the shallowest and deepest nets of each family, the constant first phase of
     # the paper's schedule, the test set read once at the end.
     "quick": Preset(plain=(20, 56), residual=(20, 56), steps=200, batch=32,

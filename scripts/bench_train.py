@@ -101,9 +101,9 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
         arrays = load("cifar10", "train", data_dir=data_dir)
         it = iter(train_dataset(arrays, batch, 0, Augment(crop_pad=4, flip=True)))
 
-        def to_device(bs):
-            stack = (lambda x: np.stack(x)) if k > 1 else (lambda x: x[0])
-            return {key: jax.device_put(stack([b[key] for b in bs])) for key in ("image", "label")}
+        def to_device(bs):  # as the training loop's: [k, B, ...] chunks, or one batch
+            join = np.stack if k > 1 else (lambda xs: xs[0])
+            return {key: jax.device_put(join([b[key] for b in bs])) for key in ("image", "label")}
 
         with ChunkPrefetcher(it, [k] * (calls * repeats + 3), to_device) as chunks:
             for _ in range(3):
