@@ -139,6 +139,14 @@ def test_k_steps_per_call_equal_one_step_per_call(tmp_path):
     assert one["final_test_error"] == pytest.approx(four["final_test_error"], abs=0.02)
 
 
+def test_worker_processes_feed_the_loop_the_same_batches(tmp_path):
+    """The loop's prefetch thread drives grain's worker processes: 2 workers give the
+    parameters 0 workers give, bit for bit (here with 2 steps per call)."""
+    runs = {w: train(TrainConfig(**{**SMALL, "workers": w, "steps_per_call": 2}, steps=6,
+                                 out=str(tmp_path / f"w{w}"))) for w in (0, 2)}
+    assert runs[0]["final_params_digest"] == runs[2]["final_params_digest"]
+
+
 # ------------------------------------------------------------------ never lose work
 def wait_for_checkpoint(out: Path, step: int, proc, timeout=300):
     target = out / "checkpoints" / str(step)
