@@ -73,7 +73,6 @@ def normalise_placement(images: np.ndarray, repeats: int = 20) -> dict:
     """ms per batch: normalise on the host then send float32, vs send uint8 and
     normalise on the device (both end as float32 on the device)."""
     import jax
-    import jax.numpy as jnp
     from cnn_jax.data.augment import Normalizer
 
     norm = Normalizer.from_data(images, per_pixel=True)

@@ -20,11 +20,11 @@ end-to-end vs resident data, for each steps-per-call of the first model, batch, 
 runs' images: the throughput of training seeds together vs one after another).
 
 The last line is one JSON object: `ours_img_per_s` (the fastest of our variants in the
-first model, batch, dtype and seed count), `reference_img_per_s` (PyTorch eager in the matching
-precision: float32 -> eager, bfloat16 -> amp_bf16), `ratio` (ours / reference),
-`backend`, and every variant. `--conv-grad xla matmul` times both kernel-gradient
-paths (cnn_jax.train.conv_grad); `versions.xla_flags` records XLA_FLAGS, which
-choose the CPU convolution library (cnn_jax.cpu_kernels).
+first model, batch, dtype and seed count), `reference_img_per_s` (PyTorch eager in
+the matching precision: float32 -> eager, bfloat16 -> amp_bf16), `ratio` (ours /
+reference), `backend`, and every variant. `--conv-grad xla matmul` times both
+kernel-gradient paths (cnn_jax.train.conv_grad); `versions.xla_flags` records
+XLA_FLAGS, which choose the CPU convolution library (cnn_jax.cpu_kernels).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
     out = {"impl": "ours", "model": model_name, "batch": batch, "dtype": dtype,
            "steps_per_call": k, "conv_grad": conv_grad, "seeds": seeds, "ms_per_step": ms,
            "img_per_s": seeds * batch / ms * 1000}  # a step of all seeds; images of all
-    if pipeline and seeds == 1:  # the training loop's input path: grain -> prefetch thread -> device
+    if pipeline and seeds == 1:  # the loop's input path: grain -> prefetch thread -> device
         from cnn_jax.data import load
         from cnn_jax.data.augment import Augment
         from cnn_jax.data.pipeline import ChunkPrefetcher, train_dataset

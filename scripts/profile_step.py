@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         "ms_per_step": statistics.median(untraced), "wall_ms_per_step_traced": wall_ms / steps,
         "tracks": summarise(read_trace(folder), steps, wall_ms),
         "hardware": hardware(), "versions": versions(),
-        "command": "python scripts/profile_step.py " + " ".join(sys.argv[1:] if argv is None else argv)}))
+        "command": "python scripts/profile_step.py "
+                   + " ".join(sys.argv[1:] if argv is None else argv)}))
     return 0
 
 

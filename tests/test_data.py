@@ -1,6 +1,5 @@
 """Data: the real archives, the cache, augmentation geometry and statistics,
 determinism, resume, evaluation coverage, TFDS, and every bad input."""
-import io
 import json
 import os
 import subprocess
