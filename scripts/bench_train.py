@@ -76,7 +76,6 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
                   repeats: int, pipeline: bool = False, data_dir=None,
                   conv_grad: str = "auto", seeds: int = 1) -> dict:
     import jax
-    import numpy as np
 
     fn, state, data, conv_grad = make_step(model_name, batch, dtype, k, conv_grad, seeds)
     calls = max(1, steps // k)
@@ -97,13 +96,13 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
     if pipeline and seeds == 1:  # the loop's input path: grain -> prefetch thread -> device
         from cnn_jax.data import load
         from cnn_jax.data.augment import Augment
-        from cnn_jax.data.pipeline import ChunkPrefetcher, train_dataset
+        from cnn_jax.data.pipeline import ChunkPrefetcher, stack_batches, train_dataset
         arrays = load("cifar10", "train", data_dir=data_dir)
         it = iter(train_dataset(arrays, batch, 0, Augment(crop_pad=4, flip=True)))
 
         def to_device(bs):  # as the training loop's: [k, B, ...] chunks, or one batch
-            join = np.stack if k > 1 else (lambda xs: xs[0])
-            return {key: jax.device_put(join([b[key] for b in bs])) for key in ("image", "label")}
+            host = stack_batches(bs) if k > 1 else {key: bs[0][key] for key in ("image", "label")}
+            return jax.device_put(host)
 
         with ChunkPrefetcher(it, [k] * (calls * repeats + 3), to_device) as chunks:
             for _ in range(3):
@@ -153,9 +152,10 @@ def main(argv=None) -> int:
             for dtype in a.dtype:
                 for k, cg, n in [(k, cg, n) for k in a.steps_per_call for cg in a.conv_grad
                                  for n in a.seeds]:
-                    first = (model, batch, dtype) == (a.model[0], a.batch[0], a.dtype[0])
+                    fed = a.pipeline and (model, batch, dtype) == (a.model[0], a.batch[0],
+                                                                   a.dtype[0])
                     r = our_step_time(model, batch, dtype, k, max(a.steps, k), a.repeats,
-                                      a.pipeline and first, a.data_dir, cg, n)
+                                      fed, a.data_dir, cg, n)
                     ours.append(r)
                     if not a.json:
                         print(json.dumps(r), file=sys.stderr)

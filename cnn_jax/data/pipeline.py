@@ -154,6 +154,12 @@ def to_global_array(batch: dict, sharding) -> dict:
             for k, v in batch.items()}
 
 
+def stack_batches(batches: list[dict], keys: tuple = ("image", "label")) -> dict:
+    """k host batches -> one [k, B, ...] chunk of `keys`: the input of k steps in one
+    compiled call (`cnn_jax.train.steps.multi_step`)."""
+    return {k: np.stack([b[k] for b in batches]) for k in keys}
+
+
 def prefetch_to_device(batches: Iterator[dict], sharding, size: int = 2,
                        keys: tuple = ("image", "label", "mask")) -> Iterator[dict]:
     """Keep `size` batches in flight to the devices (transfers are asynchronous)."""

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from cnn_jax.data.pipeline import (ChunkPrefetcher, eval_batches, to_global_array,
-                                   train_dataset)
+from cnn_jax.data.pipeline import (ChunkPrefetcher, eval_batches, stack_batches,
+                                   to_global_array, train_dataset)
 from cnn_jax.data.sources import DataError
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
@@ -286,14 +286,14 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
         bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
                         err=f"{last_train['train_error']:.3f}", lr=f"{last_train['lr']:.3g}")
 
+    chunk_sharding = NamedSharding(mesh, P(None, "data"))
+
     def to_device(host_batches):
         """k host batches -> the compiled call's input (runs on the prefetch thread)."""
         if cfg.steps_per_call == 1:
             b = host_batches[0]
             return to_global_array({"image": b["image"], "label": b["label"]}, batch_sharding)
-        chunk = {key: np.stack([b[key] for b in host_batches]) for key in ("image", "label")}
-        return {key: jax.make_array_from_process_local_data(
-            NamedSharding(mesh, P(None, "data")), v) for key, v in chunk.items()}
+        return to_global_array(stack_batches(host_batches), chunk_sharding)
 
     calls, s = [], step  # steps per compiled call: k stops at every log/eval/save step
     while s < cfg.steps:
