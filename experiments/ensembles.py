@@ -73,7 +73,8 @@ def member_runs(args, preset: Preset, out: Path) -> list[Path]:
     configs = [main_experiment.run_config(args.model, depth, main, seed, recipe,
                                           out / "nets" / f"{args.model}-seed{seed}")
                for seed in range(n)]
-    run_all(configs, args.command, [f"{args.model} seed {s}" for s in range(n)])
+    run_all(configs, args.command, [f"{args.model} seed {s}" for s in range(n)],
+            together=args.seeds_together)
     return [Path(c.out) for c in configs]
 
 
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--seeds-together", action="store_true",
+                   help="train the members at once, in one vmapped step (faster on GPUs, "
+                        "slower on CPUs: docs/benchmarks.md)")
     args = p.parse_args(argv)
     args.command = " ".join([
         "python -m experiments.ensembles", *(sys.argv[1:] if argv is None else argv)])

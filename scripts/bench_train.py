@@ -17,7 +17,8 @@ end-to-end vs resident data, for each steps-per-call of the first model, batch, 
         --torch-modes eager amp_bf16 compile --pipeline --json
 
 `--seeds 1 5` also times 5 runs vmapped into one step (img/s then counts all five
-runs' images: the throughput of training seeds together vs one after another).
+runs' images: the throughput of training seeds together vs one after another; the
+`auto` kernel gradients are then the matrix products, as in training).
 
 The last line is one JSON object: `ours_img_per_s` (the fastest of our variants in the
 first model, batch, dtype and seed count), `reference_img_per_s` (PyTorch eager in
@@ -55,7 +56,7 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = 
     tx = make_optimizer(0.9, 1e-4)
     lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.0)
     mean = jnp.asarray(np.random.default_rng(0).uniform(100, 150, (32, 32, 3)), jnp.float32)
-    conv_grad = resolve(conv_grad)
+    conv_grad = resolve(conv_grad, seeds)
     train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean,
                                  conv_grad=conv_grad)
     if seeds > 1:

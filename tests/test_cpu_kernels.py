@@ -15,6 +15,7 @@ from cnn_jax.train import TrainConfig
 from cnn_jax.train.conv_grad import conv_matmul_grad, resolve
 
 
+@pytest.mark.parametrize("chunk", [8, None])  # CPUs: chunks of 8 images; GPUs: patches
 @pytest.mark.parametrize("batch, size, kernel, strides, padding", [
     (5, 9, 3, (1, 1), ((1, 1), (1, 1))),      # odd batch: zero images pad the last chunk
     (3, 8, 3, (2, 2), ((0, 1), (0, 1))),      # ResNet's strided "SAME" convolution
@@ -22,19 +23,36 @@ from cnn_jax.train.conv_grad import conv_matmul_grad, resolve
     (2, 10, 5, (1, 1), ((2, 2), (2, 2))),
     (4, 11, 3, (3, 2), ((0, 0), (1, 0))),     # VALID rows, uneven strides and padding
 ])
-def test_kernel_gradient_by_products_equals_xla(batch, size, kernel, strides, padding):
+def test_kernel_gradient_by_products_equals_xla(batch, size, kernel, strides, padding, chunk):
     rng = np.random.default_rng(batch)
     x = jnp.asarray(rng.normal(size=(batch, size, size, 6)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(kernel, kernel, 6, 5)), jnp.float32)
     xla = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, w: conv_matmul_grad(x, w, strides, padding)
+    ours = lambda x, w: conv_matmul_grad(x, w, strides, padding, chunk)
     y, vjp = jax.vjp(xla, x, w)
     y2, vjp2 = jax.vjp(ours, x, w)
     dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
     (dx, dw), (dx2, dw2) = vjp(dy), vjp2(dy)
     assert (y == y2).all() and (dx == dx2).all()  # XLA's own forward and input gradient
     np.testing.assert_allclose(dw2, dw, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw).max()))
+
+
+@pytest.mark.parametrize("chunk", [8, None])
+def test_kernel_gradient_by_products_under_vmap_over_seeds(chunk):
+    """Seeds vmapped (each its own images and kernel): the same gradients as XLA's
+    grouped convolution, which is what vmap makes of the plain one."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 4, 8, 8, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 6, 5)), jnp.float32)
+    pads = ((1, 1), (1, 1))
+    loss = lambda conv: jax.vmap(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))),
+                                          argnums=(0, 1)))
+    xla = loss(lambda x, w: lax.conv_general_dilated(
+        x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    ours = loss(lambda x, w: conv_matmul_grad(x, w, (1, 1), pads, chunk))
+    for a, b in zip(ours(x, w), xla(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 def test_auto_means_products_on_cpus_and_is_not_part_of_the_digest(monkeypatch):

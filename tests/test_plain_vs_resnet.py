@@ -73,6 +73,21 @@ def test_a_half_finished_sweep_resumes(tmp_path):
         assert digest(tmp_path / "cut", net) == digest(tmp_path / "ref", net)
 
 
+def test_seeds_trained_together(tmp_path):
+    """--seeds 2 --seeds-together: each net's two seeds in one vmapped step, each in its
+    own folder; the table reports mean and spread over them."""
+    r = run(tmp_path, "--depths", "8", "--seeds", "2", "--seeds-together")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(x["name"], x["seed"]) for x in runs] == [
+        ("plain8", 0), ("resnet8", 0), ("plain8", 1), ("resnet8", 1)]
+    saved = [json.loads((Path(x["run_dir"]) / "results.json").read_text()) for x in runs]
+    for x, res in zip(runs, saved):
+        assert res["trained_together"] == [0, 1] and x["curve"]["step"] == [2, 4, 6]
+    assert len({res["final_params_digest"] for res in saved}) == 4  # four different runs
+    assert " ± " in (tmp_path / "table.md").read_text()
+
+
 def test_bad_input(tmp_path):
     r = run(tmp_path, "--depths", "21")
     assert r.returncode == 2 and "6n+2" in r.stderr

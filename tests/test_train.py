@@ -335,20 +335,27 @@ def test_matmul_kernel_gradients_compute_the_same_step():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_seeds_at_once_equals_each_seed_alone():
+@pytest.mark.parametrize("kernels", ["xla", "matmul", "patches"])
+def test_seeds_at_once_equals_each_seed_alone(kernels, monkeypatch):
     """Several runs vmapped into one step (seeds_at_once) compute each run's own step:
     three seeds with their own parameters, momentum, BatchNorm statistics and batches,
     two steps (the second uses the momentum of the first), against the plain step run
     per seed; within 1e-5, the summation order of batched convolutions aside (at lr 0.1
-    such differences grow chaotically over steps, as between device counts)."""
+    such differences grow chaotically over steps, as between device counts). Kernel
+    gradients: XLA's (a grouped convolution under vmap), products over chunks (CPUs) and
+    one product of patches batched over the seeds (GPUs' path)."""
     import jax.numpy as jnp
+    from cnn_jax.train import conv_grad
+    if kernels == "patches":
+        monkeypatch.setattr(conv_grad, "backend_chunk", lambda: None)
     from cnn_jax.models import create_model
     from cnn_jax.train.state import TrainState
     from cnn_jax.train.steps import make_optimizer, make_train_step, seeds_at_once
     from helpers import quick_variables
     model = create_model("resnet8", num_classes=4)
     tx = make_optimizer(0.9, 1e-4)
-    step = make_train_step(model, tx, lambda s, w: 0.01, lambda im: im / 255.0, conv_grad="xla")
+    step = make_train_step(model, tx, lambda s, w: 0.01, lambda im: im / 255.0,
+                           conv_grad="xla" if kernels == "xla" else "matmul")
     rng = np.random.default_rng(0)
     base = quick_variables(model, jnp.zeros((1, 32, 32, 3)))
     perturb = lambda s: {**base, "params": jax.tree.map(
@@ -367,6 +374,82 @@ def test_seeds_at_once_equals_each_seed_alone():
     assert len({float(l) for l in m_together["loss"]}) == 3  # three different runs
     for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(stack(alone))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ seeds trained together
+def together_cfgs(tmp_path, tag, seeds=(0, 1), **overrides):
+    return [TrainConfig(**{**SMALL, "seed": s, **overrides}, out=str(tmp_path / f"{tag}{s}"))
+            for s in seeds]
+
+
+def test_seeds_trained_together_equal_each_trained_alone(tmp_path):
+    """train_together: two seeds in one vmapped step write, each in its own folder, the
+    files `train` writes, and each run's numbers are its run alone's up to rounding (the
+    same data order, augmentation, initialisation and logging)."""
+    from cnn_jax.train.loop import train_together
+    together = train_together(together_cfgs(tmp_path, "t", steps=6, steps_per_call=2))
+    assert together[0]["final_params_digest"] != together[1]["final_params_digest"]
+    for s, res in zip((0, 1), together):
+        alone = train(TrainConfig(**{**SMALL, "seed": s, "steps_per_call": 2}, steps=6,
+                                  out=str(tmp_path / f"a{s}")))
+        assert res["seed"] == s and res["trained_together"] == [0, 1]
+        assert max_rel_diff(load_variables(tmp_path / f"t{s}"),
+                            load_variables(tmp_path / f"a{s}")) < 1e-4
+        lines = lambda tag: [json.loads(l) for l in
+                             (tmp_path / f"{tag}{s}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines("t")] == [r["step"] for r in lines("a")] == [2, 4, 6, 6]
+        np.testing.assert_allclose([r.get("train_loss", r.get("eval_loss")) for r in lines("t")],
+                                   [r.get("train_loss", r.get("eval_loss")) for r in lines("a")],
+                                   rtol=1e-4)
+        assert res["final_test_error"] == pytest.approx(alone["final_test_error"], abs=0.02)
+        saved = json.loads((tmp_path / f"t{s}" / "config.json").read_text())
+        assert saved["config_digest"] == TrainConfig(**{**SMALL, "seed": s}).digest()
+        assert saved["trained_together"] == [0, 1]
+
+
+def test_seeds_together_resume_after_sigterm_is_bit_identical(tmp_path):
+    """Stopped by SIGTERM at step 4 (the loop saves every run and exits), the same call
+    again resumes every run and ends exactly where an uninterrupted group ends."""
+    from cnn_jax.train.loop import train_together
+    opts = dict(steps=8, checkpoint_every=6, log_every=2)
+    ref = train_together(together_cfgs(tmp_path, "ref", **opts))
+    taken = []
+
+    def stop_at_step_4(n):  # steps of both runs, per call
+        taken.append(n)
+        if sum(taken) == 2 * 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as stopped:
+        train_together(together_cfgs(tmp_path, "run", **opts), on_steps=stop_at_step_4)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    for s in (0, 1):
+        assert not (tmp_path / f"run{s}" / "results.json").exists()
+        assert (tmp_path / f"run{s}" / "checkpoints" / "4").is_dir()
+    resumed = train_together(together_cfgs(tmp_path, "run", **opts))
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "img_per_s"}
+                       for l in (p / "metrics.jsonl").read_text().splitlines()]
+    for s, a, b in zip((0, 1), resumed, ref):
+        assert a["final_params_digest"] == b["final_params_digest"]
+        assert strip(tmp_path / f"run{s}") == strip(tmp_path / f"ref{s}")
+
+
+def test_runs_trained_together_must_share_recipe_folder_and_step(tmp_path):
+    from cnn_jax.train.loop import train_together
+    a, b = together_cfgs(tmp_path, "r", steps=2)
+    with pytest.raises(ValueError, match="differ only in seed and --out; .* in lr"):
+        train_together([a, TrainConfig(**{**SMALL, "seed": 1, "lr": 0.02}, steps=2,
+                                       out=b.out)])
+    with pytest.raises(ValueError, match="their own --out folders"):
+        train_together([a, TrainConfig(**{**SMALL, "seed": 1}, steps=2, out=a.out)])
+    train(a)  # seed 0 alone has a checkpoint at step 2, seed 1 none
+    with pytest.raises(ValueError, match="resume from the same step"):
+        train_together(together_cfgs(tmp_path, "r", steps=4))
+    from cnn_jax.train.sweep import run_all, seed_groups
+    four = together_cfgs(tmp_path, "r", steps=4)
+    assert [[c.seed for c in g] for g in seed_groups(four)] == [[0], [1]]
+    results = run_all(four, "test", together=True)  # each from where it stands
+    assert [r["steps"] for r in results] == [4, 4] and "trained_together" not in results[0]
 
 
 def test_profile_summary_counts_per_step():
@@ -389,6 +472,28 @@ def test_profile_summary_counts_per_step():
     assert gpu["top"][0] == {"name": "conv", "calls_per_step": 2,
                              "ms_per_step": pytest.approx(0.6)}
     assert out["/host:CPU"]["busy_ms_per_step"] == pytest.approx(0.5)
+
+
+def test_profile_kinds_group_fusions_and_library_convolutions():
+    """Kernel kinds: XLA's numbered fusions by name, cuDNN/CUTLASS convolutions as one."""
+    sys.path.insert(0, "scripts")
+    from profile_step import kind, summarise
+    assert kind("input_reduce_fusion_253") == kind("input_reduce_fusion") == "input_reduce_fusion"
+    assert kind("loop_add_fusion.2_18") == "loop_add_fusion"
+    conv = "convolution (library kernels)"
+    assert kind("sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32") == conv
+    assert kind("void cutlass__5x_cudnn::Kernel<cutlass__5x_cudnn::reduction::kernel::"
+                "ReduceSplitK<") == conv
+    assert kind("loop_convolution_fusion_2") == "loop_convolution_fusion"  # XLA's own
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+    events += [{"ph": "X", "pid": 1, "name": f"loop_add_fusion_{i}", "ts": i, "dur": 10.0}
+               for i in range(6)]
+    events += [{"ph": "X", "pid": 1, "name": "sm80_xmma_fprop_implicit_gemm", "ts": 0,
+                "dur": 100.0}]
+    kinds = summarise(events, steps=2, wall_ms=1.0)["/device:GPU:0"]["kinds"]
+    assert kinds == [{"kind": conv, "calls_per_step": 0.5, "ms_per_step": pytest.approx(0.05)},
+                     {"kind": "loop_add_fusion", "calls_per_step": 3,
+                      "ms_per_step": pytest.approx(0.03)}]
 
 
 def test_train_benchmark_contract():

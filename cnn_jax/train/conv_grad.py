@@ -10,7 +10,12 @@ one matrix product per kernel tap,
     dW[i, j] = x_shifted(i, j)^T  @  dy        ([C_in, N*H*W] @ [N*H*W, C_out])
 
 and accumulated over chunks of 8 images (so each slice and product stays in cache)
-runs on XLA's dot kernels instead. The forward pass and the input gradient are
+runs on XLA's dot kernels instead. On GPUs (where chunks would only add kernels) the
+taps are gathered once into patches and the gradient is one product,
+`dW = patches^T @ dy` ([kh*kw*C_in, N*H*W] @ [N*H*W, C_out]): under `vmap` over seeds
+(cnn_jax.train.steps.seeds_at_once) that is one batched matrix product, where cuDNN's
+gradient of the grouped convolution that `vmap` makes instead runs group by group
+through a slow kernel (docs/benchmarks.md). The forward pass and the input gradient are
 unchanged (XLA's own), so the function is the same; only the kernel gradient's
 summation order differs (~1e-7 relative). `conv_grad="auto"` (the default) uses it
 where JAX computes on the CPU and XLA's own kernels on GPUs and TPUs.
@@ -41,21 +46,23 @@ def _conv(x, w, strides, padding):
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_matmul_grad(x, w, strides: tuple, padding: tuple):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_matmul_grad(x, w, strides: tuple, padding: tuple, chunk: int | None = CHUNK):
     """`lax.conv_general_dilated` (NHWC, HWIO) whose kernel gradient is computed by
-    matrix products."""
+    matrix products: over chunks of `chunk` images, or (None) one product of patches."""
     return _conv(x, w, strides, padding)
 
 
-def _forward(x, w, strides, padding):
+def _forward(x, w, strides, padding, chunk):
     return _conv(x, w, strides, padding), (x, w)
 
 
-def _backward(strides, padding, residuals, dy):
+def _backward(strides, padding, chunk, residuals, dy):
     x, w = residuals
     dx = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](dy)[0]  # XLA's own
-    return dx, _kernel_grad(x, dy, w.shape, strides, padding).astype(w.dtype)
+    dw = (_kernel_grad(x, dy, w.shape, strides, padding, chunk) if chunk else
+          _kernel_grad_patches(x, dy, w.shape, strides, padding))
+    return dx, dw.astype(w.dtype)
 
 
 def _kernel_grad(x, dy, shape, strides, padding, chunk: int = CHUNK):
@@ -80,6 +87,43 @@ def _kernel_grad(x, dy, shape, strides, padding, chunk: int = CHUNK):
     return lax.scan(add_chunk, acc, (xs, dys))[0].reshape(shape)
 
 
+def _kernel_grad_patches(x, dy, shape, strides, padding):
+    """dW = patches^T @ dy: the kh*kw shifted views side by side ([N, H, W, kh*kw*C_in],
+    one fused gather), contracted with dy over images and positions in one product.
+    Under `vmap` (seeds) the seed axis is moved to the front of x and dy before the
+    gather, so the product is batched over it as cuBLAS wants; left to vmap's own rule,
+    the seed axis of a convolution's output sits beside its channels and XLA would
+    transpose the 9x larger patches instead (docs/benchmarks.md)."""
+    return _patches_product(tuple(shape), tuple(strides), tuple(map(tuple, padding)))(x, dy)
+
+
+@functools.lru_cache(maxsize=None)
+def _patches_product(shape, strides, padding):
+    kh, kw, cin, cout = shape
+    s0, s1 = strides
+
+    def product(x, dy):  # x [..., N, H, W, C_in], dy [..., N, oh, ow, C_out]
+        oh, ow = dy.shape[-3:-1]
+        xp = jnp.pad(x, ((0, 0),) * (x.ndim - 3) + (padding[0], padding[1], (0, 0)))
+        patches = jnp.concatenate(
+            [xp[..., i:i + s0 * (oh - 1) + 1:s0, j:j + s1 * (ow - 1) + 1:s1, :]
+             for i in range(kh) for j in range(kw)], axis=-1)
+        lead = x.shape[:-4]  # one contracted axis of images x positions, in memory order
+        dw = jnp.einsum("...pk,...po->...ko", patches.reshape(*lead, -1, patches.shape[-1]),
+                        dy.reshape(*lead, -1, cout), preferred_element_type=jnp.float32)
+        return dw.reshape(*dw.shape[:-2], kh, kw, cin, cout)
+
+    batched = jax.custom_batching.custom_vmap(product)
+
+    @batched.def_vmap
+    def seeds_first(axis_size, in_batched, x, dy):  # batched arguments arrive axis 0 first
+        x, dy = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                 for a, b in zip((x, dy), in_batched))
+        return product(x, dy), True
+
+    return batched
+
+
 conv_matmul_grad.defvjp(_forward, _backward)
 
 
@@ -94,10 +138,11 @@ def _plain_2d(m: nn.Conv, x) -> bool:
                  else all(p >= 0 for lo_hi in pad for p in lo_hi)))
 
 
-def resolve(conv_grad: str) -> str:
+def resolve(conv_grad: str, seeds: int = 1) -> str:
     """"auto" -> $CNN_JAX_CONV_GRAD if set (xla | matmul: e.g. to repeat a run recorded
-    with the other kernels bit for bit), else "matmul" where JAX computes on the CPU and
-    XLA's own kernels elsewhere."""
+    with the other kernels bit for bit), else "matmul" where JAX computes on the CPU or
+    several seeds train at once (vmap makes XLA's kernel gradient a grouped convolution,
+    1.8x slower on an H200: docs/benchmarks.md), and XLA's own kernels otherwise."""
     if conv_grad != "auto":
         return conv_grad
     chosen = os.environ.get("CNN_JAX_CONV_GRAD", "")
@@ -105,7 +150,13 @@ def resolve(conv_grad: str) -> str:
         if chosen not in CONV_GRADS[1:]:
             raise ValueError(f"CNN_JAX_CONV_GRAD must be xla or matmul; got {chosen!r}")
         return chosen
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return "matmul" if jax.default_backend() == "cpu" or seeds > 1 else "xla"
+
+
+def backend_chunk() -> int | None:
+    """Chunks of images on CPUs (each product in cache); elsewhere one product of
+    patches (fewer, larger kernels)."""
+    return CHUNK if jax.default_backend() == "cpu" else None
 
 
 def matmul_conv_grads():
@@ -123,6 +174,7 @@ def matmul_conv_grads():
         padding = canonicalize_padding(m.padding, 2)
         if isinstance(padding, str):
             padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-        y = conv_matmul_grad(x, kernel, strides, tuple(tuple(p) for p in padding))
+        y = conv_matmul_grad(x, kernel, strides, tuple(tuple(p) for p in padding),
+                             backend_chunk())
         return y + bias.reshape(1, 1, 1, -1) if bias is not None else y
     return nn.intercept_methods(intercept)

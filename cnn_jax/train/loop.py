@@ -1,5 +1,6 @@
 """`train(config)`: from a model name, a dataset and a recipe to a trained network,
-on one CPU, one GPU, many devices or many hosts, resumable to the bit.
+on one CPU, one GPU, many devices or many hosts, resumable to the bit;
+`train_together(configs)`: several seeds of one recipe in one vmapped step.
 
 Phases: mesh -> input -> model -> state (init or restore) -> loop (compiled steps,
 logging, evaluation, checkpoints, signals) -> results.
@@ -24,13 +25,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from cnn_jax.data.pipeline import (ChunkPrefetcher, eval_batches, stack_batches,
-                                   to_global_array, train_dataset)
+from cnn_jax.data.pipeline import (ChunkPrefetcher, default_workers, eval_batches,
+                                   stack_batches, to_global_array, train_dataset)
 from cnn_jax.data.sources import DataError
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
 from cnn_jax.train.checkpoint import Checkpointer, drop_modules, load_pretrained
 from cnn_jax.train.config import TrainConfig, changed_fields, covers, module_names
+from cnn_jax.train.conv_grad import resolve
 from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
                                   model_input_shape, prepare_arrays, save_normaliser,
                                   split_arrays, subset, training_arrays)
@@ -109,15 +111,74 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     """Train (or resume, or re-read a finished run) and return results.json's content.
     `on_steps(n)` is called after every compiled call with the steps it took (for an
     outer progress bar)."""
-    cfg.validate()
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {out}: not writable ({e.strerror})") from None
+    return train_together([cfg], command, on_steps)[0]
+
+
+class _Run:
+    """One run's own part of a training job: its folder, checkpoints, log, input."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.ckpt: Optional[Checkpointer] = None
+        self.log: Optional[MetricsLog] = None
+        self.wall_before, self.restored_meta = 0.0, {}
+        self.last_train: Optional[dict] = None
+        self.last_eval: Optional[dict] = None
+
+
+class _Together:
+    """Several runs' grain iterators drawn as one: a list of batches per draw, a list
+    of states (each run's checkpoint stores its own)."""
+
+    def __init__(self, iterators):
+        self.iterators = iterators
+
+    def __next__(self):
+        return [next(it) for it in self.iterators]
+
+    def get_state(self):
+        return [it.get_state() for it in self.iterators]
+
+
+def check_together(cfgs: list[TrainConfig]) -> None:
+    """Runs trained at once must share everything but the seed and the folder."""
+    outs = [str(Path(c.out).absolute()) for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"runs trained together need their own --out folders; got {outs}")
+    base = dataclasses.replace(cfgs[0], seed=0, out="").to_json()
+    for c in cfgs[1:]:
+        other = dataclasses.replace(c, seed=0, out="").to_json()
+        diff = sorted(k for k in base if base[k] != other[k])
+        if diff:
+            raise ValueError(f"runs trained together may differ only in seed and --out; "
+                             f"{c.out} differs from {cfgs[0].out} in {', '.join(diff)}")
+
+
+def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
+                   on_steps: Optional[Callable[[int], None]] = None) -> list[dict]:
+    """Train runs of one recipe that differ only in their seed at once, one vmapped
+    step for all (`seeds_at_once`; on a GPU several small nets fill the chip better than
+    one), each with its own data order, augmentation, initialisation, checkpoints, log
+    and results in its own folder, exactly the files `train` writes. One configuration
+    is `train` itself. Each run computes its own function: the same as trained alone
+    up to rounding (batched kernels sum in another order), and a resumed group repeats
+    its uninterrupted self bit for bit. `on_steps(n)` counts the steps of all runs."""
+    if not cfgs:
+        raise ValueError("train_together: no configuration given")
+    for cfg in cfgs:
+        cfg.validate()
+    if len(cfgs) > 1:
+        check_together(cfgs)
+    runs = [_Run(c) for c in cfgs]
+    cfg, seeds, together = cfgs[0], len(cfgs), len(cfgs) > 1
+    for run in runs:
+        try:
+            run.out.mkdir(parents=True, exist_ok=True)
+            probe = run.out / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"--out {run.out}: not writable ({e.strerror})") from None
     command = command or " ".join(sys.argv)
 
     # ------------------------------------------------------------------ mesh
@@ -138,9 +199,12 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     normaliser = make_normaliser(cfg.normalise, train_arrays.images, cfg.init_from)
     normalise = make_input_fn(normaliser, cfg.resize)
     input_shape = model_input_shape(train_arrays.images.shape[1:], cfg.resize)
-    dataset = train_dataset(train_arrays, cfg.batch, cfg.seed, make_augment(cfg, train_arrays),
-                            cfg.workers,
-                            jax.process_index(), jax.process_count())
+    augment = make_augment(cfg, train_arrays)
+    # the runs share the host's worker processes
+    workers = cfg.workers if not together else \
+        (cfg.workers if cfg.workers is not None else default_workers()) // seeds
+    datasets = [train_dataset(train_arrays, cfg.batch, run.cfg.seed, augment, workers,
+                              jax.process_index(), jax.process_count()) for run in runs]
 
     # ------------------------------------------------------------------ model
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
@@ -155,9 +219,9 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
     train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
                                  warmup_until_error=cfg.warmup_until_error,
                                  label_smoothing=cfg.label_smoothing, trainable=trainable,
-                                 conv_grad=cfg.conv_grad)
+                                 conv_grad=resolve(cfg.conv_grad, seeds))
     step_one, step_many, eval_step = compile_steps(train_step, make_eval_step(model, normalise),
-                                                   mesh)
+                                                   mesh, seeds)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
     modules = list(abstract["params"])
@@ -168,131 +232,170 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
                                  f"{cfg.model}; its modules: {', '.join(modules)}")
 
     # ------------------------------------------------------------------ state: init or restore
-    def init_state(pretrained):
-        _, step_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
-        variables = initial_variables(model, cfg.seed, input_shape, pretrained, cfg.init_from)
+    def init_state(pretrained, seed):
+        _, step_rng = jax.random.split(jax.random.PRNGKey(seed))
+        variables = initial_variables(model, seed, input_shape, pretrained, cfg.init_from)
         return TrainState.create(variables, tx, step_rng)
 
-    ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
+    for run in runs:
+        run.ckpt = Checkpointer(run.out / "checkpoints", cfg.keep_checkpoints)
+        run.log = MetricsLog(run.out / "metrics.jsonl")
+    starts = {run.ckpt.latest_step() for run in runs}
+    if len(starts) > 1:
+        raise ValueError(f"runs trained together must resume from the same step; their "
+                         f"latest checkpoints are at steps {[r.ckpt.latest_step() for r in runs]} "
+                         f"({', '.join(str(r.out) for r in runs)}): train them one by one")
+    start = starts.pop()
     pretrained = None
-    if cfg.init_from and ckpt.latest_step() is None:  # a resumed run restores instead
+    if cfg.init_from and start is None:  # a resumed run restores instead
         try:  # host arrays: the same on every process
             pretrained = jax.device_get(load_pretrained(cfg.init_from, cfg.model,
                                                         cfg.model_options))
         except FileNotFoundError as e:
             raise ValueError(f"--init-from: {e}") from None
         pretrained = drop_modules(pretrained, cfg.init_skip)
-    state = jax.jit(init_state, out_shardings=replicated)(pretrained)
-    log = MetricsLog(out / "metrics.jsonl")
-    data_iter = iter(dataset)
-    start = ckpt.latest_step()
-    wall_before, restored_meta = 0.0, {}
-    config_file = out / "config.json"
-    if start is not None:
-        meta = ckpt.read_meta(start)
-        if meta["config_digest"] != cfg.digest():
-            diff = changed_fields(meta["config"], cfg)
-            raise ConfigMismatch(
-                f"{out} holds a run with a different configuration (changed: "
-                f"{', '.join(diff) or 'unknown'}); resuming would mix two runs. Use another "
-                f"--out, or restore the original settings to resume.")
-        state, data_state, restored_meta = ckpt.restore(start, state)
-        wall_before = restored_meta.get("wall_s", 0.0)
-        data_iter.set_state(data_state)
+    make_state = jax.jit(init_state, static_argnums=1, out_shardings=replicated)
+    states = [make_state(pretrained, run.cfg.seed) for run in runs]
+    data_iters = [iter(d) for d in datasets]
+    for i, run in enumerate(runs):
+        config_file = run.out / "config.json"
+        if start is not None:
+            meta = run.ckpt.read_meta(start)
+            if meta["config_digest"] != run.cfg.digest():
+                diff = changed_fields(meta["config"], run.cfg)
+                raise ConfigMismatch(
+                    f"{run.out} holds a run with a different configuration (changed: "
+                    f"{', '.join(diff) or 'unknown'}); resuming would mix two runs. Use "
+                    f"another --out, or restore the original settings to resume.")
+            states[i], data_state, run.restored_meta = run.ckpt.restore(start, states[i])
+            run.wall_before = run.restored_meta.get("wall_s", 0.0)
+            data_iters[i].set_state(data_state)
+            if jax.process_index() == 0:
+                run.log.truncate_after(start)
+            print(f"resuming {run.out} from step {start}", file=sys.stderr)
+        elif config_file.exists() and json.loads(config_file.read_text()).get(
+                "config_digest") not in (None, run.cfg.digest()) \
+                and (run.out / "results.json").exists():
+            raise ConfigMismatch(f"{run.out} holds finished results of a different "
+                                 f"configuration; use another --out")
+        elif jax.process_index() == 0:
+            run.log.truncate_after(0)  # lines of an attempt that died before its first checkpoint
         if jax.process_index() == 0:
-            log.truncate_after(start)
-        print(f"resuming {out} from step {start}", file=sys.stderr)
-    elif config_file.exists() and json.loads(config_file.read_text()).get("config_digest") \
-            not in (None, cfg.digest()) and (out / "results.json").exists():
-        raise ConfigMismatch(f"{out} holds finished results of a different configuration; "
-                             f"use another --out")
-    elif jax.process_index() == 0:
-        log.truncate_after(0)  # lines of an attempt that died before its first checkpoint
-    if jax.process_index() == 0:
-        save_normaliser(out, normaliser, train_arrays.images.shape[1:])
-        config_file.write_text(json.dumps({"config": cfg.to_json(), "config_digest": cfg.digest(),
-                                           "command": command, "versions": versions(),
-                                           "hardware": hardware()}, indent=1))
-    step = int(jax.device_get(state.step))
+            save_normaliser(run.out, normaliser, train_arrays.images.shape[1:])
+            config_file.write_text(json.dumps(
+                {"config": run.cfg.to_json(), "config_digest": run.cfg.digest(),
+                 "command": command, "versions": versions(), "hardware": hardware(),
+                 **({"trained_together": [r.cfg.seed for r in runs]} if together else {})},
+                indent=1))
+    if together:
+        state = jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
+                        out_shardings=replicated)(*states)
+        data_iter = _Together(data_iters)
+    else:
+        state, data_iter = states[0], data_iters[0]
+    del states
+    step = start or 0
+
+    def run_state(state, i):
+        """Run i's own state (unbatched) out of the joint one."""
+        return jax.tree.map(lambda x: x[i], state) if together else state
 
     # ------------------------------------------------------------------ loop
     def next_boundary(s):
         return min(cfg.steps, *(math.floor(s / e + 1) * e for e in
                                 (cfg.log_every, cfg.eval_every, cfg.checkpoint_every)))
 
-    def evaluate(state, arrays=eval_arrays):
+    def evaluate(state, arrays=eval_arrays) -> list[dict]:
+        """Each run's loss and error on `arrays`."""
         sums = None
         for batch in eval_batches(arrays, eval_batch, jax.process_index(),
                                   jax.process_count()):
             del batch["index"]
             r = eval_step(state, to_global_array(batch, batch_sharding))
             sums = r if sums is None else jax.tree.map(jnp.add, sums, r)
-        sums = jax.device_get(sums)
-        return {"loss": float(sums["loss_sum"] / sums["count"]),
-                "error": float(sums["error_sum"] / sums["count"]), "n": int(sums["count"])}
+        sums = {k: np.asarray(v).reshape(seeds) for k, v in jax.device_get(sums).items()}
+        return [{"loss": float(sums["loss_sum"][i] / sums["count"][i]),
+                 "error": float(sums["error_sum"][i] / sums["count"][i]),
+                 "n": int(sums["count"][i])} for i in range(seeds)]
 
     def save(state, data_state, step_now):
         # metrics of steps not yet logged travel with the checkpoint, so a resumed run
         # logs exactly the lines an uninterrupted one would
-        unlogged = {k: v.tolist() for k, v in materialise(step_now).items()}
-        ckpt.save(step_now, state, data_state,
-                  {"config_digest": cfg.digest(), "config": cfg.to_json(),
-                   "unlogged_metrics": unlogged,
-                   "wall_s": wall_before + time.perf_counter() - wall_start})
+        merged = materialise(step_now)
+        for i, run in enumerate(runs):
+            unlogged = {k: v[:, i].tolist() for k, v in merged.items()}
+            run.ckpt.save(step_now, run_state(state, i),
+                          data_state[i] if together else data_state,
+                          {"config_digest": run.cfg.digest(), "config": run.cfg.to_json(),
+                           "unlogged_metrics": unlogged,
+                           "wall_s": run.wall_before + time.perf_counter() - wall_start})
 
-    pending: list = []   # per-step metrics not yet checked and logged
-    unlogged = restored_meta.get("unlogged_metrics") if start is not None else None
-    if unlogged and len(unlogged["loss"]):
-        pending = [{k: np.asarray(v, np.float32) for k, v in unlogged.items()}]
+    pending: list = []   # per-step metrics ([k] or [k, S]) not yet checked and logged
+    if start is not None:
+        restored = [r.restored_meta.get("unlogged_metrics") or {} for r in runs]
+        if restored[0] and len(restored[0]["loss"]):
+            pending = [{k: np.stack([np.asarray(u[k], np.float32) for u in restored], axis=-1)
+                        for k in ("loss", "error", "lr")}]
     window_images, window_start = 0, time.perf_counter()
     wall_start = time.perf_counter()
-    last_eval, last_train = None, None
     data_state = data_iter.get_state()
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not cfg.progress or jax.process_index() != 0, desc=cfg.model)
+               disable=not cfg.progress or jax.process_index() != 0,
+               desc=cfg.model + (f" x {seeds} seeds" if together else ""))
 
     def materialise(step_now) -> dict:
-        """Pending per-step metrics to one host dict; stop on a non-finite loss."""
+        """Pending per-step metrics to host arrays [steps, S]; stop on a non-finite loss."""
         nonlocal pending
         host = jax.device_get(pending)
-        merged = {k: np.concatenate([np.asarray(m[k], np.float32).reshape(-1) for m in host]
-                                    + [np.zeros(0, np.float32)]) for k in ("loss", "error", "lr")}
+        merged = {k: np.concatenate([np.asarray(m[k], np.float32).reshape(-1, seeds)
+                                     for m in host] + [np.zeros((0, seeds), np.float32)])
+                  for k in ("loss", "error", "lr")}
         pending = [merged]
-        bad = np.flatnonzero(~np.isfinite(merged["loss"]))
-        if len(bad):
-            first = step_now - len(merged["loss"])
-            raise NonFiniteLoss(
-                f"loss became {merged['loss'][bad[0]]} at step {first + bad[0] + 1}; stopped "
-                f"without saving. The last good checkpoint in {out / 'checkpoints'} is kept "
-                f"(step {ckpt.latest_step()}). Lower --lr or check the data.")
+        for i, run in enumerate(runs):
+            bad = np.flatnonzero(~np.isfinite(merged["loss"][:, i]))
+            if len(bad):
+                first = step_now - len(merged["loss"])
+                raise NonFiniteLoss(
+                    f"loss became {merged['loss'][bad[0], i]} at step {first + bad[0] + 1}"
+                    f"{f' in {run.out}' if together else ''}; stopped without saving. The "
+                    f"last good checkpoint in {run.out / 'checkpoints'} is kept (step "
+                    f"{run.ckpt.latest_step()}). Lower --lr or check the data.")
         return merged
 
     def flush(step_now):
         """Log the metrics of the steps since the last log line."""
-        nonlocal pending, window_images, window_start, last_train
+        nonlocal pending, window_images, window_start
         m = materialise(step_now)
         pending = []
         if not len(m["loss"]):
             return
         elapsed = time.perf_counter() - window_start
-        last_train = {"step": step_now, "epoch": step_now * cfg.batch / len(train_arrays),
-                      "lr": float(m["lr"][-1]),
-                      "train_loss": float(m["loss"].mean(dtype=np.float64)),
-                      "train_error": float(m["error"].mean(dtype=np.float64)),
-                      "img_per_s": window_images / elapsed if elapsed > 0 else None}
-        if jax.process_index() == 0:
-            log.write(last_train)
+        for i, run in enumerate(runs):
+            run.last_train = {
+                "step": step_now, "epoch": step_now * cfg.batch / len(train_arrays),
+                "lr": float(m["lr"][-1, i]),
+                "train_loss": float(m["loss"][:, i].mean(dtype=np.float64)),
+                "train_error": float(m["error"][:, i].mean(dtype=np.float64)),
+                "img_per_s": window_images / elapsed if elapsed > 0 else None}
+            if jax.process_index() == 0:
+                run.log.write(run.last_train)
         window_images, window_start = 0, time.perf_counter()
-        bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
-                        err=f"{last_train['train_error']:.3f}", lr=f"{last_train['lr']:.3g}")
+        shown = runs[0].last_train
+        bar.set_postfix(loss=f"{shown['train_loss']:.3f}", err=f"{shown['train_error']:.3f}",
+                        lr=f"{shown['lr']:.3g}")
 
-    chunk_sharding = NamedSharding(mesh, P(None, "data"))
+    # [S, B, ...] per step when runs train together; [k, ...] chunks for k steps a call
+    lead = (None,) if together else ()
+    step_sharding = NamedSharding(mesh, P(*lead, "data"))
+    chunk_sharding = NamedSharding(mesh, P(None, *lead, "data"))
 
     def to_device(host_batches):
         """k host batches -> the compiled call's input (runs on the prefetch thread)."""
+        if together:  # each draw holds one batch per run
+            host_batches = [stack_batches(draw) for draw in host_batches]
         if cfg.steps_per_call == 1:
             b = host_batches[0]
-            return to_global_array({"image": b["image"], "label": b["label"]}, batch_sharding)
+            return to_global_array({"image": b["image"], "label": b["label"]}, step_sharding)
         return to_global_array(stack_batches(host_batches), chunk_sharding)
 
     calls, s = [], step  # steps per compiled call: k stops at every log/eval/save step
@@ -312,63 +415,78 @@ def train(cfg: TrainConfig, command: Optional[str] = None,
             window_images += k * cfg.batch
             bar.update(k)
             if on_steps is not None:
-                on_steps(k)
+                on_steps(k * seeds)
             stopping = signals.received is not None
             if step % cfg.log_every == 0 or step == cfg.steps:
                 flush(step)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_eval = {"step": step, **{f"eval_{k}": v for k, v in evaluate(state).items()},
-                             "eval_split": eval_split}
-                if jax.process_index() == 0:
-                    log.write(last_eval)
-                seen = (f"train loss {last_train['train_loss']:.4f} err "
-                        f"{100 * last_train['train_error']:.2f}%  |  " if last_train else "")
-                tqdm.write(f"step {step:>7}  {seen}{eval_split} loss {last_eval['eval_loss']:.4f}"
-                           f" err {100 * last_eval['eval_error']:.2f}%", file=sys.stderr)
+                for run, ev in zip(runs, evaluate(state)):
+                    run.last_eval = {"step": step, **{f"eval_{k}": v for k, v in ev.items()},
+                                     "eval_split": eval_split}
+                    if jax.process_index() == 0:
+                        run.log.write(run.last_eval)
+                    seen = (f"train loss {run.last_train['train_loss']:.4f} err "
+                            f"{100 * run.last_train['train_error']:.2f}%  |  "
+                            if run.last_train else "")
+                    seed = f"seed {run.cfg.seed}  " if together else ""
+                    tqdm.write(f"step {step:>7}  {seed}{seen}{eval_split} loss "
+                               f"{run.last_eval['eval_loss']:.4f} err "
+                               f"{100 * run.last_eval['eval_error']:.2f}%", file=sys.stderr)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 save(state, data_state, step)
             if stopping:
-                ckpt.wait()
+                for run in runs:
+                    run.ckpt.wait()
                 bar.close()
                 name = signal.Signals(signals.received).name
-                print(f"{name}: saved step {step} to {out / 'checkpoints'}; re-run the same "
-                      f"command to resume", file=sys.stderr)
+                print(f"{name}: saved step {step} to "
+                      f"{', '.join(str(r.out / 'checkpoints') for r in runs)}; re-run the "
+                      f"same command to resume", file=sys.stderr)
                 raise SystemExit(128 + signals.received)
     bar.close()
-    ckpt.wait()
+    for run in runs:
+        run.ckpt.wait()
 
     # ------------------------------------------------------------------ results
-    if last_eval is None or last_eval["step"] != step:
-        last_eval = {"step": step, **{f"eval_{k}": v for k, v in evaluate(state).items()}}
+    if any(r.last_eval is None or r.last_eval["step"] != step for r in runs):
+        for run, ev in zip(runs, evaluate(state)):
+            run.last_eval = {"step": step, **{f"eval_{k}": v for k, v in ev.items()}}
     if cfg.holdout:  # selection used the holdout; the test set is read once, at the end
         try:
             test_arrays = split_arrays(dataclasses.replace(cfg, holdout=0), "test")
         except DataError:  # an ImageFolder of the user's without test/ (or val/) images
             test_arrays = None
         if test_arrays is not None:
-            test = evaluate(state, prepare_arrays(test_arrays, cfg.input_pad))
-            last_eval.update(final_test_loss=test["loss"], final_test_error=test["error"])
-    history = log.read()
-    train_records = [r for r in history if "train_loss" in r]
-    rates = [r["img_per_s"] for r in train_records if r.get("img_per_s")]
-    results = {
-        "model": cfg.model, "data": cfg.data, "params": n_params, "steps": step,
-        "seed": cfg.seed, "batch": cfg.batch,
-        "final_train_loss": train_records[-1]["train_loss"] if train_records else None,
-        "final_train_error": train_records[-1]["train_error"] if train_records else None,
-        f"final_{eval_split}_loss": last_eval["eval_loss"],
-        f"final_{eval_split}_error": last_eval["eval_error"],
-        **{k: v for k, v in last_eval.items() if k.startswith("final_test")},
-        "final_params_digest": params_digest(state.params),
-        "warmup_end": int(jax.device_get(state.warmup_end)) if cfg.warmup_lr else None,
-        "wall_s": wall_before + time.perf_counter() - wall_start,
-        "img_per_s": float(np.median(rates)) if rates else None,
-        "hardware": hardware(), "versions": versions(), "command": command,
-        "config": cfg.to_json(),
-    }
-    if jax.process_index() == 0:
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(out / "results.json")
-    ckpt.close()
-    return results
+            for run, test in zip(runs, evaluate(state, prepare_arrays(test_arrays,
+                                                                       cfg.input_pad))):
+                run.last_eval.update(final_test_loss=test["loss"],
+                                     final_test_error=test["error"])
+    out = []
+    for i, run in enumerate(runs):
+        own = run_state(state, i)
+        history = run.log.read()
+        train_records = [r for r in history if "train_loss" in r]
+        rates = [r["img_per_s"] for r in train_records if r.get("img_per_s")]
+        results = {
+            "model": cfg.model, "data": cfg.data, "params": n_params, "steps": step,
+            "seed": run.cfg.seed, "batch": cfg.batch,
+            "final_train_loss": train_records[-1]["train_loss"] if train_records else None,
+            "final_train_error": train_records[-1]["train_error"] if train_records else None,
+            f"final_{eval_split}_loss": run.last_eval["eval_loss"],
+            f"final_{eval_split}_error": run.last_eval["eval_error"],
+            **{k: v for k, v in run.last_eval.items() if k.startswith("final_test")},
+            "final_params_digest": params_digest(own.params),
+            "warmup_end": int(jax.device_get(own.warmup_end)) if cfg.warmup_lr else None,
+            "wall_s": run.wall_before + time.perf_counter() - wall_start,
+            "img_per_s": float(np.median(rates)) if rates else None,
+            **({"trained_together": [r.cfg.seed for r in runs]} if together else {}),
+            "hardware": hardware(), "versions": versions(), "command": command,
+            "config": run.cfg.to_json(),
+        }
+        if jax.process_index() == 0:
+            tmp = run.out / "results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(run.out / "results.json")
+        run.ckpt.close()
+        out.append(results)
+    return out

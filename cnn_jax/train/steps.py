@@ -179,20 +179,29 @@ def seeds_at_once(train_step):
     """S independent runs (their own parameters, data and randomness) as one step:
     `vmap` over a leading seed axis of the state and the batch, [S, ...] in and out.
     Every kernel then does S runs' work: a CIFAR ResNet's step on a GPU is ~1,000
-    kernels too small to fill the chip (docs/benchmarks.md), so S seeds together
-    should cost much less there than S steps one after another (`scripts/bench_train.py
-    --seeds 1 5` measures it). Each run's BatchNorm statistics stay its own."""
+    kernels too small to fill the chip (docs/benchmarks.md), so S seeds together cost
+    less there than S steps one after another (on an H200, 5 ResNet-56 seeds: 1.5x the
+    throughput; on CPUs they cost more). Each run's BatchNorm statistics stay its own.
+    Kernel gradients should be `conv_grad="matmul"` (`resolve(..., seeds=S)` picks it):
+    vmap turns XLA's into a grouped convolution that cuDNN runs group by group."""
     return jax.vmap(train_step)
 
 
-def compile_steps(train_step, eval_step, mesh):
-    """jit with the state replicated, batches sharded along `data`, state donated."""
+def compile_steps(train_step, eval_step, mesh, seeds: int = 1):
+    """jit with the state replicated, batches sharded along `data`, state donated.
+    `seeds` > 1: S runs at once (seeds_at_once), states and batches [S, ...]; each
+    run is evaluated on the same evaluation batch."""
     replicated = NamedSharding(mesh, P())
-    batch = NamedSharding(mesh, P("data"))
-    chunk = NamedSharding(mesh, P(None, "data"))
+    lead = (None,) if seeds > 1 else ()
+    batch = NamedSharding(mesh, P(*lead, "data"))
+    chunk = NamedSharding(mesh, P(None, *lead, "data"))
+    if seeds > 1:
+        train_step = seeds_at_once(train_step)
+        eval_step = jax.vmap(eval_step, in_axes=(0, None))
     one = jax.jit(train_step, in_shardings=(replicated, batch),
                   out_shardings=(replicated, replicated), donate_argnums=0)
     many = jax.jit(multi_step(train_step), in_shardings=(replicated, chunk),
                    out_shardings=(replicated, replicated), donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(replicated, batch), out_shardings=replicated)
+    evaluate = jax.jit(eval_step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+                       out_shardings=replicated)
     return one, many, evaluate
