@@ -434,6 +434,25 @@ def test_seeds_together_resume_after_sigterm_is_bit_identical(tmp_path):
         assert strip(tmp_path / f"run{s}") == strip(tmp_path / f"ref{s}")
 
 
+def test_seeds_together_on_eight_devices_equal_one(tmp_path):
+    """The [seeds, batch] input sharded along the batch over 8 devices: each seed's
+    parameters are those of 1 device (global-batch BatchNorm) up to rounding."""
+    code = ("import sys; from cnn_jax.train import TrainConfig; "
+            "from cnn_jax.train.loop import train_together; "
+            f"train_together([TrainConfig(**{{**{dict(SMALL, steps=4, steps_per_call=2)!r}, "
+            "'seed': s}, out=f'{sys.argv[1]}/s{s}') for s in (0, 1)])")
+    for name, env in (("one", {}), ("eight", {"XLA_FLAGS":
+                                              "--xla_force_host_platform_device_count=8"})):
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)],
+                           env=dict(os.environ, JAX_PLATFORMS="cpu", **env),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    for s in (0, 1):
+        assert results(tmp_path / "eight" / f"s{s}")["hardware"]["devices"] == 8
+        assert max_rel_diff(load_variables(tmp_path / "one" / f"s{s}"),
+                            load_variables(tmp_path / "eight" / f"s{s}")) < 1e-4
+
+
 def test_runs_trained_together_must_share_recipe_folder_and_step(tmp_path):
     from cnn_jax.train.loop import train_together
     a, b = together_cfgs(tmp_path, "r", steps=2)
