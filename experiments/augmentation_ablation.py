@@ -27,7 +27,7 @@ images, 64k iterations at batch 128 with the paper's schedule, 3 seeds: for a GP
 Evidence: docs/results.md records the `quick` run.
 
     python -m experiments.augmentation_ablation [--preset auto|paper|quick|smoke]
-        [--settings ...] [--seeds N] [--out DIR] [--data-dir DIR]
+        [--settings ...] [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> int:
     from cnn_jax.data import DataError
     from cnn_jax.train.loop import ConfigMismatch, hardware, versions
-    from cnn_jax.train.sweep import choose_preset, guard_out, run_all
+    from cnn_jax.train.sweep import add_seeds_together, choose_preset, guard_out, run_all
 
     p = argparse.ArgumentParser(prog="python -m experiments.augmentation_ablation",
                                 description=__doc__.split("\n\n")[0],
@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--seeds", type=int, default=None, help="default per preset")
+    add_seeds_together(p)
     p.add_argument("--out", default=None, help="default runs/augmentation_ablation-<preset>")
     p.add_argument("--data", default=None)
     p.add_argument("--data-dir", default=None)
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
     try:
         guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset),
                         "data": args.data or preset.data})
-        results = run_all(configs, args.command, [f"{s} seed {seed}" for s, seed in jobs])
+        results = run_all(configs, args.command, [f"{s} seed {seed}" for s, seed in jobs],
+                          together=args.seeds_together)
         rates = {s: pipeline_rate(configs[args.settings.index(s)], preset.pipeline_batches)
                  for s in args.settings}
     except (DataError, ConfigMismatch, ValueError) as e:

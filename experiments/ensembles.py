@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn_jax.train.sweep import choose_preset, guard_out, run_all
+from cnn_jax.train.sweep import add_seeds_together, choose_preset, guard_out, run_all
 
 # ------------------------------------------------------------------ configuration
 VIEWS = (1, 2, 10)
@@ -174,9 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--seeds-together", action="store_true",
-                   help="train the members at once, in one vmapped step (faster on GPUs, "
-                        "slower on CPUs: docs/benchmarks.md)")
+    add_seeds_together(p)
     args = p.parse_args(argv)
     args.command = " ".join([
         "python -m experiments.ensembles", *(sys.argv[1:] if argv is None else argv)])

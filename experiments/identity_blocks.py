@@ -25,7 +25,7 @@ arm), `smoke` (seconds), `auto` (paper on a GPU/TPU, quick on a CPU).
 Evidence: docs/results.md records the `quick` run.
 
     python -m experiments.identity_blocks [--preset auto|paper|quick|smoke]
-        [--base RUN] [--blocks K] [--seeds N] [--out DIR] [--data-dir DIR]
+        [--base RUN] [--blocks K] [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     from cnn_jax.train.inputs import model_input_shape, subset, training_arrays
     from cnn_jax.train.loop import ConfigMismatch, hardware, versions
     from cnn_jax.train.state import initial_variables
-    from cnn_jax.train.sweep import choose_preset, guard_out, run_all
+    from cnn_jax.train.sweep import add_seeds_together, choose_preset, guard_out, run_all
 
     p = argparse.ArgumentParser(prog="python -m experiments.identity_blocks",
                                 description=__doc__.split("\n\n")[0],
@@ -224,6 +224,7 @@ def main(argv=None) -> int:
                    "(default: the main experiment's ResNet of the preset, trained if missing)")
     p.add_argument("--blocks", type=int, default=None, help="blocks to append (default per preset)")
     p.add_argument("--seeds", type=int, default=1, help="seeds of the new blocks and the training")
+    add_seeds_together(p)
     p.add_argument("--out", default=None, help="default runs/identity_blocks-<preset>")
     p.add_argument("--data", default=None)
     p.add_argument("--data-dir", default=None)
@@ -285,7 +286,8 @@ def main(argv=None) -> int:
             shape = model_input_shape(splits["test_error"].images.shape[1:], cfg.resize)
             appended.append(initial_variables(model, cfg.seed, shape, base_member.variables,
                                               str(base)))
-        trained = run_all(configs, args.command, [f"{a} seed {s}" for a, s in jobs])
+        trained = run_all(configs, args.command, [f"{a} seed {s}" for a, s in jobs],
+                          together=args.seeds_together)
         probes = {arm: Probe(configs[jobs.index((arm, 0))], data_dir) for arm in ARMS}
         base_errors = probes["control"].errors(base_member.variables, splits)
         rows = []

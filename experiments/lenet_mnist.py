@@ -22,7 +22,7 @@ nets on a 2-core CPU),
 Evidence: docs/results.md records the default run.
 
     python -m experiments.lenet_mnist [--preset default|paper|smoke] [--variants ...]
-        [--seeds N] [--out DIR] [--data-dir DIR]
+        [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from cnn_jax.train.sweep import curve, guard_out, mean_std, run_all
+from cnn_jax.train.sweep import add_seeds_together, curve, guard_out, mean_std, run_all
 
 # ------------------------------------------------------------------ configuration
 PAPER_ERROR = {"lenet5_classic": 0.95}  # Sec. III.C, no distortions
@@ -156,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=list(PRESETS), default="default")
     p.add_argument("--variants", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     p.add_argument("--seeds", type=int, default=1)
+    add_seeds_together(p)
     p.add_argument("--out", default=None, help="default runs/lenet_mnist-<preset>")
     p.add_argument("--data", default=None, help="dataset (default mnist)")
     p.add_argument("--data-dir", default=None)
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
         jobs = [(v, seed) for seed in range(args.seeds) for v in args.variants]
         configs = [run_config(v, preset, seed, args, out / "nets" / f"{v}-seed{seed}", n_train)
                    for v, seed in jobs]
-        results = run_all(configs, args.command, [f"{v} seed {s}" for v, s in jobs])
+        results = run_all(configs, args.command, [f"{v} seed {s}" for v, s in jobs],
+                          together=args.seeds_together)
     except (DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

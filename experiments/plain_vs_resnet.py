@@ -36,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-from cnn_jax.train.sweep import choose_preset, guard_out, mean_std
+from cnn_jax.train.sweep import add_seeds_together, choose_preset, guard_out, mean_std
 
 # ------------------------------------------------------------------ configuration
 PAPER_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}  # Table 6
@@ -220,10 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--depths", type=int, nargs="+", default=None,
                    help="6n+2 depths for both families (plain nets up to 110)")
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--seeds-together", action="store_true",
-                   help="train each net's seeds at once, in one vmapped step: on an H200 "
-                        "5 ResNet-56 seeds train 1.5x faster than one after another; "
-                        "slower on CPUs (docs/benchmarks.md)")
+    add_seeds_together(p)
     p.add_argument("--out", default=None, help="default runs/plain_vs_resnet-<preset>")
     p.add_argument("--data", default=None, help="dataset (default cifar10)")
     p.add_argument("--data-dir", default=None)

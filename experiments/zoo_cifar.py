@@ -25,7 +25,7 @@ only show how far each net gets on the same few thousand images), `smoke` (tests
 `auto` (full on an accelerator, quick on a CPU). Evidence: docs/results.md.
 
     python -m experiments.zoo_cifar [--preset auto|full|quick|smoke] [--nets ...]
-        [--seeds N] [--out DIR] [--data-dir DIR]
+        [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn_jax.train.sweep import choose_preset, guard_out, mean_std, run_all
+from cnn_jax.train.sweep import add_seeds_together, choose_preset, guard_out, mean_std, run_all
 
 # ------------------------------------------------------------------ configuration
 
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
     p.add_argument("--nets", nargs="+", choices=list(ZOO), default=list(ZOO))
     p.add_argument("--seeds", type=int, default=1)
+    add_seeds_together(p)
     p.add_argument("--out", default=None, help="default runs/zoo_cifar-<preset>")
     p.add_argument("--data", default=None, help="dataset (default cifar10)")
     p.add_argument("--data-dir", default=None)
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
         jobs = [(k, seed) for seed in range(args.seeds) for k in args.nets]
         configs = [run_config(k, preset, seed, args, out / "nets" / f"{k}-seed{seed}")
                    for k, seed in jobs]
-        results = run_all(configs, args.command, [f"{k} seed {s}" for k, s in jobs])
+        results = run_all(configs, args.command, [f"{k} seed {s}" for k, s in jobs],
+                          together=args.seeds_together)
     except (DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -70,6 +70,14 @@ def finished(cfg: TrainConfig) -> Optional[dict]:
     return None
 
 
+def add_seeds_together(parser) -> None:
+    """The experiments' `--seeds-together` flag (run_all's `together`)."""
+    parser.add_argument("--seeds-together", action="store_true",
+                        help="train the seeds of each configuration at once, in one vmapped "
+                             "step: on an H200 5 ResNet-56 seeds ran 1.5x faster than one "
+                             "after another; on CPUs slower (docs/benchmarks.md)")
+
+
 def saved_step(cfg: TrainConfig) -> Optional[int]:
     """The step of a run's latest finished checkpoint (orbax renames a checkpoint's
     folder to its step number once it is complete), or None."""
