@@ -434,6 +434,7 @@ def test_seeds_together_resume_after_sigterm_is_bit_identical(tmp_path):
         assert strip(tmp_path / f"run{s}") == strip(tmp_path / f"ref{s}")
 
 
+@pytest.mark.slow  # 45 s; the single-run 8-device test stays in the default run
 def test_seeds_together_on_eight_devices_equal_one(tmp_path):
     """The [seeds, batch] input sharded along the batch over 8 devices: each seed's
     parameters are those of 1 device (global-batch BatchNorm) up to rounding."""
