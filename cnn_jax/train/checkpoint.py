@@ -49,6 +49,19 @@ class Checkpointer:
         self.manager.close()
 
 
+def saved_step(run_dir: Path) -> Optional[int]:
+    """The step of a run's latest finished checkpoint, None if it has none (reads only:
+    creates nothing)."""
+    directory = Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    manager = ocp.CheckpointManager(directory.absolute(), item_names=("state", "data", "meta"))
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
 def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
     """{'params', 'batch_stats'} of a run's checkpoint (latest by default) as host
     arrays, for evaluation and comparison without rebuilding the train state."""
@@ -56,13 +69,11 @@ def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
     if not directory.is_dir():
         raise FileNotFoundError(f"{run_dir}: no checkpoints folder (expected the --out "
                                 f"directory of a training run)")
-    manager = ocp.CheckpointManager(directory.absolute(), item_names=("state", "data", "meta"))
-    step = manager.latest_step() if step is None else step
+    step = saved_step(run_dir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory}: holds no finished checkpoint")
     # a target on this process's first device, so a checkpoint written on any number
     # of devices loads here
-    manager.close()
     path = directory.absolute() / str(step) / "state"
     checkpointer = ocp.StandardCheckpointer()
     # reading one item of a composite checkpoint directly: orbax warns that the

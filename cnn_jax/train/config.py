@@ -93,6 +93,11 @@ class TrainConfig:
         d["milestones"] = list(d["milestones"])
         return d
 
+    def seedless(self) -> dict:
+        """Every field but the seed and the output folder: what runs trained together
+        (cnn_jax.train.loop.train_together) must share."""
+        return dataclasses.replace(self, seed=0, out="").to_json()
+
     @classmethod
     def of_run(cls, run_dir) -> "TrainConfig":
         """The configuration a run's --out folder was trained with."""

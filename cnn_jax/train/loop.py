@@ -145,9 +145,9 @@ def check_together(cfgs: list[TrainConfig]) -> None:
     outs = [str(Path(c.out).absolute()) for c in cfgs]
     if len(set(outs)) != len(outs):
         raise ValueError(f"runs trained together need their own --out folders; got {outs}")
-    base = dataclasses.replace(cfgs[0], seed=0, out="").to_json()
+    base = cfgs[0].seedless()
     for c in cfgs[1:]:
-        other = dataclasses.replace(c, seed=0, out="").to_json()
+        other = c.seedless()
         diff = sorted(k for k in base if base[k] != other[k])
         if diff:
             raise ValueError(f"runs trained together may differ only in seed and --out; "

@@ -78,24 +78,14 @@ def add_seeds_together(parser) -> None:
                              "after another; on CPUs slower (docs/benchmarks.md)")
 
 
-def saved_step(cfg: TrainConfig) -> Optional[int]:
-    """The step of a run's latest finished checkpoint (orbax renames a checkpoint's
-    folder to its step number once it is complete), or None."""
-    folder = Path(cfg.out) / "checkpoints"
-    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] \
-        if folder.is_dir() else []
-    return max(steps, default=None)
-
-
 def seed_groups(configs: list[TrainConfig]) -> list[list[TrainConfig]]:
     """Configurations that differ only in seed (and folder) and stand at the same step,
     in groups that can train at once (`train_together`), in order of first appearance."""
-    import dataclasses
+    from cnn_jax.train.checkpoint import saved_step
     groups: dict = {}
     for c in configs:
-        recipe = json.dumps(dataclasses.replace(c, seed=0, out="").to_json(), sort_keys=True,
-                            default=str)
-        groups.setdefault((recipe, saved_step(c)), []).append(c)
+        recipe = json.dumps(c.seedless(), sort_keys=True, default=str)
+        groups.setdefault((recipe, saved_step(c.out)), []).append(c)
     return list(groups.values())
 
 
