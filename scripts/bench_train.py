@@ -39,11 +39,10 @@ from cnn_jax.train.config import CONV_GRADS
 
 
 def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = "auto",
-              seeds: int = 1, update: str = "flat"):
+              seeds: int = 1):
     """The engine's jitted train step (k steps per call when k > 1; `seeds` runs
     vmapped into one step when seeds > 1), a fresh state and one resident batch of
-    random uint8 images: (fn, state, data, conv_grad used). `update`: "flat" (the
-    engine's: steps.flat_sgd) or "tree" (optax's update, one kernel per tensor)."""
+    random uint8 images: (fn, state, data, conv_grad used)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -51,8 +50,7 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = 
     from cnn_jax.train import schedules
     from cnn_jax.train.conv_grad import resolve
     from cnn_jax.train.state import TrainState
-    from cnn_jax.train.steps import (flat_sgd, make_optimizer, make_train_step, multi_step,
-                                     seeds_at_once)
+    from cnn_jax.train.steps import make_optimizer, make_train_step, multi_step, seeds_at_once
 
     model = create_model(model_name, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     tx = make_optimizer(0.9, 1e-4)
@@ -60,8 +58,7 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = 
     mean = jnp.asarray(np.random.default_rng(0).uniform(100, 150, (32, 32, 3)), jnp.float32)
     conv_grad = resolve(conv_grad, seeds)
     train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean,
-                                 conv_grad=conv_grad,
-                                 update=flat_sgd(0.9, 1e-4) if update == "flat" else None)
+                                 conv_grad=conv_grad)
     if seeds > 1:
         train_step = seeds_at_once(train_step)
     fn = jax.jit(multi_step(train_step) if k > 1 else train_step, donate_argnums=0)
@@ -78,10 +75,10 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = 
 
 def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
                   repeats: int, pipeline: bool = False, data_dir=None,
-                  conv_grad: str = "auto", seeds: int = 1, update: str = "flat") -> dict:
+                  conv_grad: str = "auto", seeds: int = 1) -> dict:
     import jax
 
-    fn, state, data, conv_grad = make_step(model_name, batch, dtype, k, conv_grad, seeds, update)
+    fn, state, data, conv_grad = make_step(model_name, batch, dtype, k, conv_grad, seeds)
     calls = max(1, steps // k)
     for _ in range(2):  # compile + warm-up
         state, m = fn(state, data)
@@ -95,8 +92,7 @@ def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
         times.append((time.perf_counter() - t) / (calls * k))
     ms = 1000 * statistics.median(times)
     out = {"impl": "ours", "model": model_name, "batch": batch, "dtype": dtype,
-           "steps_per_call": k, "conv_grad": conv_grad, "seeds": seeds, "update": update,
-           "ms_per_step": ms,
+           "steps_per_call": k, "conv_grad": conv_grad, "seeds": seeds, "ms_per_step": ms,
            "img_per_s": seeds * batch / ms * 1000}  # a step of all seeds; images of all
     if pipeline and seeds == 1:  # the loop's input path: grain -> prefetch thread -> device
         from cnn_jax.data import load
@@ -139,8 +135,6 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1],
                    help="independent runs vmapped into one step (cnn_jax.train.steps."
                    "seeds_at_once); img/s then counts the images of all of them")
-    p.add_argument("--update", nargs="+", choices=["flat", "tree"], default=["flat"],
-                   help="parameter update over one vector (the engine's) or per tensor")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reference", choices=["none", "torch"], default="none")
@@ -157,12 +151,12 @@ def main(argv=None) -> int:
     for model in a.model:
         for batch in a.batch:
             for dtype in a.dtype:
-                for k, cg, n, u in [(k, cg, n, u) for k in a.steps_per_call
-                                    for cg in a.conv_grad for n in a.seeds for u in a.update]:
+                for k, cg, n in [(k, cg, n) for k in a.steps_per_call for cg in a.conv_grad
+                                 for n in a.seeds]:
                     fed = a.pipeline and (model, batch, dtype) == (a.model[0], a.batch[0],
                                                                    a.dtype[0])
                     r = our_step_time(model, batch, dtype, k, max(a.steps, k), a.repeats,
-                                      fed, a.data_dir, cg, n, u)
+                                      fed, a.data_dir, cg, n)
                     ours.append(r)
                     if not a.json:
                         print(json.dumps(r), file=sys.stderr)

@@ -83,8 +83,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-call", type=int, default=1)
     p.add_argument("--seeds", type=int, default=1, help="runs vmapped into one step")
     p.add_argument("--conv-grad", choices=["auto", "xla", "matmul"], default="auto")
-    p.add_argument("--update", choices=["flat", "tree"], default="flat",
-                   help="parameter update over one vector or per tensor (bench_train.make_step)")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temp dir)")
@@ -96,7 +94,7 @@ def main(argv=None) -> int:
     from cnn_jax.train.loop import hardware, versions
 
     fn, state, data, conv_grad = make_step(a.model, a.batch, a.dtype, a.steps_per_call,
-                                           a.conv_grad, a.seeds, a.update)
+                                           a.conv_grad, a.seeds)
     for _ in range(2):  # compile + warm-up
         state, _ = fn(state, data)
     jax.block_until_ready(state)

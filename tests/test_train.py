@@ -112,33 +112,6 @@ def test_decay_mask_spares_batchnorm_and_biases():
     assert not mask["stem"]["bn"]["scale"] and not mask["fc"]["bias"]
 
 
-@pytest.mark.parametrize("nesterov,decay_norm_and_bias", [(False, True), (True, False)])
-def test_flat_update_is_optax_update_bit_for_bit(nesterov, decay_norm_and_bias):
-    """The training loop's update over one vector (steps.flat_sgd) computes exactly what
-    optax's per-tensor update and p - lr d compute, and keeps optax's state layout."""
-    from cnn_jax.train.steps import flat_sgd
-    params = create_model("resnet8").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
-    keys = iter(jax.random.split(jax.random.key(1), 100))
-    tx = make_optimizer(0.9, 5e-4, nesterov, decay_norm_and_bias)
-    flat = flat_sgd(0.9, 5e-4, nesterov, decay_norm_and_bias)
-
-    @jax.jit
-    def by_optax(g, s, p, lr):
-        d, s = tx.update(g, s, p)
-        return jax.tree.map(lambda a, b: a - lr * b, p, d), s
-
-    a = b = (params, tx.init(params))
-    for lr in (0.1, 0.1, 0.01):
-        grads = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), params)
-        a = by_optax(grads, a[1], a[0], lr)
-        b = jax.jit(flat)(grads, b[1], b[0], lr)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
-    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a[0]),
-                                                         jax.tree.leaves(params)))
-
-
 # ------------------------------------------------------------------ determinism, K steps
 def test_same_seed_same_result_bit_for_bit(tmp_path):
     a = train(TrainConfig(**SMALL, steps=6, out=str(tmp_path / "a")))

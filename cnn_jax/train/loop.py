@@ -38,8 +38,8 @@ from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
                                   split_arrays, subset, training_arrays)
 from cnn_jax.train.metrics import MetricsLog, params_digest
 from cnn_jax.train.state import TrainState, initial_variables
-from cnn_jax.train.steps import (compile_steps, flat_sgd, freeze, make_eval_step,
-                                 make_optimizer, make_train_step)
+from cnn_jax.train.steps import (compile_steps, freeze, make_eval_step, make_optimizer,
+                                 make_train_step)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -214,15 +214,12 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
     lr_fn = schedules.with_warmup(
         schedules.make_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.milestones), cfg.warmup_lr)
     trainable = module_names(cfg.trainable)
-    # one update over all parameters (the same arithmetic, far fewer kernels on a GPU)
-    update = None if trainable else flat_sgd(cfg.momentum, cfg.weight_decay, cfg.nesterov,
-                                             cfg.decay_norm_and_bias)
     if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
         tx = freeze(tx, trainable)
     train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
                                  warmup_until_error=cfg.warmup_until_error,
                                  label_smoothing=cfg.label_smoothing, trainable=trainable,
-                                 conv_grad=resolve(cfg.conv_grad, seeds), update=update)
+                                 conv_grad=resolve(cfg.conv_grad, seeds))
     step_one, step_many, eval_step = compile_steps(train_step, make_eval_step(model, normalise),
                                                    mesh, seeds)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))

@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
@@ -35,38 +34,13 @@ def decay_mask(params):
         lambda path, _: getattr(path[-1], "key", "") in ("kernel",), params)
 
 
-def _sgd_parts(momentum, weight_decay, nesterov, decay_norm_and_bias):
-    mask = None if decay_norm_and_bias else decay_mask
-    return (optax.add_decayed_weights(weight_decay, mask),
-            optax.trace(decay=momentum, nesterov=nesterov))
-
-
 def make_optimizer(momentum: float, weight_decay: float, nesterov: bool = False,
                    decay_norm_and_bias: bool = True) -> optax.GradientTransformation:
     """Direction of the update without the learning rate (applied in the step, so the
     schedule can depend on state such as the warm-up's end)."""
-    return optax.chain(*_sgd_parts(momentum, weight_decay, nesterov, decay_norm_and_bias))
-
-
-def flat_sgd(momentum: float, weight_decay: float, nesterov: bool = False,
-             decay_norm_and_bias: bool = True):
-    """make_optimizer's update and the step `p - lr d` over one vector of all parameters:
-    update(grads, opt_state, params, lr) -> (params, opt_state), the same state and the
-    same arithmetic element by element. XLA otherwise launches one small kernel per
-    parameter tensor (167 of a ResNet-56 step's ~1,150 on a GPU: docs/benchmarks.md);
-    the weight decay stays per tensor (its mask is by name) and fuses into the
-    concatenation."""
-    decay, trace = _sgd_parts(momentum, weight_decay, nesterov, decay_norm_and_bias)
-
-    def update(grads, opt_state, params, lr):
-        decay_state, trace_state = opt_state
-        g, decay_state = decay.update(grads, decay_state, params)
-        flat_g, unravel = ravel_pytree(g)
-        d, flat_trace = trace.update(flat_g, optax.TraceState(ravel_pytree(trace_state.trace)[0]))
-        flat_p = ravel_pytree(params)[0] - lr * d
-        return unravel(flat_p), (decay_state, optax.TraceState(trace=unravel(flat_trace.trace)))
-
-    return update
+    mask = None if decay_norm_and_bias else decay_mask
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                       optax.trace(decay=momentum, nesterov=nesterov))
 
 
 # ------------------------------------------------------------------ freezing (fine-tuning)
@@ -116,14 +90,12 @@ def cross_entropy(logits, labels, smoothing: float = 0.0):
 def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
                     bn_group: int = 0, warmup_until_error: float = 0.8,
                     label_smoothing: float = 0.0, trainable: Sequence[str] = (),
-                    conv_grad: str = "auto", update: Callable | None = None):
+                    conv_grad: str = "auto"):
     """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}.
     `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
     is computed for it, its BatchNorms run in inference mode); empty: all learn.
     `conv_grad="matmul"`: convolution kernel gradients by matrix products (faster on
-    CPUs, the same function: cnn_jax.train.conv_grad); "auto": matmul on CPUs.
-    `update(grads, opt_state, params, lr) -> (params, opt_state)` replaces `tx`'s
-    update and the step `p - lr d` (flat_sgd: the same over one vector)."""
+    CPUs, the same function: cnn_jax.train.conv_grad); "auto": matmul on CPUs."""
     conv_grad = resolve(conv_grad)
 
     def forward(params, batch_stats, images, rng):
@@ -168,11 +140,8 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
             state.params, state.batch_stats, batch["image"], batch["label"], rng)
         error = jnp.mean(jnp.argmax(logits, -1) != batch["label"])
         lr = lr_fn(state.step, state.warmup_end)
-        if update is not None:
-            params, opt_state = update(grads, state.opt_state, state.params, lr)
-        else:
-            direction, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
+        direction, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
         warmup_end = jnp.where((state.warmup_end == NEVER) & (error < warmup_until_error),
                                state.step + 1, state.warmup_end)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
