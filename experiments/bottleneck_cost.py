@@ -21,7 +21,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax import cost

@@ -15,7 +15,7 @@ from cnn_jax.train import TrainConfig
 from cnn_jax.train.conv_grad import conv_matmul_grad, resolve
 
 
-@pytest.mark.parametrize("chunk", [8, None])  # CPUs: chunks of 8 images; GPUs: patches
+@pytest.mark.parametrize("chunk", [8, "patches", "seedwise"])  # CPUs: chunks of 8 images
 @pytest.mark.parametrize("batch, size, kernel, strides, padding", [
     (5, 9, 3, (1, 1), ((1, 1), (1, 1))),      # odd batch: zero images pad the last chunk
     (3, 8, 3, (2, 2), ((0, 1), (0, 1))),      # ResNet's strided "SAME" convolution
@@ -38,7 +38,7 @@ def test_kernel_gradient_by_products_equals_xla(batch, size, kernel, strides, pa
     np.testing.assert_allclose(dw2, dw, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw).max()))
 
 
-@pytest.mark.parametrize("chunk", [8, None])
+@pytest.mark.parametrize("chunk", [8, "patches", "seedwise"])
 def test_kernel_gradient_by_products_under_vmap_over_seeds(chunk):
     """Seeds vmapped (each its own images and kernel): the same gradients as XLA's
     grouped convolution, which is what vmap makes of the plain one."""
@@ -53,11 +53,15 @@ def test_kernel_gradient_by_products_under_vmap_over_seeds(chunk):
     ours = loss(lambda x, w: conv_matmul_grad(x, w, (1, 1), pads, chunk))
     for a, b in zip(ours(x, w), xla(x, w)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+    if chunk == "seedwise":  # one plain kernel-gradient convolution per seed (3)
+        text = str(jax.make_jaxpr(ours)(x, w))
+        assert text.count("f32[3,3,6,5] = conv_general_dilated") == 3
 
 
 def test_auto_means_products_on_cpus_and_is_not_part_of_the_digest(monkeypatch):
     monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
     assert jax.default_backend() == "cpu" and resolve("auto") == "matmul"
+    assert resolve("auto", seeds=5) == "matmul" and resolve("xla", seeds=5) == "seedwise"
     monkeypatch.setenv("CNN_JAX_CONV_GRAD", "xla")  # older records, bit for bit
     assert resolve("auto") == "xla" and resolve("matmul") == "matmul"
     monkeypatch.setenv("CNN_JAX_CONV_GRAD", "fast")

@@ -335,19 +335,19 @@ def test_matmul_kernel_gradients_compute_the_same_step():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernels", ["xla", "matmul", "patches"])
+@pytest.mark.parametrize("kernels", ["seedwise", "matmul", "patches"])
 def test_seeds_at_once_equals_each_seed_alone(kernels, monkeypatch):
     """Several runs vmapped into one step (seeds_at_once) compute each run's own step:
     three seeds with their own parameters, momentum, BatchNorm statistics and batches,
     two steps (the second uses the momentum of the first), against the plain step run
     per seed; within 1e-5, the summation order of batched convolutions aside (at lr 0.1
     such differences grow chaotically over steps, as between device counts). Kernel
-    gradients: XLA's (a grouped convolution under vmap), products over chunks (CPUs) and
-    one product of patches batched over the seeds (GPUs' path)."""
+    gradients: XLA's convolution seed by seed, products over chunks (CPUs) and one
+    product of patches batched over the seeds."""
     import jax.numpy as jnp
     from cnn_jax.train import conv_grad
     if kernels == "patches":
-        monkeypatch.setattr(conv_grad, "backend_chunk", lambda: None)
+        monkeypatch.setattr(conv_grad, "backend_form", lambda: "patches")
     from cnn_jax.models import create_model
     from cnn_jax.train.state import TrainState
     from cnn_jax.train.steps import make_optimizer, make_train_step, seeds_at_once
@@ -355,7 +355,7 @@ def test_seeds_at_once_equals_each_seed_alone(kernels, monkeypatch):
     model = create_model("resnet8", num_classes=4)
     tx = make_optimizer(0.9, 1e-4)
     step = make_train_step(model, tx, lambda s, w: 0.01, lambda im: im / 255.0,
-                           conv_grad="xla" if kernels == "xla" else "matmul")
+                           conv_grad="seedwise" if kernels == "seedwise" else "matmul")
     rng = np.random.default_rng(0)
     base = quick_variables(model, jnp.zeros((1, 32, 32, 3)))
     perturb = lambda s: {**base, "params": jax.tree.map(

@@ -20,8 +20,7 @@ from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.train.inputs import select_classes, source_normaliser
 from cnn_jax.train.state import TrainState
 from cnn_jax.train.steps import cross_entropy, freeze, make_optimizer, make_train_step
-from cnn_jax.transfer import (cached_features, head_name, load_backbone, predict, stages,
-                              trainable_for)
+from cnn_jax.transfer import cached_features, head_name, load_backbone, predict, stages
 from helpers import quick_variables
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -205,7 +204,7 @@ def test_users_folder_finetune_with_val_split(demo, tmp_path):
 
 @pytest.mark.slow
 def test_torchvision_weights_as_a_frozen_backbone(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from safetensors.numpy import save_file
     from tests.test_convert import TV, randomised
     weights = tmp_path / "resnet18.safetensors"

@@ -19,7 +19,7 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image

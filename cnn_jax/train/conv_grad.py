@@ -10,15 +10,19 @@ one matrix product per kernel tap,
     dW[i, j] = x_shifted(i, j)^T  @  dy        ([C_in, N*H*W] @ [N*H*W, C_out])
 
 and accumulated over chunks of 8 images (so each slice and product stays in cache)
-runs on XLA's dot kernels instead. On GPUs (where chunks would only add kernels) the
-taps are gathered once into patches and the gradient is one product,
-`dW = patches^T @ dy` ([kh*kw*C_in, N*H*W] @ [N*H*W, C_out]): under `vmap` over seeds
-(cnn_jax.train.steps.seeds_at_once) that is one batched matrix product, where cuDNN's
-gradient of the grouped convolution that `vmap` makes instead runs group by group
-through a slow kernel (docs/benchmarks.md). The forward pass and the input gradient are
-unchanged (XLA's own), so the function is the same; only the kernel gradient's
-summation order differs (~1e-7 relative). `conv_grad="auto"` (the default) uses it
-where JAX computes on the CPU and XLA's own kernels on GPUs and TPUs.
+runs on XLA's dot kernels instead. Elsewhere (where chunks would only add kernels)
+`conv_grad="matmul"` gathers the taps once into patches and computes one product,
+`dW = patches^T @ dy` ([kh*kw*C_in, N*H*W] @ [N*H*W, C_out]), batched over seeds under
+`vmap`. The forward pass and the input gradient are unchanged (XLA's own), so the
+function is the same; only the kernel gradient's summation order differs (~1e-7
+relative). `conv_grad="auto"` (the default) uses the chunks where JAX computes on the
+CPU and XLA's own kernels on GPUs and TPUs.
+
+Several seeds vmapped into one step (cnn_jax.train.steps.seeds_at_once) need a rule
+of their own: vmap makes XLA's kernel gradient a grouped convolution, which cuDNN runs
+group by group through a slow kernel. "seedwise" (what `resolve` makes of XLA's
+kernels with seeds > 1) computes it as one plain convolution per seed instead
+(docs/benchmarks.md: 0.74x -> 1.4x the throughput of one seed after another).
 
 It is applied inside the train step by a method interceptor on `flax.linen.Conv`, so
 models stay as written; grouped, dilated and unusually padded convolutions fall back
@@ -47,21 +51,26 @@ def _conv(x, w, strides, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_matmul_grad(x, w, strides: tuple, padding: tuple, chunk: int | None = CHUNK):
-    """`lax.conv_general_dilated` (NHWC, HWIO) whose kernel gradient is computed by
-    matrix products: over chunks of `chunk` images, or (None) one product of patches."""
+def conv_matmul_grad(x, w, strides: tuple, padding: tuple, form: int | str = CHUNK):
+    """`lax.conv_general_dilated` (NHWC, HWIO) with its kernel gradient computed by
+    matrix products over chunks of `form` images (an int), by one product of patches
+    ("patches"), or by XLA's own convolution run seed by seed under vmap ("seedwise")."""
     return _conv(x, w, strides, padding)
 
 
-def _forward(x, w, strides, padding, chunk):
+def _forward(x, w, strides, padding, form):
     return _conv(x, w, strides, padding), (x, w)
 
 
-def _backward(strides, padding, chunk, residuals, dy):
+def _backward(strides, padding, form, residuals, dy):
     x, w = residuals
     dx = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](dy)[0]  # XLA's own
-    dw = (_kernel_grad(x, dy, w.shape, strides, padding, chunk) if chunk else
-          _kernel_grad_patches(x, dy, w.shape, strides, padding))
+    if form == "patches":
+        dw = _kernel_grad_patches(x, dy, w.shape, strides, padding)
+    elif form == "seedwise":
+        dw = _seedwise(tuple(w.shape), tuple(strides), tuple(map(tuple, padding)))(x, dy)
+    else:
+        dw = _kernel_grad(x, dy, w.shape, strides, padding, form)
     return dx, dw.astype(w.dtype)
 
 
@@ -124,6 +133,26 @@ def _patches_product(shape, strides, padding):
     return batched
 
 
+@functools.lru_cache(maxsize=None)
+def _seedwise(shape, strides, padding):
+    """XLA's own kernel gradient; under `vmap` (seeds) one such convolution per seed,
+    each as fast as a single run's, instead of the grouped convolution vmap would make
+    of it, which cuDNN runs group by group through a slow kernel (docs/benchmarks.md)."""
+    def kernel_grad(x, dy):
+        conv = lambda w: _conv(x, w, strides, padding)
+        return jax.linear_transpose(conv, jax.ShapeDtypeStruct(shape, x.dtype))(dy)[0]
+
+    batched = jax.custom_batching.custom_vmap(kernel_grad)
+
+    @batched.def_vmap
+    def seed_by_seed(axis_size, in_batched, x, dy):  # batched arguments arrive axis 0 first
+        x, dy = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                 for a, b in zip((x, dy), in_batched))
+        return jnp.stack([kernel_grad(x[s], dy[s]) for s in range(axis_size)]), True
+
+    return batched
+
+
 conv_matmul_grad.defvjp(_forward, _backward)
 
 
@@ -139,28 +168,29 @@ def _plain_2d(m: nn.Conv, x) -> bool:
 
 
 def resolve(conv_grad: str, seeds: int = 1) -> str:
-    """"auto" -> $CNN_JAX_CONV_GRAD if set (xla | matmul: e.g. to repeat a run recorded
-    with the other kernels bit for bit), else "matmul" where JAX computes on the CPU or
-    several seeds train at once (vmap makes XLA's kernel gradient a grouped convolution,
-    1.8x slower on an H200: docs/benchmarks.md), and XLA's own kernels otherwise."""
-    if conv_grad != "auto":
-        return conv_grad
-    chosen = os.environ.get("CNN_JAX_CONV_GRAD", "")
-    if chosen:
-        if chosen not in CONV_GRADS[1:]:
+    """The kernel gradients a step uses: "xla", "matmul" or, for XLA's own with several
+    seeds vmapped, "seedwise" (one convolution per seed). "auto" -> $CNN_JAX_CONV_GRAD
+    if set (xla | matmul: e.g. to repeat a run recorded with the other kernels bit for
+    bit), else "matmul" where JAX computes on the CPU and XLA's own kernels elsewhere:
+    seed by seed when several seeds train at once (1.2x faster than the patches'
+    product for 5 ResNet-56 seeds on an H100, docs/benchmarks.md)."""
+    if conv_grad == "auto":
+        chosen = os.environ.get("CNN_JAX_CONV_GRAD", "")
+        if chosen and chosen not in CONV_GRADS[1:]:
             raise ValueError(f"CNN_JAX_CONV_GRAD must be xla or matmul; got {chosen!r}")
-        return chosen
-    return "matmul" if jax.default_backend() == "cpu" or seeds > 1 else "xla"
+        conv_grad = chosen or ("matmul" if jax.default_backend() == "cpu" else "xla")
+    return "seedwise" if conv_grad == "xla" and seeds > 1 else conv_grad
 
 
-def backend_chunk() -> int | None:
-    """Chunks of images on CPUs (each product in cache); elsewhere one product of
-    patches (fewer, larger kernels)."""
-    return CHUNK if jax.default_backend() == "cpu" else None
+def backend_form() -> int | str:
+    """The products' form: chunks of images on CPUs (each product in cache), one
+    product of patches elsewhere (fewer, larger kernels)."""
+    return CHUNK if jax.default_backend() == "cpu" else "patches"
 
 
-def matmul_conv_grads():
-    """Context: inside it, plain 2-D `nn.Conv` calls use `conv_matmul_grad`."""
+def matmul_conv_grads(form: int | str | None = None):
+    """Context: inside it, plain 2-D `nn.Conv` calls use `conv_matmul_grad` in `form`
+    (default: backend_form())."""
     def intercept(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__" or not isinstance(m, nn.Conv) \
@@ -175,6 +205,6 @@ def matmul_conv_grads():
         if isinstance(padding, str):
             padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
         y = conv_matmul_grad(x, kernel, strides, tuple(tuple(p) for p in padding),
-                             backend_chunk())
+                             form or backend_form())
         return y + bias.reshape(1, 1, 1, -1) if bias is not None else y
     return nn.intercept_methods(intercept)

@@ -95,7 +95,8 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
     `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
     is computed for it, its BatchNorms run in inference mode); empty: all learn.
     `conv_grad="matmul"`: convolution kernel gradients by matrix products (faster on
-    CPUs, the same function: cnn_jax.train.conv_grad); "auto": matmul on CPUs."""
+    CPUs, the same function: cnn_jax.train.conv_grad); "auto": matmul on CPUs;
+    "seedwise": XLA's own, one convolution per seed when the step is vmapped."""
     conv_grad = resolve(conv_grad)
 
     def forward(params, batch_stats, images, rng):
@@ -105,8 +106,9 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
         with contextlib.ExitStack() as stack:
             if trainable:
                 stack.enter_context(frozen_batchnorm(trainable))
-            if conv_grad == "matmul":
-                stack.enter_context(matmul_conv_grads())
+            if conv_grad in ("matmul", "seedwise"):
+                stack.enter_context(matmul_conv_grads("seedwise" if conv_grad == "seedwise"
+                                                      else None))
             return model.apply(variables, images, train=True, rngs={"dropout": rng},
                                mutable=["batch_stats", "intermediates"])
 
@@ -180,9 +182,9 @@ def seeds_at_once(train_step):
     `vmap` over a leading seed axis of the state and the batch, [S, ...] in and out.
     Every kernel then does S runs' work: a CIFAR ResNet's step on a GPU is ~1,000
     kernels too small to fill the chip (docs/benchmarks.md), so S seeds together cost
-    less there than S steps one after another (on an H200, 5 ResNet-56 seeds: 1.5x the
+    less there than S steps one after another (on an H100, 5 ResNet-56 seeds: 1.4x the
     throughput; on CPUs they cost more). Each run's BatchNorm statistics stay its own.
-    Kernel gradients should be `conv_grad="matmul"` (`resolve(..., seeds=S)` picks it):
+    Kernel gradients should be "seedwise" on GPUs (`resolve(..., seeds=S)` picks it):
     vmap turns XLA's into a grouped convolution that cuDNN runs group by group."""
     return jax.vmap(train_step)
 

@@ -74,7 +74,7 @@ def add_seeds_together(parser) -> None:
     """The experiments' `--seeds-together` flag (run_all's `together`)."""
     parser.add_argument("--seeds-together", action="store_true",
                         help="train the seeds of each configuration at once, in one vmapped "
-                             "step: on an H200 5 ResNet-56 seeds ran 1.5x faster than one "
+                             "step: on an H100 5 ResNet-56 seeds ran 1.4x faster than one "
                              "after another; on CPUs slower (docs/benchmarks.md)")
 
 
