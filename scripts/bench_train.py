@@ -17,8 +17,8 @@ end-to-end vs resident data, for each steps-per-call of the first model, batch, 
         --torch-modes eager amp_bf16 compile --pipeline --json
 
 `--seeds 1 5` also times 5 runs vmapped into one step (img/s then counts all five
-runs' images: the throughput of training seeds together vs one after another; the
-`auto` kernel gradients are then the matrix products, as in training).
+runs' images: the throughput of training seeds together vs one after another; XLA's
+kernel gradients are then computed seed by seed, "seedwise", as in training).
 
 The last line is one JSON object: `ours_img_per_s` (the fastest of our variants in the
 first model, batch, dtype and seed count), `reference_img_per_s` (PyTorch eager in

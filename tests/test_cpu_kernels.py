@@ -12,10 +12,10 @@ from jax import lax
 
 from cnn_jax.cpu_kernels import EIGEN_CONVOLUTIONS, prefer_eigen_convolutions
 from cnn_jax.train import TrainConfig
-from cnn_jax.train.conv_grad import conv_matmul_grad, resolve
+from cnn_jax.train.conv_grad import conv_with_kernel_grad, resolve
 
 
-@pytest.mark.parametrize("chunk", [8, "patches", "seedwise"])  # CPUs: chunks of 8 images
+@pytest.mark.parametrize("chunk", [8, "patches", "seedwise"])  # 8: chunks of 8 images
 @pytest.mark.parametrize("batch, size, kernel, strides, padding", [
     (5, 9, 3, (1, 1), ((1, 1), (1, 1))),      # odd batch: zero images pad the last chunk
     (3, 8, 3, (2, 2), ((0, 1), (0, 1))),      # ResNet's strided "SAME" convolution
@@ -29,7 +29,7 @@ def test_kernel_gradient_by_products_equals_xla(batch, size, kernel, strides, pa
     w = jnp.asarray(rng.normal(size=(kernel, kernel, 6, 5)), jnp.float32)
     xla = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, w: conv_matmul_grad(x, w, strides, padding, chunk)
+    ours = lambda x, w: conv_with_kernel_grad(x, w, strides, padding, chunk)
     y, vjp = jax.vjp(xla, x, w)
     y2, vjp2 = jax.vjp(ours, x, w)
     dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
@@ -50,7 +50,7 @@ def test_kernel_gradient_by_products_under_vmap_over_seeds(chunk):
                                           argnums=(0, 1)))
     xla = loss(lambda x, w: lax.conv_general_dilated(
         x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    ours = loss(lambda x, w: conv_matmul_grad(x, w, (1, 1), pads, chunk))
+    ours = loss(lambda x, w: conv_with_kernel_grad(x, w, (1, 1), pads, chunk))
     for a, b in zip(ours(x, w), xla(x, w)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
     if chunk == "seedwise":  # one plain kernel-gradient convolution per seed (3)

@@ -51,7 +51,7 @@ def _conv(x, w, strides, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_matmul_grad(x, w, strides: tuple, padding: tuple, form: int | str = CHUNK):
+def conv_with_kernel_grad(x, w, strides: tuple, padding: tuple, form: int | str = CHUNK):
     """`lax.conv_general_dilated` (NHWC, HWIO) with its kernel gradient computed by
     matrix products over chunks of `form` images (an int), by one product of patches
     ("patches"), or by XLA's own convolution run seed by seed under vmap ("seedwise")."""
@@ -153,7 +153,7 @@ def _seedwise(shape, strides, padding):
     return batched
 
 
-conv_matmul_grad.defvjp(_forward, _backward)
+conv_with_kernel_grad.defvjp(_forward, _backward)
 
 
 def _plain_2d(m: nn.Conv, x) -> bool:
@@ -188,9 +188,9 @@ def backend_form() -> int | str:
     return CHUNK if jax.default_backend() == "cpu" else "patches"
 
 
-def matmul_conv_grads(form: int | str | None = None):
-    """Context: inside it, plain 2-D `nn.Conv` calls use `conv_matmul_grad` in `form`
-    (default: backend_form())."""
+def kernel_grads(form: int | str | None = None):
+    """Context: inside it, plain 2-D `nn.Conv` calls use `conv_with_kernel_grad` in
+    `form` (default: the products' backend_form())."""
     def intercept(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__" or not isinstance(m, nn.Conv) \
@@ -204,7 +204,7 @@ def matmul_conv_grads(form: int | str | None = None):
         padding = canonicalize_padding(m.padding, 2)
         if isinstance(padding, str):
             padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-        y = conv_matmul_grad(x, kernel, strides, tuple(tuple(p) for p in padding),
+        y = conv_with_kernel_grad(x, kernel, strides, tuple(tuple(p) for p in padding),
                              form or backend_form())
         return y + bias.reshape(1, 1, 1, -1) if bias is not None else y
     return nn.intercept_methods(intercept)

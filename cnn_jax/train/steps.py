@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
 from cnn_jax.train.config import covers
-from cnn_jax.train.conv_grad import matmul_conv_grads, resolve
+from cnn_jax.train.conv_grad import kernel_grads, resolve
 from cnn_jax.train.schedules import NEVER
 from cnn_jax.train.state import TrainState
 
@@ -106,9 +106,10 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
         with contextlib.ExitStack() as stack:
             if trainable:
                 stack.enter_context(frozen_batchnorm(trainable))
-            if conv_grad in ("matmul", "seedwise"):
-                stack.enter_context(matmul_conv_grads("seedwise" if conv_grad == "seedwise"
-                                                      else None))
+            if conv_grad == "matmul":  # chunks on CPUs, patches elsewhere
+                stack.enter_context(kernel_grads())
+            elif conv_grad == "seedwise":
+                stack.enter_context(kernel_grads("seedwise"))
             return model.apply(variables, images, train=True, rngs={"dropout": rng},
                                mutable=["batch_stats", "intermediates"])
 
