@@ -7,8 +7,9 @@ warm-up excluded), traces `--calls` compiled calls, and reads the trace's events
 the summary says how many kernels one training step launches, how much of the wall
 time the GPU is busy, which kernels cost most and how many of each kind it launches
 (`kind`); on a CPU the events are XLA's operations on its worker threads. `--seeds S`
-profiles S runs vmapped into one step (cnn_jax.train.steps.seeds_at_once). Host-side events nest (a call inside a call), so a
-host track's busy time can exceed the wall time; a GPU's kernels on one stream do not.
+profiles S runs vmapped into one step (cnn_jax.train.steps.seeds_at_once). Host-side
+events nest (a call inside a call), so a host track's busy time can exceed the wall
+time; a GPU's kernels on one stream do not.
 
     python scripts/profile_step.py --model resnet56 --dtype bfloat16 --steps-per-call 10
 """

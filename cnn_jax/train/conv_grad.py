@@ -65,12 +65,11 @@ def _forward(x, w, strides, padding, form):
 def _backward(strides, padding, form, residuals, dy):
     x, w = residuals
     dx = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)[1](dy)[0]  # XLA's own
-    if form == "patches":
-        dw = _kernel_grad_patches(x, dy, w.shape, strides, padding)
-    elif form == "seedwise":
-        dw = _seedwise(tuple(w.shape), tuple(strides), tuple(map(tuple, padding)))(x, dy)
-    else:
+    if isinstance(form, int):
         dw = _kernel_grad(x, dy, w.shape, strides, padding, form)
+    else:  # built once per layer shape (lru_cache), so the keys are tuples
+        kernel_grad = {"patches": _patches_product, "seedwise": _seedwise}[form]
+        dw = kernel_grad(tuple(w.shape), tuple(strides), tuple(map(tuple, padding)))(x, dy)
     return dx, dw.astype(w.dtype)
 
 
@@ -96,18 +95,28 @@ def _kernel_grad(x, dy, shape, strides, padding, chunk: int = CHUNK):
     return lax.scan(add_chunk, acc, (xs, dys))[0].reshape(shape)
 
 
-def _kernel_grad_patches(x, dy, shape, strides, padding):
+def _seeds_first(kernel_grad, over_seeds):
+    """`kernel_grad(x, dy)` whose `vmap` (over seeds) is `over_seeds(x, dy)`, called
+    with the seed axis first on both (jax.custom_batching.custom_vmap)."""
+    batched = jax.custom_batching.custom_vmap(kernel_grad)
+
+    @batched.def_vmap
+    def rule(axis_size, in_batched, x, dy):  # batched arguments arrive axis 0 first
+        x, dy = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                 for a, b in zip((x, dy), in_batched))
+        return over_seeds(x, dy), True
+
+    return batched
+
+
+@functools.lru_cache(maxsize=None)
+def _patches_product(shape, strides, padding):
     """dW = patches^T @ dy: the kh*kw shifted views side by side ([N, H, W, kh*kw*C_in],
     one fused gather), contracted with dy over images and positions in one product.
     Under `vmap` (seeds) the seed axis is moved to the front of x and dy before the
     gather, so the product is batched over it as cuBLAS wants; left to vmap's own rule,
     the seed axis of a convolution's output sits beside its channels and XLA would
     transpose the 9x larger patches instead (docs/benchmarks.md)."""
-    return _patches_product(tuple(shape), tuple(strides), tuple(map(tuple, padding)))(x, dy)
-
-
-@functools.lru_cache(maxsize=None)
-def _patches_product(shape, strides, padding):
     kh, kw, cin, cout = shape
     s0, s1 = strides
 
@@ -122,15 +131,7 @@ def _patches_product(shape, strides, padding):
                         dy.reshape(*lead, -1, cout), preferred_element_type=jnp.float32)
         return dw.reshape(*dw.shape[:-2], kh, kw, cin, cout)
 
-    batched = jax.custom_batching.custom_vmap(product)
-
-    @batched.def_vmap
-    def seeds_first(axis_size, in_batched, x, dy):  # batched arguments arrive axis 0 first
-        x, dy = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
-                 for a, b in zip((x, dy), in_batched))
-        return product(x, dy), True
-
-    return batched
+    return _seeds_first(product, product)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,15 +143,8 @@ def _seedwise(shape, strides, padding):
         conv = lambda w: _conv(x, w, strides, padding)
         return jax.linear_transpose(conv, jax.ShapeDtypeStruct(shape, x.dtype))(dy)[0]
 
-    batched = jax.custom_batching.custom_vmap(kernel_grad)
-
-    @batched.def_vmap
-    def seed_by_seed(axis_size, in_batched, x, dy):  # batched arguments arrive axis 0 first
-        x, dy = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
-                 for a, b in zip((x, dy), in_batched))
-        return jnp.stack([kernel_grad(x[s], dy[s]) for s in range(axis_size)]), True
-
-    return batched
+    return _seeds_first(kernel_grad, lambda x, dy: jnp.stack(
+        [kernel_grad(x[s], dy[s]) for s in range(x.shape[0])]))
 
 
 conv_with_kernel_grad.defvjp(_forward, _backward)
@@ -205,6 +199,6 @@ def kernel_grads(form: int | str | None = None):
         if isinstance(padding, str):
             padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
         y = conv_with_kernel_grad(x, kernel, strides, tuple(tuple(p) for p in padding),
-                             form or backend_form())
+                                  form or backend_form())
         return y + bias.reshape(1, 1, 1, -1) if bias is not None else y
     return nn.intercept_methods(intercept)
