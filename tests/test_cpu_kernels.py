@@ -58,6 +58,37 @@ def test_kernel_gradient_by_products_under_vmap_over_seeds(chunk):
         assert text.count("f32[3,3,6,5] = conv_general_dilated") == 3
 
 
+def test_only_plain_convolutions_are_intercepted():
+    """kernel_grads() takes plain 2-D nn.Conv calls and leaves grouped (AlexNet's two
+    towers) and dilated ones to XLA's path: their gradients are XLA's bit for bit, the
+    plain one's within 1e-5, and the gradient holds exactly one loop of products."""
+    import flax.linen as nn
+    from cnn_jax.train.conv_grad import kernel_grads
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), feature_group_count=2, name="grouped")(x)
+            x = nn.Conv(8, (3, 3), kernel_dilation=2, name="dilated")(jnp.tanh(x))
+            return nn.Conv(4, (3, 3), strides=2, name="plain")(jnp.tanh(x))
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 9, 9, 4)), jnp.float32)
+    params = Net().init(jax.random.key(0), x)
+    loss = lambda p: jnp.sum(jnp.sin(Net().apply(p, x)))
+
+    def intercepted(p):
+        with kernel_grads():
+            return loss(p)
+    xla, ours = jax.grad(loss)(params)["params"], jax.grad(intercepted)(params)["params"]
+    for name in ("grouped", "dilated"):
+        for a, b in zip(jax.tree.leaves(ours[name]), jax.tree.leaves(xla[name])):
+            assert (a == b).all(), name
+    np.testing.assert_allclose(ours["plain"]["kernel"], xla["plain"]["kernel"], rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(xla["plain"]["kernel"]).max()))
+    text = str(jax.make_jaxpr(jax.grad(intercepted))(params))
+    assert text.count(" = scan[") == 1  # the plain convolution's chunks of images
+
+
 def test_auto_means_products_on_cpus_and_is_not_part_of_the_digest(monkeypatch):
     monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
     assert jax.default_backend() == "cpu" and resolve("auto") == "matmul"

@@ -151,7 +151,7 @@ conv_with_kernel_grad.defvjp(_forward, _backward)
 
 
 def _plain_2d(m: nn.Conv, x) -> bool:
-    one = lambda v: v is None or v == 1 or tuple(v) == (1, 1)
+    one = lambda v: v is None or (v == 1 if isinstance(v, int) else tuple(v) == (1, 1))
     pad = canonicalize_padding(m.padding, 2)
     return (type(m) is nn.Conv and x.ndim == 4 and m.feature_group_count == 1
             and one(m.kernel_dilation) and one(m.input_dilation) and m.mask is None
