@@ -17,10 +17,20 @@ from cnn_jax.data import sources
 from cnn_jax.data.pipeline import ChunkPrefetcher, eval_batches, train_dataset
 
 SHARED = sources.SHARED_DATA
-needs_cifar = pytest.mark.skipif(not (SHARED / "cifar10.tar.xz").exists(),
-                                 reason=f"{SHARED}/cifar10.tar.xz is absent on this machine")
-needs_mnist = pytest.mark.skipif(not (SHARED / "mnist.tar.xz").exists(),
-                                 reason=f"{SHARED}/mnist.tar.xz is absent on this machine")
+
+
+def needs(archive: str):
+    """Skipped where the archive is absent; the tests of one dataset share a worker, so
+    a cold cache decodes it once (not once per worker at the same time)."""
+    def mark(test):
+        test = pytest.mark.xdist_group(archive)(test)
+        return pytest.mark.skipif(not (SHARED / archive).exists(),
+                                  reason=f"{SHARED}/{archive} is absent on this machine")(test)
+    return mark
+
+
+needs_cifar = needs("cifar10.tar.xz")
+needs_mnist = needs("mnist.tar.xz")
 
 
 # ------------------------------------------------------------------ real datasets

@@ -13,6 +13,7 @@ from cnn_jax.evaluate import build_groups, evaluate, load_member, make_views, vi
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.loop import train
 
+pytestmark = pytest.mark.xdist_group("evaluate_runs")  # the `runs` fixture, built once
 DATA = "synthetic:16x16x3:10:64:37"   # 37 test images: no batch size divides it
 
 

@@ -24,10 +24,19 @@ def run(out, *extra):
                           timeout=600)
 
 
-def test_smoke_preset_writes_the_contract_outputs(tmp_path):
-    r = run(tmp_path, "--depths", "8")
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The smoke sweep of plain-8 and ResNet-8, run once: its outputs are checked below
+    and the resumed sweep is compared with it (xdist_group)."""
+    out = tmp_path_factory.mktemp("sweep")
+    r = run(out, "--depths", "8")
     assert r.returncode == 0, r.stderr
-    results = json.loads((tmp_path / "results.json").read_text())
+    return out
+
+
+@pytest.mark.xdist_group("sweep")
+def test_smoke_preset_writes_the_contract_outputs(sweep):
+    results = json.loads((sweep / "results.json").read_text())
     assert results["preset"] == "smoke"
     names = [x["name"] for x in results["runs"]]
     assert names == ["plain8", "resnet8"]
@@ -40,18 +49,17 @@ def test_smoke_preset_writes_the_contract_outputs(tmp_path):
         assert x["curve"]["step"] == [2, 4, 6]
         assert len(x["curve"]["train_error"]) == 3 and len(x["curve"]["test_error"]) == 2
     assert results["runs"][1]["residual"] and not results["runs"][0]["residual"]
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
-    table = (tmp_path / "table.md").read_text()
+    assert (sweep / "curves.png").stat().st_size > 10_000
+    table = (sweep / "table.md").read_text()
     assert "| ResNet | 8 |" in table and "| plain | 8 |" in table
     assert "python -m experiments.plain_vs_resnet" in table
     # a second run reuses everything: nothing is trained again
-    again = run(tmp_path, "--depths", "8")
+    again = run(sweep, "--depths", "8")
     assert again.returncode == 0 and "0 to train" in again.stderr
 
 
-def test_a_half_finished_sweep_resumes(tmp_path):
-    ref = run(tmp_path / "ref", "--depths", "8")
-    assert ref.returncode == 0, ref.stderr
+@pytest.mark.xdist_group("sweep")
+def test_a_half_finished_sweep_resumes(tmp_path, sweep):
     proc = subprocess.Popen(experiment(tmp_path / "cut", "--depths", "8"), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "cut" / "nets" / "resnet8-seed0" / "checkpoints" / "3"
@@ -70,7 +78,7 @@ def test_a_half_finished_sweep_resumes(tmp_path):
     digest = lambda root, net: json.loads(
         (root / "nets" / f"{net}-seed0" / "results.json").read_text())["final_params_digest"]
     for net in ("plain8", "resnet8"):
-        assert digest(tmp_path / "cut", net) == digest(tmp_path / "ref", net)
+        assert digest(tmp_path / "cut", net) == digest(sweep, net)
 
 
 def test_seeds_trained_together(tmp_path):

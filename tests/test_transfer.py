@@ -23,6 +23,8 @@ from cnn_jax.train.steps import cross_entropy, freeze, make_optimizer, make_trai
 from cnn_jax.transfer import cached_features, head_name, load_backbone, predict, stages
 from helpers import quick_variables
 
+# one worker builds the `demo` fixture (a pretrained net and four transfer runs) once
+pytestmark = pytest.mark.xdist_group("transfer_demo")
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 CIFAR_LIKE = "synthetic:32x32x3:10:128:100"
 
