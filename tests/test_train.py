@@ -329,20 +329,19 @@ def test_matmul_kernel_gradients_compute_the_same_step():
     from cnn_jax.train.state import TrainState
     from cnn_jax.train.steps import make_optimizer, make_train_step
     from helpers import quick_variables
-    for name, shape in [("resnet8", (32, 32, 3))]:
-        model = create_model(name, num_classes=4)
-        x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, *shape)), jnp.uint8)
-        batch = {"image": x, "label": jnp.array([0, 1, 2, 3])}
-        variables = quick_variables(model, jnp.zeros((1, *shape)))
-        tx = make_optimizer(0.9, 1e-4)
-        out = {}
-        for cg in ("xla", "matmul"):
-            step = jax.jit(make_train_step(model, tx, lambda s, w: 0.1, lambda im: im / 255.0,
-                                           conv_grad=cg))
-            out[cg] = step(TrainState.create(variables, tx, jax.random.PRNGKey(0)), batch)
-        assert out["xla"][1]["loss"] == out["matmul"][1]["loss"]
-        for a, b in zip(jax.tree.leaves(out["xla"][0].params), jax.tree.leaves(out["matmul"][0].params)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    model = create_model("resnet8", num_classes=4)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
+    batch = {"image": x, "label": jnp.array([0, 1, 2, 3])}
+    variables = quick_variables(model, jnp.zeros((1, 32, 32, 3)))
+    tx = make_optimizer(0.9, 1e-4)
+    out = {}
+    for cg in ("xla", "matmul"):
+        step = jax.jit(make_train_step(model, tx, lambda s, w: 0.1, lambda im: im / 255.0,
+                                       conv_grad=cg))
+        out[cg] = step(TrainState.create(variables, tx, jax.random.PRNGKey(0)), batch)
+    assert out["xla"][1]["loss"] == out["matmul"][1]["loss"]
+    for a, b in zip(jax.tree.leaves(out["xla"][0].params), jax.tree.leaves(out["matmul"][0].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernels", [
