@@ -156,8 +156,9 @@ def to_global_array(batch: dict, sharding) -> dict:
 
 def stack_batches(batches: list[dict], keys: tuple = ("image", "label")) -> dict:
     """k host batches -> one [k, B, ...] chunk of `keys`: the input of k steps in one
-    compiled call (`cnn_jax.train.steps.multi_step`)."""
-    return {k: np.stack([b[k] for b in batches]) for k in keys}
+    compiled call (`cnn_jax.train.steps.multi_step`). A batch's entry may itself be a
+    list of arrays (one per run trained together): [k, S, B, ...], still one copy."""
+    return {k: np.array([b[k] for b in batches]) for k in keys}
 
 
 def prefetch_to_device(batches: Iterator[dict], sharding, size: int = 2,

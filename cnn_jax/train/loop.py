@@ -391,16 +391,14 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
 
     def to_device(host_batches):
         """k host batches -> the compiled call's input (runs on the prefetch thread)."""
-        if together:  # each draw holds one batch per run: [k, S, B, ...] in one copy
-            chunk = {key: np.array([[b[key] for b in draw] for draw in host_batches])
-                     for key in ("image", "label")}
-            if cfg.steps_per_call == 1:
-                return to_global_array({key: v[0] for key, v in chunk.items()}, step_sharding)
-            return to_global_array(chunk, chunk_sharding)
+        keys = ("image", "label")
+        if together:  # each draw holds one batch per run: [S, B, ...], stacked below
+            host_batches = [{key: [b[key] for b in draw] for key in keys}
+                            for draw in host_batches]
         if cfg.steps_per_call == 1:
             b = host_batches[0]
-            return to_global_array({"image": b["image"], "label": b["label"]}, step_sharding)
-        return to_global_array(stack_batches(host_batches), chunk_sharding)
+            return to_global_array({key: np.asarray(b[key]) for key in keys}, step_sharding)
+        return to_global_array(stack_batches(host_batches, keys), chunk_sharding)
 
     calls, s = [], step  # steps per compiled call: k stops at every log/eval/save step
     while s < cfg.steps:
