@@ -528,6 +528,22 @@ def test_profile_kinds_group_fusions_and_library_convolutions():
                       "ms_per_step": pytest.approx(0.03)}]
 
 
+def test_conv_layer_benchmark_contract():
+    """scripts/bench_conv_layers.py's JSON line (tiny batch: the contract, not the speed)."""
+    r = subprocess.run([sys.executable, "scripts/bench_conv_layers.py", "--batch", "2",
+                        "--repeats", "1", "--json"], capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [x["layer"] for x in d["layers"]] == ["32x32x16", "16x16x32", "8x8x64"]
+    for x in d["layers"]:
+        assert set(x["ours"]) == {"forward", "input_grad", "kernel_grad_xla",
+                                  "kernel_grad_chunks"} and min(x["ours"].values()) > 0
+        if x["torch"] is not None:  # torch installed
+            assert set(x["torch"]) == {"forward", "input_grad", "kernel_grad"}
+    assert "xla_flags" in d["versions"]
+
+
 def test_train_benchmark_contract():
     """scripts/bench_train.py's JSON line (small net: the contract, not the speed)."""
     r = subprocess.run([sys.executable, "scripts/bench_train.py", "--model", "resnet8",
