@@ -4,6 +4,8 @@ For each model, batch, dtype and steps-per-call K: the training engine's step
 (`cnn_jax.train.steps`: normalise on device, forward, backward, SGD with momentum and
 coupled weight decay, BatchNorm statistics) on random uint8 images resident on the
 device; compilation and warm-up excluded; the median of `--repeats` timed windows.
+Every variant (and reference) is built first and the windows are taken round by round
+(A B C, A B C, ...), so that drift on a shared, noisy machine hits each alike.
 With `--reference torch` (torch installed), scripts/torch_reference.py times the same
 network in PyTorch (eager float32, AMP bf16 channels_last, torch.compile) in the same
 process. With `--pipeline`, the first variant is also fed by the real grain pipeline
@@ -73,53 +75,58 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = 
     return fn, state, data, conv_grad
 
 
-def our_step_time(model_name: str, batch: int, dtype: str, k: int, steps: int,
-                  repeats: int, pipeline: bool = False, data_dir=None,
-                  conv_grad: str = "auto", seeds: int = 1) -> dict:
+def our_timer(model_name: str, batch: int, dtype: str, k: int, steps: int,
+              conv_grad: str = "auto", seeds: int = 1):
+    """The step compiled and warmed up: (info, window), where window(source) times
+    about `steps` steps fed by source() (default: the resident batch) and returns
+    seconds per step."""
     import jax
 
     fn, state, data, conv_grad = make_step(model_name, batch, dtype, k, conv_grad, seeds)
-    calls = max(1, steps // k)
-    for _ in range(2):  # compile + warm-up
-        state, m = fn(state, data)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
+    calls, run = max(1, steps // k), {"state": state}
+
+    def window(source=lambda: data) -> float:
         t = time.perf_counter()
         for _ in range(calls):
-            state, m = fn(state, data)
-        jax.block_until_ready(state)
-        times.append((time.perf_counter() - t) / (calls * k))
-    ms = 1000 * statistics.median(times)
-    out = {"impl": "ours", "model": model_name, "batch": batch, "dtype": dtype,
-           "steps_per_call": k, "conv_grad": conv_grad, "seeds": seeds, "ms_per_step": ms,
-           "img_per_s": seeds * batch / ms * 1000}  # a step of all seeds; images of all
-    if pipeline and seeds == 1:  # the loop's input path: grain -> prefetch thread -> device
-        from cnn_jax.data import load
-        from cnn_jax.data.augment import Augment
-        from cnn_jax.data.pipeline import ChunkPrefetcher, stack_batches, train_dataset
-        arrays = load("cifar10", "train", data_dir=data_dir)
-        it = iter(train_dataset(arrays, batch, 0, Augment(crop_pad=4, flip=True)))
+            run["state"], _ = fn(run["state"], source())
+        jax.block_until_ready(run["state"])
+        return (time.perf_counter() - t) / (calls * k)
 
-        def to_device(bs):  # as the training loop's: [k, B, ...] chunks, or one batch
-            host = stack_batches(bs) if k > 1 else {key: bs[0][key] for key in ("image", "label")}
-            return jax.device_put(host)
+    for _ in range(2):  # compile + warm-up
+        run["state"], _ = fn(run["state"], data)
+    jax.block_until_ready(run["state"])
+    return {"impl": "ours", "model": model_name, "batch": batch, "dtype": dtype,
+            "steps_per_call": k, "conv_grad": conv_grad, "seeds": seeds}, window
 
-        with ChunkPrefetcher(it, [k] * (calls * repeats + 3), to_device) as chunks:
-            for _ in range(3):
-                state, m = fn(state, next(chunks)[0])
-            jax.block_until_ready(state)
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                for _ in range(calls):
-                    state, m = fn(state, next(chunks)[0])
-                jax.block_until_ready(state)
-                times.append((time.perf_counter() - t) / (calls * k))
-        e2e = 1000 * statistics.median(times)
-        out.update(pipeline_ms_per_step=e2e, pipeline_img_per_s=batch / e2e * 1000,
-                   pipeline_over_resident=ms / e2e)
-    return out
+
+def pipeline_ms(window, batch: int, k: int, calls: int, repeats: int, data_dir=None) -> float:
+    """Median ms per step of `window` fed by the training loop's input path: grain
+    (CIFAR-10, crop + mirror) -> prefetch thread -> device."""
+    import jax
+    from cnn_jax.data import load
+    from cnn_jax.data.augment import Augment
+    from cnn_jax.data.pipeline import ChunkPrefetcher, stack_batches, train_dataset
+    arrays = load("cifar10", "train", data_dir=data_dir)
+    it = iter(train_dataset(arrays, batch, 0, Augment(crop_pad=4, flip=True)))
+
+    def to_device(bs):  # as the training loop's: [k, B, ...] chunks, or one batch
+        host = stack_batches(bs) if k > 1 else {key: bs[0][key] for key in ("image", "label")}
+        return jax.device_put(host)
+
+    with ChunkPrefetcher(it, [k] * (calls * (repeats + 1)), to_device) as chunks:
+        window(lambda: next(chunks)[0])  # warm-up: the workers start
+        return 1000 * statistics.median(window(lambda: next(chunks)[0])
+                                        for _ in range(repeats))
+
+
+def interleaved(timers: list, repeats: int) -> list[float]:
+    """Median ms per step of each timer's window, the windows taken round by round
+    (A B C, A B C, ...) so that a shared machine's drift hits every variant alike."""
+    times = [[] for _ in timers]
+    for _ in range(repeats):
+        for t, window in zip(times, timers):
+            t.append(window())
+    return [1000 * statistics.median(t) for t in times]
 
 
 def main(argv=None) -> int:
@@ -147,19 +154,15 @@ def main(argv=None) -> int:
 
     import jax
     from cnn_jax.train.loop import hardware, versions
-    ours = []
+    ours, timers = [], []  # every variant built first, then timed round by round
     for model in a.model:
         for batch in a.batch:
             for dtype in a.dtype:
                 for k, cg, n in [(k, cg, n) for k in a.steps_per_call for cg in a.conv_grad
                                  for n in a.seeds]:
-                    fed = a.pipeline and (model, batch, dtype) == (a.model[0], a.batch[0],
-                                                                   a.dtype[0])
-                    r = our_step_time(model, batch, dtype, k, max(a.steps, k), a.repeats,
-                                      fed, a.data_dir, cg, n)
-                    ours.append(r)
-                    if not a.json:
-                        print(json.dumps(r), file=sys.stderr)
+                    info, window = our_timer(model, batch, dtype, k, max(a.steps, k), cg, n)
+                    ours.append(info)
+                    timers.append(window)
     reference = []
     if a.reference == "torch":
         try:
@@ -173,14 +176,27 @@ def main(argv=None) -> int:
             for batch in a.batch:
                 for mode in modes:
                     try:
-                        r = torch_reference.step_time(depth, batch, mode, a.steps, a.repeats)
+                        info, window = torch_reference.step_timer(depth, batch, mode, a.steps)
+                        timers.append(window)
                     except Exception as e:  # e.g. torch.compile without a C++ compiler
-                        r = {"mode": mode, "depth": depth, "batch": batch,
-                             "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                    r = {"impl": "torch", "model": model, **r}
-                    reference.append(r)
-                    if not a.json:
-                        print(json.dumps(r), file=sys.stderr)
+                        info = {"mode": mode, "depth": depth, "batch": batch,
+                                "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    reference.append({"impl": "torch", "model": model, **info})
+    timed = [r for r in ours + reference if "error" not in r]
+    for r, ms in zip(timed, interleaved(timers, a.repeats)):
+        r.update(ms_per_step=ms, img_per_s=r.get("seeds", 1) * r["batch"] / ms * 1000)
+    if a.pipeline:  # the first model, batch and dtype, each steps-per-call, one seed
+        for r, window in zip(ours, timers):
+            if (r["model"], r["batch"], r["dtype"], r["seeds"]) == \
+                    (a.model[0], a.batch[0], a.dtype[0], 1):
+                k = r["steps_per_call"]
+                e2e = pipeline_ms(window, r["batch"], k, max(1, max(a.steps, k) // k),
+                                  a.repeats, a.data_dir)
+                r.update(pipeline_ms_per_step=e2e, pipeline_img_per_s=r["batch"] / e2e * 1000,
+                         pipeline_over_resident=r["ms_per_step"] / e2e)
+    if not a.json:
+        for r in ours + reference:
+            print(json.dumps(r), file=sys.stderr)
     first = max((r for r in ours if (r["model"], r["batch"], r["dtype"], r["seeds"]) ==
                  (ours[0]["model"], ours[0]["batch"], ours[0]["dtype"], ours[0]["seeds"])),
                 key=lambda r: r["img_per_s"])

@@ -69,9 +69,10 @@ class CifarResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def step_time(depth: int, batch: int, mode: str, steps: int = 10, repeats: int = 5,
-              warmup: int = 3, threads: int | None = None) -> dict:
-    """Median ms per training step of `mode` on the CPU (or CUDA when available)."""
+def step_timer(depth: int, batch: int, mode: str, steps: int = 10, warmup: int = 3,
+               threads: int | None = None):
+    """`mode`'s step built and warmed up on the CPU (or CUDA when available): (info,
+    window), where window() times `steps` steps and returns seconds per step."""
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,20 +95,27 @@ def step_time(depth: int, batch: int, mode: str, steps: int = 10, repeats: int =
         opt.step()
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        one()
-    sync()
-    times = []
-    for _ in range(repeats):
+
+    def window() -> float:
         t = time.perf_counter()
         for _ in range(steps):
             one()
         sync()
-        times.append((time.perf_counter() - t) / steps)
-    ms = 1000 * statistics.median(times)
-    return {"mode": mode, "depth": depth, "batch": batch, "ms_per_step": ms,
-            "img_per_s": batch / ms * 1000, "device": device, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+        return (time.perf_counter() - t) / steps
+
+    for _ in range(warmup):
+        one()
+    sync()
+    return {"mode": mode, "depth": depth, "batch": batch, "device": device,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}, window
+
+
+def step_time(depth: int, batch: int, mode: str, steps: int = 10, repeats: int = 5,
+              warmup: int = 3, threads: int | None = None) -> dict:
+    """Median ms per training step of `mode` over `repeats` windows."""
+    info, window = step_timer(depth, batch, mode, steps, warmup, threads)
+    ms = 1000 * statistics.median(window() for _ in range(repeats))
+    return {**info, "ms_per_step": ms, "img_per_s": batch / ms * 1000}
 
 
 def main() -> None:

@@ -531,8 +531,8 @@ def test_profile_kinds_group_fusions_and_library_convolutions():
 def test_conv_layer_benchmark_contract():
     """scripts/bench_conv_layers.py's JSON line (tiny batch: the contract, not the speed)."""
     r = subprocess.run([sys.executable, "scripts/bench_conv_layers.py", "--batch", "2",
-                        "--repeats", "1", "--json"], capture_output=True, text=True,
-                       timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                        "--repeats", "1", "--winograd", "--json"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert [x["layer"] for x in d["layers"]] == ["32x32x16", "16x16x32", "8x8x64"]
@@ -541,6 +541,9 @@ def test_conv_layer_benchmark_contract():
                                   "kernel_grad_chunks"} and min(x["ours"].values()) > 0
         if x["torch"] is not None:  # torch installed
             assert set(x["torch"]) == {"forward", "input_grad", "kernel_grad"}
+        # Winograd is the same convolution up to float32 rounding (F(4x4) rounds worse)
+        assert x["winograd"]["f2"]["max_rel_error"] < 3e-6
+        assert x["winograd"]["f4"]["max_rel_error"] < 3e-5
     assert "xla_flags" in d["versions"]
 
 
