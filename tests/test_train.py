@@ -16,7 +16,7 @@ import pytest
 from cnn_jax.models import create_model
 from cnn_jax.train import TrainConfig, schedules
 from cnn_jax.train.checkpoint import load_variables
-from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, train
+from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, cpu_features, train
 from cnn_jax.train.steps import make_optimizer, make_train_step
 from cnn_jax.train.state import TrainState
 
@@ -53,6 +53,19 @@ def max_rel_diff(a, b):
 
 
 # ------------------------------------------------------------------ schedules
+def test_cpu_features_name_the_vector_extensions():
+    """Results record the CPU's vector extensions: XLA's CPU code rounds differently
+    with AVX-512 than with AVX2, so the same command gives other digits."""
+    zen4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 "
+            "avx512_vnni\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu\n")
+    assert cpu_features(zen4) == "family 25 model 17 avx2 fma avx512f avx512_vnni avx512_bf16"
+    assert cpu_features("cpu family\t: 23\nmodel\t\t: 49\nflags\t\t: sse2 avx2 fma\n") == \
+        "family 23 model 49 avx2 fma"
+    assert cpu_features("processor\t: 0\nFeatures\t: fp asimd sve\n") == "asimd sve"  # Arm
+    assert cpu_features("") == ""
+
+
 def test_paper_schedule_in_iterations():
     lr = schedules.paper(0.1)
     got = [float(lr(s)) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]

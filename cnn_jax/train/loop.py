@@ -97,13 +97,36 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+# Vector extensions that change how fast XLA's CPU code runs and how it rounds: the same
+# command gives other digits on an AVX-512 CPU than on an AVX2 one (docs/results.md).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                "amx_bf16", "asimd", "sve")
+
+
+def cpu_features(cpuinfo: str | None = None) -> str:
+    """The CPU's family/model and which of CPU_FEATURES it has (Linux; else "")."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    model = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model")
+                     if fields.get(k))
+    return " ".join(filter(None, [model] + [f for f in CPU_FEATURES if f in flags]))
+
+
 def hardware() -> dict:
     d = jax.devices()
     backend = jax.default_backend()
     return {"backend": backend,
             "device": cpu_name() if backend == "cpu" else d[0].device_kind,
             "devices": len(d), "processes": jax.process_count(),
-            "host": platform.node(), "cpu": cpu_name()}
+            "host": platform.node(), "cpu": cpu_name(), "cpu_features": cpu_features()}
 
 
 def train(cfg: TrainConfig, command: Optional[str] = None,
