@@ -58,7 +58,7 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = 
     tx = make_optimizer(0.9, 1e-4)
     lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.0)
     mean = jnp.asarray(np.random.default_rng(0).uniform(100, 150, (32, 32, 3)), jnp.float32)
-    conv_grad = resolve(conv_grad, seeds)
+    conv_grad = resolve(conv_grad, seeds, dtype)
     train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean,
                                  conv_grad=conv_grad)
     if seeds > 1:
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
     p.add_argument("--conv-grad", nargs="+", choices=CONV_GRADS,
                    default=["auto"], help="kernel gradients: XLA's convolution or matrix "
-                   "products (auto: matmul on CPUs, the training default)")
+                   "products (auto: the training default, matmul for float32 on CPUs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1],
                    help="independent runs vmapped into one step (cnn_jax.train.steps."
                    "seeds_at_once); img/s then counts the images of all of them")

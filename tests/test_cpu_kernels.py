@@ -89,10 +89,13 @@ def test_only_plain_convolutions_are_intercepted():
     assert text.count(" = scan[") == 1  # the plain convolution's chunks of images
 
 
-def test_auto_means_products_on_cpus_and_is_not_part_of_the_digest(monkeypatch):
+def test_auto_means_products_for_float32_on_cpus_and_is_not_part_of_the_digest(monkeypatch):
     monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
     assert jax.default_backend() == "cpu" and resolve("auto") == "matmul"
     assert resolve("auto", seeds=5) == "matmul" and resolve("xla", seeds=5) == "seedwise"
+    # bfloat16 on CPUs: XLA's own (its convolutions compute in float32 there; faster)
+    assert resolve("auto", dtype="bfloat16") == "xla" == resolve("auto", dtype=jnp.bfloat16)
+    assert resolve("matmul", dtype="bfloat16") == "matmul"
     monkeypatch.setenv("CNN_JAX_CONV_GRAD", "xla")  # older records, bit for bit
     assert resolve("auto") == "xla" and resolve("matmul") == "matmul"
     monkeypatch.setenv("CNN_JAX_CONV_GRAD", "fast")

@@ -357,6 +357,28 @@ def test_matmul_kernel_gradients_compute_the_same_step():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_kernel_gradients_follow_the_models_dtype(monkeypatch):
+    """On CPUs "auto" takes the chunked products for float32 models and XLA's own
+    kernel gradient for bfloat16 ones (conv_grad.resolve): the step's gradient holds
+    the chunks' loops only in float32."""
+    import jax.numpy as jnp
+    from cnn_jax.models import create_model
+    from cnn_jax.train.state import TrainState
+    from cnn_jax.train.steps import make_optimizer, make_train_step
+    monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
+    batch = {"image": jnp.zeros((2, 16, 16, 3), jnp.uint8), "label": jnp.array([0, 1])}
+    tx = make_optimizer(0.9, 1e-4)
+    scans = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = create_model("resnet8", num_classes=2, dtype=dtype)
+        state = jax.eval_shape(lambda: TrainState.create(
+            model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))), tx,
+            jax.random.PRNGKey(0)))
+        step = make_train_step(model, tx, lambda s, w: 0.1, lambda im: im / 255.0)
+        scans[jnp.dtype(dtype).name] = str(jax.make_jaxpr(step)(state, batch)).count(" = scan[")
+    assert scans == {"float32": 7, "bfloat16": 0}  # ResNet-8: 7 convolutions, a loop each
+
+
 @pytest.mark.parametrize("kernels", [
     "seedwise", "matmul",  # the seeds' defaults on GPUs and on CPUs
     # the GPUs' products: their seeds-first rule is tested in test_cpu_kernels.py

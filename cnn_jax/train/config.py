@@ -55,7 +55,8 @@ class TrainConfig:
     bn_group: int = 0                  # >0: BatchNorm statistics per group of this many examples
     steps_per_call: int = 1            # K steps inside one compiled call (lax.scan)
     conv_grad: str = "auto"            # auto | xla | matmul: kernel gradients by matrix
-                                       # products (cnn_jax.train.conv_grad); auto: on CPUs
+                                       # products (cnn_jax.train.conv_grad); auto: for
+                                       # float32 on CPUs
     # cadence and output
     eval_batch: int = 1000             # evaluation batch (any size: results do not depend on it)
     log_every: int = 100

@@ -15,8 +15,8 @@ runs on XLA's dot kernels instead. Elsewhere (where chunks would only add kernel
 `dW = patches^T @ dy` ([kh*kw*C_in, N*H*W] @ [N*H*W, C_out]), batched over seeds under
 `vmap`. The forward pass and the input gradient are unchanged (XLA's own), so the
 function is the same; only the kernel gradient's summation order differs (~1e-7
-relative). `conv_grad="auto"` (the default) uses the chunks where JAX computes on the
-CPU and XLA's own kernels on GPUs and TPUs.
+relative). `conv_grad="auto"` (the default) uses the chunks for float32 steps where JAX
+computes on the CPU and XLA's own kernels elsewhere (`resolve`).
 
 Several seeds vmapped into one step (cnn_jax.train.steps.seeds_at_once) need a rule
 of their own: vmap makes XLA's kernel gradient a grouped convolution, which cuDNN runs
@@ -161,18 +161,23 @@ def _plain_2d(m: nn.Conv, x) -> bool:
                  else all(p >= 0 for lo_hi in pad for p in lo_hi)))
 
 
-def resolve(conv_grad: str, seeds: int = 1) -> str:
+def resolve(conv_grad: str, seeds: int = 1, dtype="float32") -> str:
     """The kernel gradients a step uses: "xla", "matmul" or, for XLA's own with several
     seeds vmapped, "seedwise" (one convolution per seed). "auto" -> $CNN_JAX_CONV_GRAD
     if set (xla | matmul: e.g. to repeat a run recorded with the other kernels bit for
-    bit), else "matmul" where JAX computes on the CPU and XLA's own kernels elsewhere:
-    seed by seed when several seeds train at once (1.2x faster than the patches'
-    product for 5 ResNet-56 seeds on an H100, docs/benchmarks.md)."""
+    bit), else "matmul" for float32 steps where JAX computes on the CPU, and XLA's own
+    kernels elsewhere: for bfloat16 on CPUs (XLA computes its convolutions in float32
+    there, and its kernel gradient made ResNet-20's step 1.15-1.3x faster than the
+    chunks, docs/benchmarks.md CPU step 16) and on GPUs and TPUs, seed by seed when
+    several seeds train at once (1.2x faster than the patches' product for 5 ResNet-56
+    seeds on an H100)."""
     if conv_grad == "auto":
         chosen = os.environ.get("CNN_JAX_CONV_GRAD", "")
         if chosen and chosen not in CONV_GRADS[1:]:
             raise ValueError(f"CNN_JAX_CONV_GRAD must be xla or matmul; got {chosen!r}")
-        conv_grad = chosen or ("matmul" if jax.default_backend() == "cpu" else "xla")
+        float32 = jnp.dtype(dtype) == jnp.float32
+        conv_grad = chosen or ("matmul" if jax.default_backend() == "cpu" and float32
+                               else "xla")
     return "seedwise" if conv_grad == "xla" and seeds > 1 else conv_grad
 
 

@@ -242,7 +242,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
     train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
                                  warmup_until_error=cfg.warmup_until_error,
                                  label_smoothing=cfg.label_smoothing, trainable=trainable,
-                                 conv_grad=resolve(cfg.conv_grad, seeds))
+                                 conv_grad=resolve(cfg.conv_grad, seeds, cfg.dtype))
     step_one, step_many, eval_step = compile_steps(train_step, make_eval_step(model, normalise),
                                                    mesh, seeds)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))

@@ -95,9 +95,9 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
     `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
     is computed for it, its BatchNorms run in inference mode); empty: all learn.
     `conv_grad="matmul"`: convolution kernel gradients by matrix products (faster on
-    CPUs, the same function: cnn_jax.train.conv_grad); "auto": matmul on CPUs;
-    "seedwise": XLA's own, one convolution per seed when the step is vmapped."""
-    conv_grad = resolve(conv_grad)
+    CPUs, the same function: cnn_jax.train.conv_grad); "auto": matmul for float32 on
+    CPUs; "seedwise": XLA's own, one convolution per seed when the step is vmapped."""
+    conv_grad = resolve(conv_grad, dtype=getattr(model, "dtype", None) or "float32")
 
     def forward(params, batch_stats, images, rng):
         variables = {"params": params}
