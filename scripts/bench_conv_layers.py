@@ -1,10 +1,10 @@
 """One convolution layer at a time, ours against PyTorch, side by side in one run.
 
 For each CIFAR ResNet layer shape (3x3, stride 1, "SAME": 32x32x16, 16x16x32, 8x8x64
-at the batch given), float32 or bfloat16: the forward pass, the input gradient and the kernel
-gradient as the train step computes them (XLA's convolutions; the kernel gradient both
-as XLA's own and as `cnn_jax.train.conv_grad`'s chunked products), each jitted alone
-on random inputs; with torch installed, `torch.nn.functional.conv2d` and
+at the batch given), float32 or bfloat16: the forward pass, the input gradient and
+the kernel gradient as the train step computes them (XLA's convolutions; the kernel
+gradient both as XLA's own and as `cnn_jax.train.conv_grad`'s chunked products), each
+jitted alone on random inputs; with torch installed, `torch.nn.functional.conv2d` and
 `aten.convolution_backward` on the same inputs (channels_last, as many threads as
 JAX's CPU). Median of `--repeats` calls after one warm-up. It splits the step's gap
 to PyTorch into the kernels' own share (docs/benchmarks.md, CPU steps 11-14).

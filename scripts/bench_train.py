@@ -119,11 +119,12 @@ def pipeline_ms(window, batch: int, k: int, calls: int, repeats: int, data_dir=N
                                         for _ in range(repeats))
 
 
-def interleaved(timers: list, repeats: int) -> list[float]:
+def interleaved(timers: list, repeats: int, progress: bool = False) -> list[float]:
     """Median ms per step of each timer's window, the windows taken round by round
     (A B C, A B C, ...) so that a shared machine's drift hits every variant alike."""
+    from tqdm.auto import tqdm
     times = [[] for _ in timers]
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc="timing rounds", unit="round", disable=not progress):
         for t, window in zip(times, timers):
             t.append(window())
     return [1000 * statistics.median(t) for t in times]
@@ -160,9 +161,12 @@ def main(argv=None) -> int:
             for dtype in a.dtype:
                 for k, cg, n in [(k, cg, n) for k in a.steps_per_call for cg in a.conv_grad
                                  for n in a.seeds]:
+                    t = time.perf_counter()
                     info, window = our_timer(model, batch, dtype, k, max(a.steps, k), cg, n)
                     ours.append(info)
                     timers.append(window)
+                    if not a.json:
+                        print(f"built {info} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     reference = []
     if a.reference == "torch":
         try:
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
                                 "error": f"{type(e).__name__}: {str(e)[:200]}"}
                     reference.append({"impl": "torch", "model": model, **info})
     timed = [r for r in ours + reference if "error" not in r]
-    for r, ms in zip(timed, interleaved(timers, a.repeats)):
+    for r, ms in zip(timed, interleaved(timers, a.repeats, progress=not a.json)):
         r.update(ms_per_step=ms, img_per_s=r.get("seeds", 1) * r["batch"] / ms * 1000)
     if a.pipeline:  # the first model, batch and dtype, each steps-per-call, one seed
         for r, window in zip(ours, timers):
