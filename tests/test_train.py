@@ -16,7 +16,8 @@ import pytest
 from cnn_jax.models import create_model
 from cnn_jax.train import TrainConfig, schedules
 from cnn_jax.train.checkpoint import load_variables
-from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, cpu_features, train
+from cnn_jax.train.loop import (ConfigMismatch, NonFiniteLoss, cpu_features, finite_runs,
+                                train)
 from cnn_jax.train.steps import make_optimizer, make_train_step
 from cnn_jax.train.state import TrainState
 
@@ -231,6 +232,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert saved and max(saved) < bad_step
     params = load_variables(tmp_path)["params"]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_a_non_finite_state_is_found_per_run():
+    """The check before each save: a step's loss is computed before its update, so
+    an update that overflows leaves a finite loss and a non-finite state (lr 1e30
+    above: step 2's loss is finite, its parameters are not)."""
+    import jax.numpy as jnp
+    state = {"w": jnp.ones((3, 4, 2)), "b": jnp.zeros((3, 2)), "step": jnp.zeros(3, jnp.int32),
+             "key": jax.random.split(jax.random.key(0), 3)}
+    assert finite_runs(state, 3).tolist() == [True, True, True]
+    state["b"] = state["b"].at[1, 0].set(jnp.inf)
+    state["w"] = state["w"].at[2, 3, 1].set(jnp.nan)
+    assert finite_runs(state, 3).tolist() == [True, False, False]
+    assert finite_runs({"w": jnp.array([1.0, jnp.inf])}, 1).tolist() == [False]
 
 
 def test_bad_input(tmp_path):

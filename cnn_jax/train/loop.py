@@ -8,6 +8,7 @@ logging, evaluation, checkpoints, signals) -> results.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import json
 import math
@@ -43,7 +44,28 @@ from cnn_jax.train.steps import (compile_steps, freeze, make_eval_step, make_opt
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss, or the state about to be saved, is no longer finite."""
+
+
+@contextlib.contextmanager
+def _finishing_saves_on_error(finish_saves: Callable[[], None]):
+    """On any exception (or SystemExit) inside, `finish_saves()` before it propagates."""
+    try:
+        yield
+    except BaseException:
+        finish_saves()
+        raise
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def finite_runs(state, seeds: int):
+    """Per run (leading axis when `seeds` runs train together, else one): whether every
+    floating-point number of its state is finite. A step's loss is computed before its
+    update, so a finite loss does not vouch for the state the update produced."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    flags = [jnp.isfinite(x).reshape(seeds, -1).all(1) if seeds > 1 else
+             jnp.isfinite(x).all()[None] for x in leaves]
+    return jnp.stack(flags).all(0)
 
 
 class ConfigMismatch(ValueError):
@@ -345,6 +367,16 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
         # metrics of steps not yet logged travel with the checkpoint, so a resumed run
         # logs exactly the lines an uninterrupted one would
         merged = materialise(step_now)
+        finite = np.asarray(finite_runs(state, seeds if together else 1))
+        for i, run in enumerate(runs):
+            if not finite[i]:
+                finish_saves()
+                raise NonFiniteLoss(
+                    f"the state became non-finite at step {step_now} (its loss, computed "
+                    f"before the update, was still finite){f' in {run.out}' if together else ''}"
+                    f"; stopped without saving. The last good checkpoint in "
+                    f"{run.out / 'checkpoints'} is kept (step {run.ckpt.latest_step()}). "
+                    f"Lower --lr or check the data.")
         for i, run in enumerate(runs):
             unlogged = {k: v[:, i].tolist() for k, v in merged.items()}
             run.ckpt.save(step_now, run_state(state, i),
@@ -366,6 +398,12 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
                disable=not cfg.progress or jax.process_index() != 0,
                desc=cfg.model + (f" x {seeds} seeds" if together else ""))
 
+    def finish_saves() -> None:
+        """Let the checkpoints being written finish: a failure must not lose them."""
+        for run in runs:
+            with contextlib.suppress(Exception):
+                run.ckpt.wait()
+
     def materialise(step_now) -> dict:
         """Pending per-step metrics to host arrays [steps, S]; stop on a non-finite loss."""
         nonlocal pending
@@ -378,6 +416,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
             bad = np.flatnonzero(~np.isfinite(merged["loss"][:, i]))
             if len(bad):
                 first = step_now - len(merged["loss"])
+                finish_saves()
                 raise NonFiniteLoss(
                     f"loss became {merged['loss'][bad[0], i]} at step {first + bad[0] + 1}"
                     f"{f' in {run.out}' if together else ''}; stopped without saving. The "
@@ -428,7 +467,8 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
         calls.append(min(cfg.steps_per_call, next_boundary(s) - s))
         s += calls[-1]
     with _Signals().installed() as signals, \
-            ChunkPrefetcher(data_iter, calls, to_device) as chunks:
+            ChunkPrefetcher(data_iter, calls, to_device) as chunks, \
+            _finishing_saves_on_error(finish_saves):
         for k, (inputs, data_state) in zip(calls, chunks):
             if cfg.steps_per_call == 1:
                 state, metrics = step_one(state, inputs)
