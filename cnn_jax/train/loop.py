@@ -8,8 +8,8 @@ logging, evaluation, checkpoints, signals) -> results.
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -370,7 +370,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
         finite = np.asarray(finite_runs(state, seeds if together else 1))
         for i, run in enumerate(runs):
             if not finite[i]:
-                finish_saves()
+                finish_saves()  # first, so that the message names the last saved step
                 raise NonFiniteLoss(
                     f"the state became non-finite at step {step_now} (its loss, computed "
                     f"before the update, was still finite){f' in {run.out}' if together else ''}"
