@@ -54,19 +54,6 @@ def max_rel_diff(a, b):
 
 
 # ------------------------------------------------------------------ schedules
-def test_cpu_features_name_the_vector_extensions():
-    """Results record the CPU's vector extensions: XLA's CPU code rounds differently
-    with AVX-512 than with AVX2, so the same command gives other digits."""
-    zen4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
-            "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 "
-            "avx512_vnni\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu\n")
-    assert cpu_features(zen4) == "family 25 model 17 avx2 fma avx512f avx512_vnni avx512_bf16"
-    assert cpu_features("cpu family\t: 23\nmodel\t\t: 49\nflags\t\t: sse2 avx2 fma\n") == \
-        "family 23 model 49 avx2 fma"
-    assert cpu_features("processor\t: 0\nFeatures\t: fp asimd sve\n") == "asimd sve"  # Arm
-    assert cpu_features("") == ""
-
-
 def test_paper_schedule_in_iterations():
     lr = schedules.paper(0.1)
     got = [float(lr(s)) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
@@ -248,6 +235,19 @@ def test_a_non_finite_state_is_found_per_run():
     assert finite_runs({"w": jnp.array([1.0, jnp.inf])}, 1).tolist() == [False]
 
 
+def test_cpu_features_name_the_vector_extensions():
+    """Results record the CPU's vector extensions: XLA's CPU code rounds differently
+    with AVX-512 than with AVX2, so the same command gives other digits."""
+    zen4 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 "
+            "avx512_vnni\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu\n")
+    assert cpu_features(zen4) == "family 25 model 17 avx2 fma avx512f avx512_vnni avx512_bf16"
+    assert cpu_features("cpu family\t: 23\nmodel\t\t: 49\nflags\t\t: sse2 avx2 fma\n") == \
+        "family 23 model 49 avx2 fma"
+    assert cpu_features("processor\t: 0\nFeatures\t: fp asimd sve\n") == "asimd sve"  # Arm
+    assert cpu_features("") == ""
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="--batch 30 is not divisible"):
         run = dict(SMALL, batch=30)
@@ -376,10 +376,6 @@ def test_auto_kernel_gradients_follow_the_models_dtype(monkeypatch):
     """On CPUs "auto" takes the chunked products for float32 models and XLA's own
     kernel gradient for bfloat16 ones (conv_grad.resolve): the step's gradient holds
     the chunks' loops only in float32."""
-    import jax.numpy as jnp
-    from cnn_jax.models import create_model
-    from cnn_jax.train.state import TrainState
-    from cnn_jax.train.steps import make_optimizer, make_train_step
     monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
     batch = {"image": jnp.zeros((2, 16, 16, 3), jnp.uint8), "label": jnp.array([0, 1])}
     tx = make_optimizer(0.9, 1e-4)
@@ -581,8 +577,8 @@ def test_profile_kinds_group_fusions_and_library_convolutions():
 def test_conv_layer_benchmark_contract():
     """scripts/bench_conv_layers.py's JSON line (tiny batch: the contract, not the speed)."""
     r = subprocess.run([sys.executable, "scripts/bench_conv_layers.py", "--batch", "2",
-                        "--repeats", "1", "--winograd", "--json"],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                        "--repeats", "1", "--winograd", "--json"], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert [x["layer"] for x in d["layers"]] == ["32x32x16", "16x16x32", "8x8x64"]

@@ -106,16 +106,24 @@ def versions() -> dict:
     return out
 
 
+def _cpuinfo(text: str | None = None) -> dict:
+    """The first processor's "key: value" fields of /proc/cpuinfo (or of `text`); {}
+    where there is none (not Linux)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_name() -> str:
     """The host CPU's model name and core count (for records of CPU timings)."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores"
 
 
@@ -127,15 +135,7 @@ CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_
 
 def cpu_features(cpuinfo: str | None = None) -> str:
     """The CPU's family/model and which of CPU_FEATURES it has (Linux; else "")."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return ""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    fields = _cpuinfo(cpuinfo)
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     model = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model")
                      if fields.get(k))
