@@ -134,7 +134,8 @@ def sweep(args, preset_name: str, preset: Preset, out: Path,
         **({"final_val_error": res["final_val_error"]} if args.val else {}),
         "curve": curve(Path(cfg.out), split),
         "wall_s": res["wall_s"], "img_per_s": res["img_per_s"],
-        "hardware": res["hardware"], "run_dir": str(Path(cfg.out)),
+        "hardware": res["hardware"], "conv_kernels": res.get("conv_kernels"),
+        "run_dir": str(Path(cfg.out)),
     } for (name, depth, residual, seed), cfg, res in zip(jobs, configs, results)]
 
 

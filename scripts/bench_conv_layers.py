@@ -2,12 +2,13 @@
 
 For each CIFAR ResNet layer shape (3x3, stride 1, "SAME": 32x32x16, 16x16x32, 8x8x64
 at the batch given), float32 or bfloat16: the forward pass, the input gradient and
-the kernel gradient as the train step computes them (XLA's convolutions; the kernel
-gradient both as XLA's own and as `cnn_jax.train.conv_grad`'s chunked products), each
-jitted alone on random inputs; with torch installed, `torch.nn.functional.conv2d` and
-`aten.convolution_backward` on the same inputs (channels_last, as many threads as
-JAX's CPU). Median of `--repeats` calls after one warm-up. It splits the step's gap
-to PyTorch into the kernels' own share (docs/benchmarks.md, CPU steps 11-14).
+the kernel gradient: XLA's convolutions (the kernel gradient both as XLA's own and as
+`cnn_jax.train.conv_grad`'s chunked products) and, where it can run, oneDNN's
+(`cnn_jax.onednn`), each jitted alone on random inputs; with torch installed,
+`torch.nn.functional.conv2d` and `aten.convolution_backward` on the same inputs
+(channels_last, as many threads as JAX's CPU). Median of `--repeats` calls after one
+warm-up. It splits the step's gap to PyTorch into the kernels' own share
+(docs/benchmarks.md, CPU steps 11-17).
 
 With `--winograd`, also the same layer as a Winograd convolution written in XLA ops
 (F(2x2, 3x3) and F(4x4, 3x3), Lavin & Gray 2016: 2.25x and 4x fewer products, paid
@@ -46,6 +47,7 @@ def median_ms(fn, repeats: int) -> float:
 
 def ours(x, dy, w, repeats: int) -> dict:
     import jax
+    from cnn_jax import onednn
     from cnn_jax.train import conv_grad
 
     pads, shape = ((1, 1), (1, 1)), tuple(w.shape)
@@ -57,6 +59,14 @@ def ours(x, dy, w, repeats: int) -> dict:
            "kernel_grad_xla": (xla_dw, (x, dy)),
            "kernel_grad_chunks": (lambda x, dy: conv_grad._kernel_grad(
                x, dy, shape, (1, 1), pads), (x, dy))}
+    if onednn.available(x.dtype):  # the same three on oneDNN (CPU step 17)
+        one = lambda x, w: onednn.conv2d(x, w, (1, 1), pads)
+        fns.update({
+            "onednn_forward": (one, (x, w)),
+            "onednn_input_grad": (lambda dy, w: jax.vjp(lambda x_: one(x_, w), x)[1](dy)[0],
+                                  (dy, w)),
+            "onednn_kernel_grad": (lambda x, dy: jax.vjp(lambda w_: one(x, w_), w)[1](dy)[0],
+                                   (x, dy))})
     out = {}
     for name, (f, args) in fns.items():
         f = jax.jit(f)

@@ -89,8 +89,12 @@ def test_only_plain_convolutions_are_intercepted():
     assert text.count(" = scan[") == 1  # the plain convolution's chunks of images
 
 
-def test_auto_means_products_for_float32_on_cpus_and_is_not_part_of_the_digest(monkeypatch):
+def test_auto_without_onednn_means_products_for_float32_on_cpus_and_is_not_in_the_digest(
+        monkeypatch):
+    from cnn_jax import onednn
     monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
+    # where oneDNN's convolutions can run, "auto" takes them (tests/test_onednn.py)
+    monkeypatch.setattr(onednn, "why_unavailable", lambda dtype=None: "not here")
     assert jax.default_backend() == "cpu" and resolve("auto") == "matmul"
     assert resolve("auto", seeds=5) == "matmul" and resolve("xla", seeds=5) == "seedwise"
     # bfloat16 on CPUs: XLA's own (its convolutions compute in float32 there; faster)
@@ -99,11 +103,11 @@ def test_auto_means_products_for_float32_on_cpus_and_is_not_part_of_the_digest(m
     monkeypatch.setenv("CNN_JAX_CONV_GRAD", "xla")  # older records, bit for bit
     assert resolve("auto") == "xla" and resolve("matmul") == "matmul"
     monkeypatch.setenv("CNN_JAX_CONV_GRAD", "fast")
-    with pytest.raises(ValueError, match="CNN_JAX_CONV_GRAD must be xla or matmul"):
+    with pytest.raises(ValueError, match="CNN_JAX_CONV_GRAD must be one of xla, matmul, onednn"):
         resolve("auto")
     assert resolve("xla") == "xla" and TrainConfig().conv_grad == "auto"
     assert TrainConfig(conv_grad="xla").digest() == TrainConfig().digest()
-    with pytest.raises(ValueError, match="--conv-grad: must be one of auto, xla, matmul"):
+    with pytest.raises(ValueError, match="--conv-grad: must be one of auto, xla, matmul, onednn"):
         TrainConfig(conv_grad="fast").validate()
 
 

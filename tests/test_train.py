@@ -373,10 +373,12 @@ def test_matmul_kernel_gradients_compute_the_same_step():
 
 
 def test_auto_kernel_gradients_follow_the_models_dtype(monkeypatch):
-    """On CPUs "auto" takes the chunked products for float32 models and XLA's own
-    kernel gradient for bfloat16 ones (conv_grad.resolve): the step's gradient holds
-    the chunks' loops only in float32."""
+    """On CPUs without oneDNN's convolutions "auto" takes the chunked products for
+    float32 models and XLA's own kernel gradient for bfloat16 ones (conv_grad.resolve):
+    the step's gradient holds the chunks' loops only in float32."""
+    from cnn_jax import onednn
     monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
+    monkeypatch.setattr(onednn, "why_unavailable", lambda dtype=None: "not here")
     batch = {"image": jnp.zeros((2, 16, 16, 3), jnp.uint8), "label": jnp.array([0, 1])}
     tx = make_optimizer(0.9, 1e-4)
     scans = {}

@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Optional
 
-CONV_GRADS = ("auto", "xla", "matmul")  # cnn_jax.train.conv_grad; "auto" first
+CONV_GRADS = ("auto", "xla", "matmul", "onednn")  # cnn_jax.train.conv_grad; "auto" first
 
 
 @dataclasses.dataclass
@@ -54,9 +54,9 @@ class TrainConfig:
     dtype: str = "float32"             # float32 | bfloat16 (compute; params stay float32)
     bn_group: int = 0                  # >0: BatchNorm statistics per group of this many examples
     steps_per_call: int = 1            # K steps inside one compiled call (lax.scan)
-    conv_grad: str = "auto"            # auto | xla | matmul: kernel gradients by matrix
-                                       # products (cnn_jax.train.conv_grad); auto: for
-                                       # float32 on CPUs
+    conv_grad: str = "auto"            # auto | xla | matmul | onednn: the convolution
+                                       # kernels (cnn_jax.train.conv_grad); auto: oneDNN's
+                                       # (else matmul) for float32 on CPUs, else XLA's
     # cadence and output
     eval_batch: int = 1000             # evaluation batch (any size: results do not depend on it)
     log_every: int = 100

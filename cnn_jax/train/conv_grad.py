@@ -15,14 +15,20 @@ runs on XLA's dot kernels instead. Elsewhere (where chunks would only add kernel
 `dW = patches^T @ dy` ([kh*kw*C_in, N*H*W] @ [N*H*W, C_out]), batched over seeds under
 `vmap`. The forward pass and the input gradient are unchanged (XLA's own), so the
 function is the same; only the kernel gradient's summation order differs (~1e-7
-relative). `conv_grad="auto"` (the default) uses the chunks for float32 steps where JAX
-computes on the CPU and XLA's own kernels elsewhere (`resolve`).
+relative). `conv_grad="auto"` (the default) uses them for float32 steps where JAX
+computes on the CPU and oneDNN cannot run (below), XLA's own kernels elsewhere
+(`resolve`).
 
 Several seeds vmapped into one step (cnn_jax.train.steps.seeds_at_once) need a rule
 of their own: vmap makes XLA's kernel gradient a grouped convolution, which cuDNN runs
 group by group through a slow kernel. "seedwise" (what `resolve` makes of XLA's
 kernels with seeds > 1) computes it as one plain convolution per seed instead
 (docs/benchmarks.md: 0.74x -> 1.4x the throughput of one seed after another).
+
+`conv_grad="onednn"` goes further on CPUs: the forward pass and both gradients run on
+oneDNN's kernels (cnn_jax.onednn), which "auto" picks wherever they can be built and
+have kernels for the step's dtype (ResNet-20's float32 CPU step 1.6x faster than with
+the chunks, docs/benchmarks.md CPU step 17).
 
 It is applied inside the train step by a method interceptor on `flax.linen.Conv`, so
 models stay as written; grouped, dilated and unusually padded convolutions fall back
@@ -40,6 +46,7 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
+from cnn_jax import onednn
 from cnn_jax.train.config import CONV_GRADS
 
 CHUNK = 8  # images per accumulated kernel-gradient product
@@ -162,22 +169,27 @@ def _plain_2d(m: nn.Conv, x) -> bool:
 
 
 def resolve(conv_grad: str, seeds: int = 1, dtype="float32") -> str:
-    """The kernel gradients a step uses: "xla", "matmul" or, for XLA's own with several
-    seeds vmapped, "seedwise" (one convolution per seed). "auto" -> $CNN_JAX_CONV_GRAD
-    if set (xla | matmul: e.g. to repeat a run recorded with the other kernels bit for
-    bit), else "matmul" for float32 steps where JAX computes on the CPU, and XLA's own
-    kernels elsewhere: for bfloat16 on CPUs (XLA computes its convolutions in float32
+    """The convolution kernels a step uses: "xla", "matmul", "onednn" or, for XLA's own
+    with several seeds vmapped, "seedwise" (one convolution per seed). "auto" ->
+    $CNN_JAX_CONV_GRAD if set (e.g. to repeat a run recorded with other kernels bit for
+    bit), else where JAX computes on the CPU "onednn" where oneDNN's convolutions can
+    be built and have kernels for the dtype (cnn_jax.onednn), else "matmul" for float32
+    steps and XLA's own for bfloat16 ones (XLA computes its convolutions in float32
     there, and its kernel gradient made ResNet-20's step 1.15-1.3x faster than the
-    chunks, docs/benchmarks.md CPU step 16) and on GPUs and TPUs, seed by seed when
-    several seeds train at once (1.2x faster than the patches' product for 5 ResNet-56
-    seeds on an H100)."""
+    chunks, docs/benchmarks.md CPU step 16); XLA's own on GPUs and TPUs, seed by seed
+    when several seeds train at once (1.2x faster than the patches' product for 5
+    ResNet-56 seeds on an H100). "onednn" where oneDNN cannot run raises
+    cnn_jax.onednn.OnednnUnavailable saying why."""
     if conv_grad == "auto":
         chosen = os.environ.get("CNN_JAX_CONV_GRAD", "")
         if chosen and chosen not in CONV_GRADS[1:]:
-            raise ValueError(f"CNN_JAX_CONV_GRAD must be xla or matmul; got {chosen!r}")
-        float32 = jnp.dtype(dtype) == jnp.float32
-        conv_grad = chosen or ("matmul" if jax.default_backend() == "cpu" and float32
-                               else "xla")
+            raise ValueError(f"CNN_JAX_CONV_GRAD must be one of {', '.join(CONV_GRADS[1:])}; "
+                             f"got {chosen!r}")
+        cpu = jax.default_backend() == "cpu"
+        conv_grad = chosen or ("onednn" if cpu and onednn.available(dtype) else
+                               "matmul" if cpu and jnp.dtype(dtype) == jnp.float32 else "xla")
+    if conv_grad == "onednn":
+        onednn.require(dtype)
     return "seedwise" if conv_grad == "xla" and seeds > 1 else conv_grad
 
 
@@ -189,7 +201,8 @@ def backend_form() -> int | str:
 
 def kernel_grads(form: int | str | None = None):
     """Context: inside it, plain 2-D `nn.Conv` calls use `conv_with_kernel_grad` in
-    `form` (default: the products' backend_form())."""
+    `form` (default: the products' backend_form()), or with form "onednn" oneDNN's
+    convolutions (float32 and bfloat16 ones; others stay XLA's)."""
     def intercept(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__" or not isinstance(m, nn.Conv) \
@@ -198,12 +211,15 @@ def kernel_grads(form: int | str | None = None):
         kernel = m.get_variable("params", "kernel")
         bias = m.get_variable("params", "bias") if m.use_bias else None
         x, kernel, bias = promote_dtype(args[0], kernel, bias, dtype=m.dtype)
+        if form == "onednn" and x.dtype not in onednn.DTYPES:
+            return next_fun(*args, **kwargs)
         strides = (m.strides, m.strides) if isinstance(m.strides, int) else \
             tuple(m.strides or (1, 1))
         padding = canonicalize_padding(m.padding, 2)
         if isinstance(padding, str):
             padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-        y = conv_with_kernel_grad(x, kernel, strides, tuple(tuple(p) for p in padding),
-                                  form or backend_form())
+        padding = tuple(tuple(p) for p in padding)
+        y = onednn.conv2d(x, kernel, strides, padding) if form == "onednn" else \
+            conv_with_kernel_grad(x, kernel, strides, padding, form or backend_form())
         return y + bias.reshape(1, 1, 1, -1) if bias is not None else y
     return nn.intercept_methods(intercept)

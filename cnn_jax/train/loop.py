@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from cnn_jax import onednn
 from cnn_jax.data.pipeline import (ChunkPrefetcher, default_workers, eval_batches,
                                    stack_batches, to_global_array, train_dataset)
 from cnn_jax.data.sources import DataError
@@ -100,9 +101,12 @@ def versions() -> dict:
     import optax
     out = {"python": platform.python_version(), "jax": jax.__version__,
            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
-    # the CPU kernels (cnn_jax.cpu_kernels, cnn_jax.train.conv_grad) change rounding
+    # the CPU kernels (cnn_jax.cpu_kernels, cnn_jax.train.conv_grad, cnn_jax.onednn)
+    # change rounding
     out.update({k.lower(): os.environ[k] for k in ("XLA_FLAGS", "CNN_JAX_CONV_GRAD")
                 if os.environ.get(k)})
+    if jax.default_backend() == "cpu" and onednn.library_version():
+        out["onednn"] = onednn.library_version()
     return out
 
 
@@ -261,10 +265,11 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
     trainable = module_names(cfg.trainable)
     if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
         tx = freeze(tx, trainable)
+    conv_kernels = resolve(cfg.conv_grad, seeds, cfg.dtype)  # recorded: they change rounding
     train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
                                  warmup_until_error=cfg.warmup_until_error,
                                  label_smoothing=cfg.label_smoothing, trainable=trainable,
-                                 conv_grad=resolve(cfg.conv_grad, seeds, cfg.dtype))
+                                 conv_grad=conv_kernels)
     step_one, step_many, eval_step = compile_steps(train_step, make_eval_step(model, normalise),
                                                    mesh, seeds)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
@@ -330,6 +335,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
             config_file.write_text(json.dumps(
                 {"config": run.cfg.to_json(), "config_digest": run.cfg.digest(),
                  "command": command, "versions": versions(), "hardware": hardware(),
+                 "conv_kernels": conv_kernels,
                  **({"trained_together": [r.cfg.seed for r in runs]} if together else {})},
                 indent=1))
     if together:
@@ -546,7 +552,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
             "img_per_s": float(np.median(rates)) if rates else None,
             **({"trained_together": [r.cfg.seed for r in runs]} if together else {}),
             "hardware": hardware(), "versions": versions(), "command": command,
-            "config": run.cfg.to_json(),
+            "conv_kernels": conv_kernels, "config": run.cfg.to_json(),
         }
         if jax.process_index() == 0:
             tmp = run.out / "results.json.tmp"

@@ -95,8 +95,9 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
     `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
     is computed for it, its BatchNorms run in inference mode); empty: all learn.
     `conv_grad="matmul"`: convolution kernel gradients by matrix products (faster on
-    CPUs, the same function: cnn_jax.train.conv_grad); "auto": matmul for float32 on
-    CPUs; "seedwise": XLA's own, one convolution per seed when the step is vmapped."""
+    CPUs, the same function: cnn_jax.train.conv_grad); "onednn": convolutions on
+    oneDNN (CPUs); "auto": onednn, else matmul, for float32 on CPUs; "seedwise": XLA's
+    own, one convolution per seed when the step is vmapped."""
     conv_grad = resolve(conv_grad, dtype=getattr(model, "dtype", None) or "float32")
 
     def forward(params, batch_stats, images, rng):
@@ -108,8 +109,8 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
                 stack.enter_context(frozen_batchnorm(trainable))
             if conv_grad == "matmul":  # chunks on CPUs, patches elsewhere
                 stack.enter_context(kernel_grads())
-            elif conv_grad == "seedwise":
-                stack.enter_context(kernel_grads("seedwise"))
+            elif conv_grad in ("seedwise", "onednn"):
+                stack.enter_context(kernel_grads(conv_grad))
             return model.apply(variables, images, train=True, rngs={"dropout": rng},
                                mutable=["batch_stats", "intermediates"])
 
