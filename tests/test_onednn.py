@@ -17,7 +17,7 @@ from cnn_jax.models import create_model
 from cnn_jax.train import conv_grad
 from cnn_jax.train.conv_grad import kernel_grads, resolve
 from cnn_jax.train.state import TrainState
-from cnn_jax.train.steps import make_optimizer, make_train_step
+from cnn_jax.train.steps import make_eval_step, make_optimizer, make_train_step
 
 # The oneDNN wheel is a dependency on x86-64 Linux (pyproject.toml): there these tests
 # must run, so a broken build fails them instead of skipping them.
@@ -124,6 +124,24 @@ def test_a_train_step_on_onednn_is_xlas_step_and_repeats_bit_for_bit():
     for a, b in zip(jax.tree.leaves(out["onednn"][0].params),
                     jax.tree.leaves(out["xla"][0].params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_eval_step_takes_the_train_steps_convolutions():
+    """With the train step's kernels "onednn", evaluation runs its convolutions on
+    oneDNN too: the same sums as XLA's within 1e-5, and no XLA convolution left."""
+    _needs(jnp.float32)
+    _, state, batch = _resnet8_step("xla")
+    batch = {**batch, "mask": jnp.ones(6)}
+    model = create_model("resnet8", num_classes=4)
+    sums = {}
+    for conv in ("xla", "onednn"):
+        step = jax.jit(make_eval_step(model, lambda im: im / 255.0, conv))
+        sums[conv] = step(state, batch)
+    hlo = step.lower(state, batch).compile().as_text()
+    assert hlo.count(f'custom_call_target="{onednn.TARGETS["forward"]}"') == 7
+    assert "convolution(" not in hlo
+    assert sums["onednn"]["error_sum"] == sums["xla"]["error_sum"]
+    np.testing.assert_allclose(sums["onednn"]["loss_sum"], sums["xla"]["loss_sum"], rtol=1e-5)
 
 
 def test_only_plain_float_convolutions_go_to_onednn():

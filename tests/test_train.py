@@ -584,15 +584,18 @@ def test_conv_layer_benchmark_contract():
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert [x["layer"] for x in d["layers"]] == ["32x32x16", "16x16x32", "8x8x64"]
+    from cnn_jax import onednn
+    also = {"onednn_forward", "onednn_input_grad", "onednn_kernel_grad"} \
+        if onednn.available() else set()
     for x in d["layers"]:
         assert set(x["ours"]) == {"forward", "input_grad", "kernel_grad_xla",
-                                  "kernel_grad_chunks"} and min(x["ours"].values()) > 0
+                                  "kernel_grad_chunks"} | also and min(x["ours"].values()) > 0
         if x["torch"] is not None:  # torch installed
             assert set(x["torch"]) == {"forward", "input_grad", "kernel_grad"}
         # Winograd is the same convolution up to float32 rounding (F(4x4) rounds worse)
         assert x["winograd"]["f2"]["max_rel_error"] < 3e-6
         assert x["winograd"]["f4"]["max_rel_error"] < 3e-5
-    assert "xla_flags" in d["versions"]
+    assert "xla_flags" in d["versions"] and ("onednn" in d["versions"]) == bool(also)
 
 
 def test_train_benchmark_contract():

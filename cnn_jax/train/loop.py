@@ -270,8 +270,8 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
                                  warmup_until_error=cfg.warmup_until_error,
                                  label_smoothing=cfg.label_smoothing, trainable=trainable,
                                  conv_grad=conv_kernels)
-    step_one, step_many, eval_step = compile_steps(train_step, make_eval_step(model, normalise),
-                                                   mesh, seeds)
+    step_one, step_many, eval_step = compile_steps(
+        train_step, make_eval_step(model, normalise, conv_kernels), mesh, seeds)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
     modules = list(abstract["params"])

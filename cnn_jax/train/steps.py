@@ -155,14 +155,17 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
     return train_step
 
 
-def make_eval_step(model, normalise: Callable):
-    """eval_step(state, batch) -> sums of loss and errors over the unmasked examples."""
+def make_eval_step(model, normalise: Callable, conv_grad: str = "xla"):
+    """eval_step(state, batch) -> sums of loss and errors over the unmasked examples.
+    `conv_grad="onednn"`: the convolutions on oneDNN, as the train step's (CPUs; the
+    other kernel choices differ in gradients only)."""
 
     def eval_step(state: TrainState, batch):
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        logits = model.apply(variables, normalise(batch["image"]), train=False)
+        with kernel_grads("onednn") if conv_grad == "onednn" else contextlib.nullcontext():
+            logits = model.apply(variables, normalise(batch["image"]), train=False)
         mask = batch["mask"]
         loss = cross_entropy(logits, batch["label"])
         wrong = (jnp.argmax(logits, -1) != batch["label"]).astype(jnp.float32)
