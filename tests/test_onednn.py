@@ -186,8 +186,8 @@ def test_auto_takes_onednn_on_cpus_and_falls_back_where_it_cannot_run(monkeypatc
 
 
 def test_what_is_missing_is_named(monkeypatch, tmp_path):
-    """No library, no compiler, a failing compiler: OnednnUnavailable says which, and
-    nothing is left in the cache."""
+    """No library, no compiler, a failing compiler, an unwritable cache: OnednnUnavailable
+    says which, and a failed build leaves nothing in the cache."""
     monkeypatch.setenv("CNN_JAX_ONEDNN_LIB", str(tmp_path / "libdnnl.so.3"))
     with pytest.raises(onednn.OnednnUnavailable, match="CNN_JAX_ONEDNN_LIB=.*no such file"):
         onednn.build(tmp_path)
@@ -199,6 +199,10 @@ def test_what_is_missing_is_named(monkeypatch, tmp_path):
     with pytest.raises(onednn.OnednnUnavailable, match="building .*conv.cc failed"):
         onednn.build(tmp_path)
     assert not list((tmp_path / "onednn").iterdir())
+    monkeypatch.delenv("CXX")
+    (tmp_path / "file").write_text("")  # the cache folder cannot be made
+    with pytest.raises(onednn.OnednnUnavailable, match="cannot build into .*CNN_JAX_CACHE_DIR"):
+        onednn.build(tmp_path / "file")
     with pytest.raises(onednn.OnednnUnavailable, match="float32 or bfloat16, not float16"):
         onednn.require(jnp.float16)
 

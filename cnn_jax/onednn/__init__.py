@@ -98,16 +98,21 @@ def build(cache: Path | None = None) -> Path:
     out = (cache or cache_dir()) / "onednn" / f"conv-{key.hexdigest()[:16]}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # other processes may race
-        so = Path(tmp) / out.name
-        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(),
-               str(SOURCES[0]), "-o", str(so), str(lib), f"-Wl,-rpath,{lib.parent}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise OnednnUnavailable(f"building {SOURCES[0]} failed ({' '.join(cmd)}):\n"
-                                    f"{done.stderr[-2000:]}")
-        os.replace(so, out)  # atomic: a reader sees the whole library or none
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # other processes may race
+            so = Path(tmp) / out.name
+            cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-isystem",
+                   jax.ffi.include_dir(), str(SOURCES[0]), "-o", str(so), str(lib),
+                   f"-Wl,-rpath,{lib.parent}"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise OnednnUnavailable(f"building {SOURCES[0]} failed ({' '.join(cmd)}):\n"
+                                        f"{done.stderr[-2000:]}")
+            os.replace(so, out)  # atomic: a reader sees the whole library or none
+    except OSError as e:
+        raise OnednnUnavailable(f"cannot build into {out.parent} ({e}); set "
+                                "CNN_JAX_CACHE_DIR to a writable folder") from None
     return out
 
 
