@@ -59,10 +59,16 @@ def test_views_of_large_images_resize_the_shorter_side_then_crop():
 
 
 def test_single_view_equals_the_training_loops_evaluation(runs):
+    """The same error as the loop's last evaluation, with the same convolutions: oneDNN's
+    where the loop used them (CPUs, cnn_jax.onednn), XLA's elsewhere."""
+    from cnn_jax import onednn
     r = evaluate([runs[0]], views=1, batch=16)
     trained = json.loads((runs[0] / "results.json").read_text())
     assert r["n_examples"] == 37
     assert r["error"] == pytest.approx(trained["final_test_error"], abs=1e-6)
+    g = build_groups([load_member(runs[0])])[0]
+    hlo = g.forward.lower(g.stacked, np.zeros((2, *g.train_shape), np.uint8)).compile().as_text()
+    assert (onednn.TARGETS["forward"] in hlo) == (trained["conv_kernels"] == "onednn")
 
 
 def test_ensemble_average_is_the_mean_of_the_members_softmaxes(runs):
