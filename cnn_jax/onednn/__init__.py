@@ -40,7 +40,7 @@ TARGETS = {"forward": "CnnJaxOnednnConvForward", "input_grad": "CnnJaxOnednnConv
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-class OnednnUnavailable(RuntimeError):
+class OnednnUnavailable(ValueError):
     """oneDNN's convolutions cannot be used here; the message says why and what to do."""
 
 
@@ -160,11 +160,12 @@ def available(dtype=jnp.float32) -> bool:
     return why_unavailable(dtype) is None
 
 
-def require(dtype=jnp.float32) -> None:
-    """Raise OnednnUnavailable, saying why, unless oneDNN's convolutions can run."""
+def require(dtype=jnp.float32, asked_by: str = "oneDNN's convolutions") -> None:
+    """Raise OnednnUnavailable, naming `asked_by` and why, unless oneDNN's convolutions
+    in `dtype` can run here."""
     reason = why_unavailable(dtype)
     if reason:
-        raise OnednnUnavailable(reason)
+        raise OnednnUnavailable(f"{asked_by}: {reason}")
 
 
 def _call(name: str, shape, dtype, a, b, strides, padding):

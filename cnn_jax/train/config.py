@@ -56,7 +56,8 @@ class TrainConfig:
     steps_per_call: int = 1            # K steps inside one compiled call (lax.scan)
     conv_grad: str = "auto"            # auto | xla | matmul | onednn: the convolution
                                        # kernels (cnn_jax.train.conv_grad); auto: oneDNN's
-                                       # (else matmul) for float32 on CPUs, else XLA's
+                                       # on CPUs where they run, else matmul (float32 on
+                                       # CPUs) or XLA's
     # cadence and output
     eval_batch: int = 1000             # evaluation batch (any size: results do not depend on it)
     log_every: int = 100

@@ -189,7 +189,7 @@ def resolve(conv_grad: str, seeds: int = 1, dtype="float32") -> str:
         conv_grad = chosen or ("onednn" if cpu and onednn.available(dtype) else
                                "matmul" if cpu and jnp.dtype(dtype) == jnp.float32 else "xla")
     if conv_grad == "onednn":
-        onednn.require(dtype)
+        onednn.require(dtype, "--conv-grad onednn (or CNN_JAX_CONV_GRAD=onednn)")
     return "seedwise" if conv_grad == "xla" and seeds > 1 else conv_grad
 
 

@@ -96,8 +96,9 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
     is computed for it, its BatchNorms run in inference mode); empty: all learn.
     `conv_grad="matmul"`: convolution kernel gradients by matrix products (faster on
     CPUs, the same function: cnn_jax.train.conv_grad); "onednn": convolutions on
-    oneDNN (CPUs); "auto": onednn, else matmul, for float32 on CPUs; "seedwise": XLA's
-    own, one convolution per seed when the step is vmapped."""
+    oneDNN (CPUs); "auto": onednn on CPUs where it runs, else matmul for float32 on
+    CPUs, else XLA's; "seedwise": XLA's own, one convolution per seed when the step is
+    vmapped."""
     conv_grad = resolve(conv_grad, dtype=getattr(model, "dtype", None) or "float32")
 
     def forward(params, batch_stats, images, rng):
