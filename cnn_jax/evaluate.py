@@ -21,7 +21,6 @@ over their stacked parameters.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -39,7 +38,7 @@ from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.models import create_model
 from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.train.config import TrainConfig
-from cnn_jax.train.conv_grad import kernel_grads, resolve
+from cnn_jax.train.conv_grad import convolutions, resolve
 from cnn_jax.train.inputs import make_input_fn, make_normaliser, prepare_arrays, training_arrays
 
 VIEW_COUNTS = (1, 2, 10)
@@ -133,11 +132,11 @@ def build_groups(members: list[Member], data_dir: Optional[str] = None) -> list[
                                *[m.variables for m in ms])
 
         # the training loop's choice of convolutions (oneDNN's on CPUs where they run)
-        onednn = resolve("auto", dtype=c.dtype) == "onednn"
+        kernels = resolve("auto", dtype=c.dtype)
 
-        def one(variables, images, model=model, to_input=to_input, onednn=onednn):
+        def one(variables, images, model=model, to_input=to_input, kernels=kernels):
             variables = {k: v for k, v in variables.items() if v}
-            with kernel_grads("onednn") if onednn else contextlib.nullcontext():
+            with convolutions(kernels):
                 logits = model.apply(variables, to_input(images), train=False)
             return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 

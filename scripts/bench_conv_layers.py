@@ -51,22 +51,22 @@ def ours(x, dy, w, repeats: int) -> dict:
     from cnn_jax.train import conv_grad
 
     pads, shape = ((1, 1), (1, 1)), tuple(w.shape)
-    conv = lambda x, w: conv_grad._conv(x, w, (1, 1), pads)
-    xla_dw = lambda x, dy: jax.linear_transpose(
-        lambda w: conv(x, w), jax.ShapeDtypeStruct(shape, x.dtype))(dy)[0]
-    fns = {"forward": (conv, (x, w)),
-           "input_grad": (lambda dy, w: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0], (dy, w)),
-           "kernel_grad_xla": (xla_dw, (x, dy)),
+
+    def three_passes(conv):  # forward pass, input gradient, kernel gradient: (fn, args)
+        return {"forward": (conv, (x, w)),
+                "input_grad": (lambda dy, w: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0],
+                               (dy, w)),
+                "kernel_grad": (lambda x, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0],
+                                (x, dy))}
+
+    xla = three_passes(lambda x, w: conv_grad._conv(x, w, (1, 1), pads))
+    fns = {"forward": xla["forward"], "input_grad": xla["input_grad"],
+           "kernel_grad_xla": xla["kernel_grad"],
            "kernel_grad_chunks": (lambda x, dy: conv_grad._kernel_grad(
                x, dy, shape, (1, 1), pads), (x, dy))}
     if onednn.available(x.dtype):  # the same three on oneDNN (CPU step 17)
-        one = lambda x, w: onednn.conv2d(x, w, (1, 1), pads)
-        fns.update({
-            "onednn_forward": (one, (x, w)),
-            "onednn_input_grad": (lambda dy, w: jax.vjp(lambda x_: one(x_, w), x)[1](dy)[0],
-                                  (dy, w)),
-            "onednn_kernel_grad": (lambda x, dy: jax.vjp(lambda w_: one(x, w_), w)[1](dy)[0],
-                                   (x, dy))})
+        one = three_passes(lambda x, w: onednn.conv2d(x, w, (1, 1), pads))
+        fns.update({f"onednn_{k}": v for k, v in one.items()})
     out = {}
     for name, (f, args) in fns.items():
         f = jax.jit(f)

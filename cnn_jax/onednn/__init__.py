@@ -44,6 +44,16 @@ class OnednnUnavailable(ValueError):
     """oneDNN's convolutions cannot be used here; the message says why and what to do."""
 
 
+def _wheel():
+    """The first installed oneDNN wheel of WHEELS (its distribution), or None."""
+    for wheel in WHEELS:
+        try:
+            return importlib.metadata.distribution(wheel)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def dnnl_library() -> Path:
     """libdnnl.so.3: $CNN_JAX_ONEDNN_LIB, else the one an installed oneDNN wheel holds."""
     if os.environ.get("CNN_JAX_ONEDNN_LIB"):
@@ -52,14 +62,10 @@ def dnnl_library() -> Path:
             raise OnednnUnavailable(f"CNN_JAX_ONEDNN_LIB={path}: no such file (expected a "
                                     "libdnnl.so.3 of oneDNN 3.x)")
         return path
-    for wheel in WHEELS:
-        try:
-            dist = importlib.metadata.distribution(wheel)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for f in dist.files or ():
-            if f.name == "libdnnl.so.3":
-                return Path(dist.locate_file(f))
+    dist = _wheel()
+    for f in (dist.files or ()) if dist else ():
+        if f.name == "libdnnl.so.3":
+            return Path(dist.locate_file(f))
     raise OnednnUnavailable("no oneDNN library: `pip install onednn-cpu-gomp==2023.2.0` "
                             "(x86-64 Linux) or set CNN_JAX_ONEDNN_LIB to a libdnnl.so.3")
 
@@ -69,12 +75,8 @@ def library_version() -> str | None:
     if there is none."""
     if os.environ.get("CNN_JAX_ONEDNN_LIB"):
         return os.environ["CNN_JAX_ONEDNN_LIB"]
-    for wheel in WHEELS:
-        try:
-            return f"{wheel} {importlib.metadata.version(wheel)}"
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+    dist = _wheel()
+    return f"{dist.metadata['Name']} {dist.version}" if dist else None
 
 
 def _compiler() -> str:

@@ -36,6 +36,7 @@ to XLA's path.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -197,6 +198,13 @@ def backend_form() -> int | str:
     """The products' form: chunks of images on CPUs (each product in cache), one
     product of patches elsewhere (fewer, larger kernels)."""
     return CHUNK if jax.default_backend() == "cpu" else "patches"
+
+
+def convolutions(kernels: str):
+    """Context for a forward pass alone (evaluation) with a step's kernel choice
+    (`resolve`): oneDNN's convolutions for "onednn"; the other choices change only
+    gradients, so XLA's."""
+    return kernel_grads("onednn") if kernels == "onednn" else contextlib.nullcontext()
 
 
 def kernel_grads(form: int | str | None = None):

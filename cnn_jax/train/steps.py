@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
 from cnn_jax.train.config import covers
-from cnn_jax.train.conv_grad import kernel_grads, resolve
+from cnn_jax.train.conv_grad import convolutions, kernel_grads, resolve
 from cnn_jax.train.schedules import NEVER
 from cnn_jax.train.state import TrainState
 
@@ -165,7 +165,7 @@ def make_eval_step(model, normalise: Callable, conv_grad: str = "xla"):
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        with kernel_grads("onednn") if conv_grad == "onednn" else contextlib.nullcontext():
+        with convolutions(conv_grad):
             logits = model.apply(variables, normalise(batch["image"]), train=False)
         mask = batch["mask"]
         loss = cross_entropy(logits, batch["label"])
