@@ -31,15 +31,12 @@ from typing import Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from cnn_jax import data as data_lib
 from cnn_jax.data.augment import ten_crop
 from cnn_jax.data.pipeline import eval_batches
-from cnn_jax.models import create_model
-from cnn_jax.train.checkpoint import load_variables
-from cnn_jax.train.config import TrainConfig
-from cnn_jax.train.conv_grad import convolutions, resolve
-from cnn_jax.train.inputs import make_input_fn, make_normaliser, prepare_arrays, training_arrays
+from cnn_jax.trained import Trained, load_trained
 
 VIEW_COUNTS = (1, 2, 10)
 CENTRE, CENTRE_MIRRORED = 4, 9      # positions in ten_crop's order
@@ -77,30 +74,20 @@ def make_views(images: np.ndarray, n: int, crop: int, pad: int = 4) -> np.ndarra
 
 
 # ------------------------------------------------------------------ members
-@dataclasses.dataclass
-class Member:
-    run_dir: Path
-    config: TrainConfig
-    variables: dict
-
-
-def load_member(run_dir) -> Member:
-    run_dir = Path(run_dir)
+def load_member(source) -> Trained:
     try:
-        config = TrainConfig.of_run(run_dir)
-    except ValueError as e:
+        return load_trained(source)
+    except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"--checkpoint {e}") from None
-    try:
-        variables = load_variables(run_dir)
-    except FileNotFoundError as e:
-        raise ValueError(f"--checkpoint {run_dir}: {e}") from None
-    return Member(run_dir, config, variables)
 
 
-def _group_key(c: TrainConfig) -> str:
+def _group_key(m: Trained) -> str:
     """Members with equal keys share an architecture and an input transform."""
-    return json.dumps([c.model, c.model_options, c.dtype, c.data, c.holdout, c.train_subset,
-                       c.normalise, c.input_pad, c.resize], sort_keys=True, default=str)
+    normaliser = None if m.normaliser is None else \
+        [np.asarray(m.normaliser.mean).tobytes().hex(), np.asarray(m.normaliser.std).tobytes().hex()]
+    return json.dumps([m.model_name, m.options, m.dtype, m.num_classes, normaliser,
+                       m.input_pad, m.resize, list(m.image_shape), m.kernels],
+                      sort_keys=True, default=str)
 
 
 @dataclasses.dataclass
@@ -112,39 +99,24 @@ class Group:
     crop_pad: int
 
 
-def build_groups(members: list[Member], data_dir: Optional[str] = None) -> list[Group]:
-    groups: dict[str, list[Member]] = {}
+def build_groups(members: list[Trained]) -> list[Group]:
+    groups: dict[str, list[Trained]] = {}
     for m in members:
-        groups.setdefault(_group_key(m.config), []).append(m)
+        groups.setdefault(_group_key(m), []).append(m)
     out = []
     for ms in groups.values():
-        c = ms[0].config
-        train = training_arrays(c, data_dir)
-        to_input = make_input_fn(make_normaliser(c.normalise, train.images), c.resize)
-        dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
-        model = create_model(c.model, num_classes=len(train.classes), dtype=dtype,
-                             **c.model_options)
         shapes = {jax.tree.structure(m.variables) for m in ms}
         if len(shapes) != 1:
             raise ValueError("runs of the same architecture hold differently shaped "
-                             "variables: " + ", ".join(str(m.run_dir) for m in ms))
+                             "variables: " + ", ".join(m.source for m in ms))
         stacked = jax.tree.map(lambda *v: jnp.stack([jnp.asarray(x) for x in v]),
                                *[m.variables for m in ms])
-
-        # the training loop's choice of convolutions (oneDNN's on CPUs where they run)
-        kernels = resolve("auto", dtype=c.dtype)
-
-        def one(variables, images, model=model, to_input=to_input, kernels=kernels):
-            variables = {k: v for k, v in variables.items() if v}
-            with convolutions(kernels):
-                logits = model.apply(variables, to_input(images), train=False)
-            return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
         # lax.map, not vmap: vmapping a convolution over M kernels makes an M-group
         # convolution, several times slower on CPU than M ordinary ones in sequence
-        forward = jax.jit(lambda stacked, images, one=one: jax.lax.map(
-            lambda variables: one(variables, images), stacked))
-        out.append(Group(ms, forward, stacked, train.images.shape[1:], c.crop_pad or 4))
+        forward = jax.jit(lambda stacked, images, net=ms[0]: jax.lax.map(
+            lambda variables: net.probabilities(variables, images), stacked))
+        crop_pad = ms[0].config.crop_pad if ms[0].config is not None else 0
+        out.append(Group(ms, forward, stacked, ms[0].image_shape, crop_pad or 4))
     return out
 
 
@@ -161,7 +133,7 @@ def view_probabilities(groups: list[Group], arrays, views: int, batch: int = 250
             flat = v.reshape(-1, *v.shape[2:])
             p = np.asarray(g.forward(g.stacked, flat))                  # [M, B*V, K]
             per_group.append(p.reshape(p.shape[0], *v.shape[:2], p.shape[-1]))
-        yield {"label": b["label"], "mask": b["mask"],
+        yield {"label": b["label"], "mask": b["mask"], "index": b["index"],
                "probs": np.concatenate(per_group, axis=0)}
 
 
@@ -176,55 +148,65 @@ def summarise(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
 
 def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
              data_dir: Optional[str] = None, split: str = "test", batch: int = 250,
-             crop: Optional[int] = None, progress: bool = False) -> dict:
-    """Error of the ensemble of `run_dirs` with `views` views per image."""
-    from tqdm.auto import tqdm
+             crop: Optional[int] = None, progress: bool = False,
+             predictions: bool = False) -> dict:
+    """Error of the ensemble of `run_dirs` (training runs' --out folders or weights
+    files) with `views` views per image; `predictions`: also each image's predicted
+    class (`predicted`, in the split's order)."""
     if views not in VIEW_COUNTS:
         raise ValueError(f"--views must be one of {VIEW_COUNTS}; got {views}")
     members = [load_member(r) for r in run_dirs]
-    first = members[0].config
-    data = data or first.data
-    arrays = data_lib.load(data, split, data_dir=data_dir or first.data_dir,
-                           holdout=first.holdout)
-    arrays = prepare_arrays(arrays, first.input_pad)
-    groups = build_groups(members, data_dir)
+    first = members[0]
+    arrays = first.arrays(split, data, data_dir)
+    data = data or first.config.data
+    groups = build_groups(members)
     ordered = [m for g in groups for m in g.members]
-    mean_probs, labels, seen = [], [], 0
+    mean_probs, labels, order, seen = [], [], [], 0
     start = time.perf_counter()
     bar = tqdm(total=len(arrays), unit="img", disable=not progress, desc="evaluating")
     for out in view_probabilities(groups, arrays, views, batch, crop):
         keep = out["mask"] > 0
         mean_probs.append(out["probs"][:, keep].mean(axis=(0, 2)))   # over models, views
         labels.append(out["label"][keep])
+        order.append(out["index"][keep])
         seen += int(keep.sum())
         bar.update(int(keep.sum()))
     bar.close()
     wall = time.perf_counter() - start
     if seen != len(arrays):
         raise AssertionError(f"evaluated {seen} images, expected {len(arrays)}")
-    result = summarise(np.concatenate(mean_probs), np.concatenate(labels), len(arrays.classes))
+    probs = np.concatenate(mean_probs)
+    result = summarise(probs, np.concatenate(labels), len(arrays.classes))
+    if predictions:
+        predicted = np.empty(len(arrays), np.int64)
+        predicted[np.concatenate(order)] = probs.argmax(-1)
+        result["predicted"] = predicted.tolist()
     return {**result, "classes": arrays.classes, "views": views, "models": len(members),
-            "checkpoints": [str(m.run_dir) for m in ordered], "data": data, "split": split,
+            "checkpoints": [m.source for m in ordered], "data": data, "split": split,
             "images_per_s": seen / wall, "forward_passes_per_s": seen * views * len(members) / wall,
             "wall_s": wall, "backend": jax.default_backend()}
 
 
 # ------------------------------------------------------------------ CLI
 def default_output(r: dict) -> Path:
-    """evaluate_<split>_<v>views_<m>models_<members' hash>.json in the first run."""
+    """evaluate_<split>_<v>views_<m>models_<members' hash>.json in the first run (beside
+    the first weights file, for released weights)."""
     import hashlib
     tag = hashlib.sha256("\n".join(r["checkpoints"]).encode()).hexdigest()[:8]
-    return Path(r["checkpoints"][0]) / (f"evaluate_{r['split']}_{r['views']}views_"
-                                        f"{r['models']}models_{tag}.json")
+    first = Path(r["checkpoints"][0])
+    folder = first if first.is_dir() else first.parent
+    return folder / (f"evaluate_{r['split']}_{r['views']}views_{r['models']}models_{tag}.json")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cnn_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True, metavar="RUN",
-                   help="a training run's --out folder; repeat for an ensemble")
+                   help="a training run's --out folder, or a PyTorch weights file "
+                        "(.pth/.th/.safetensors, with --data); repeat for an ensemble")
     p.add_argument("--views", type=int, default=1, choices=VIEW_COUNTS)
-    p.add_argument("--data", default=None, help="default: the runs' training dataset")
+    p.add_argument("--data", default=None, help="default: the runs' training dataset "
+                                                "(required for weights files)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--crop", type=int, default=None,

@@ -1,20 +1,26 @@
 """Ensembles and multi-crop testing: how much do several networks and several views
 of each test image buy, and what do they cost?
 
-Method. N ResNets of one depth trained with the main experiment's recipe from seeds
-0..N-1 (taken from a finished `plain_vs_resnet` sweep with `--runs DIR`, or trained
-here). Each network's softmax on each of 10 views of every test image is computed
-once (four corners and the centre of the 4-pixel padded image, each mirrored; see
-`cnn_jax.evaluate`); the ensemble of k networks with v views predicts the argmax of
-the mean of its k x v softmaxes. For every k the error is averaged over all C(N, k)
-choices of networks (with its standard deviation), so the curve does not depend on
-which seeds come first. The cost is measured, not derived: images/s of the compiled
-k-network, v-view forward pass on a fixed batch.
+Method. N trained networks. Each network's softmax on each of 10 views of every test
+image is computed once (four corners and the centre of the 4-pixel padded image, each
+mirrored; see `cnn_jax.evaluate`); the ensemble of k networks with v views predicts
+the argmax of the mean of its k x v softmaxes. For every k the error is averaged over
+all C(N, k) choices of networks (with its standard deviation), so the curve does not
+depend on which network comes first. The cost is measured, not derived: images/s of
+the compiled forward passes of the first k networks with v views on a fixed batch.
 
-Presets: `paper` (5 ResNet-20s, the full 64k-iteration recipe: a GPU run), `quick`
-(5 ResNet-20s from the main experiment's CPU preset, errors on a fixed stratified
-1,000-image test subset), `smoke` (tests), `auto` (paper on an accelerator, quick on
-a CPU). Evidence: docs/results.md.
+`claims` in results.json: the ensemble of all N networks beats the best of them
+alone (single view), and ten views beat one for a single network (mean over the
+networks). Literature, for scale (ImageNet top-5 error): AlexNet 18.2 % for one net,
+16.4 % for five (Krizhevsky et al. 2012, Table 2); GoogLeNet 10.07 % with one crop,
+9.15 % with ten, 6.67 % for seven nets with 144 crops (Szegedy et al. 2015, Table 5).
+
+Presets: `paper` (5 ResNet-20s of the main experiment's full 64k-iteration recipe,
+seeds 0-4: a GPU run, or `--runs` of a multi-seed main experiment), `quick` (a 2-core
+CPU, about 6 minutes: the two released networks of ../shared/reference, ResNet-20 and
+ResNet-56 trained 200 epochs on the lossless CIFAR-10, on all 10,000 test images of
+our copy; nothing is trained), `smoke` (tests), `auto` (paper on an accelerator, quick
+on a CPU). Evidence: docs/results.md.
 
     python -m experiments.ensembles [--preset auto|paper|quick|smoke] [--runs DIR]
         [--model resnet20] [--members N] [--out DIR] [--data-dir DIR]
@@ -25,13 +31,23 @@ import argparse
 import dataclasses
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from cnn_jax.train.sweep import add_seeds_together, choose_preset, guard_out, run_all
+from cnn_jax import data as data_lib
+from cnn_jax.evaluate import build_groups, load_member, make_views, view_probabilities
+from cnn_jax.train.inputs import subset
+from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, hardware, versions
+from cnn_jax.train.sweep import (add_seeds_together, choose_preset, claim, claims_in_words,
+                                 guard_out, run_all)
+from cnn_jax.trained import REFERENCE_DIR, released_weights
+from experiments import plain_vs_resnet as main_experiment
 
 # ------------------------------------------------------------------ configuration
 VIEWS = (1, 2, 10)
@@ -39,22 +55,24 @@ VIEWS = (1, 2, 10)
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    main_preset: str        # the plain_vs_resnet preset the members are trained with
     members: int
+    released: tuple = ()    # the members: these released networks (released_weights) ...
+    main_preset: str = ""   # ... or --model trained with this plain_vs_resnet preset
     test_subset: int = 0    # >0: a fixed stratified subset of the test set
     timing_batch: int = 100
     data: str = "cifar10"
 
 
 PRESETS = {
-    "paper": Preset("paper", members=5),
-    "quick": Preset("quick", members=5, test_subset=1_000),
-    "smoke": Preset("smoke", members=2, timing_batch=8),
+    "paper": Preset(members=5, main_preset="paper"),
+    "quick": Preset(members=2, released=("resnet20", "resnet56")),
+    "smoke": Preset(members=2, main_preset="smoke", timing_batch=8),
 }
 
 
-def member_runs(args, preset: Preset, out: Path) -> list[Path]:
-    """The members' run folders: found in --runs, or trained into out/nets/."""
+def member_sources(args, preset: Preset, out: Path) -> list[Path]:
+    """The members: --runs' finished runs of --model, the preset's released networks,
+    or --model trained here (out/nets/) with the main experiment's preset."""
     if args.runs:
         found = sorted(Path(args.runs, "nets").glob(f"{args.model}-seed*"),
                        key=lambda p: int(p.name.rsplit("seed", 1)[1]))
@@ -64,7 +82,14 @@ def member_runs(args, preset: Preset, out: Path) -> list[Path]:
                              f"{args.model} run(s) under nets/; an ensemble needs at least 2 "
                              f"(run the main experiment with --seeds N)")
         return found[:args.members or len(found)]
-    from experiments import plain_vs_resnet as main_experiment
+    if preset.released:
+        found = [released_weights(name) for name in preset.released]
+        if None in found:
+            raise ValueError(f"the quick preset's members are the released "
+                             f"{', '.join(preset.released)} (looked in $CNN_JAX_REFERENCE_DIR "
+                             f"and {REFERENCE_DIR}), not all on this machine; pass --runs DIR "
+                             f"(a main experiment run with --seeds N) instead")
+        return found
     main = main_experiment.PRESETS[preset.main_preset]
     depth = int(args.model.removeprefix("resnet"))
     recipe = argparse.Namespace(data=args.data, data_dir=args.data_dir, val=False,
@@ -74,18 +99,18 @@ def member_runs(args, preset: Preset, out: Path) -> list[Path]:
                                           out / "nets" / f"{args.model}-seed{seed}")
                for seed in range(n)]
     run_all(configs, args.command, [f"{args.model} seed {s}" for s in range(n)],
-            together=args.seeds_together)
+            together=args.seeds_together, processes=args.processes)
     return [Path(c.out) for c in configs]
 
 
 # ------------------------------------------------------------------ measurement
-def all_probabilities(group, test) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax of every member on every view: [M, N, 10, K], and the labels [N]."""
-    from tqdm.auto import tqdm
-    from cnn_jax.evaluate import view_probabilities
+def all_probabilities(groups, test) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of every member (in the groups' order) on every view: [M, N, 10, K], and
+    the labels [N]."""
     probs, labels = [], []
-    with tqdm(total=len(test), unit="img", desc=f"{len(group.members)} nets x 10 views") as bar:
-        for b in view_probabilities([group], test, 10, batch=250):
+    members = sum(len(g.members) for g in groups)
+    with tqdm(total=len(test), unit="img", desc=f"{members} nets x 10 views") as bar:
+        for b in view_probabilities(groups, test, 10, batch=250):
             keep = b["mask"] > 0
             probs.append(b["probs"][:, keep])
             labels.append(b["label"][keep])
@@ -102,16 +127,21 @@ def ensemble_errors(probs: np.ndarray, labels: np.ndarray, k: int, views: int) -
             for c in itertools.combinations(range(len(probs)), k)]
 
 
-def images_per_second(group, k: int, images: np.ndarray, views: int, repeats: int = 3) -> float:
-    """Measured rate of the compiled forward pass of the group's first k networks on
-    `views` views of `images` (views cut on the host, as in evaluation)."""
-    import jax
-    from cnn_jax.evaluate import make_views
-    stacked = jax.tree.map(lambda x: x[:k], group.stacked)
+def images_per_second(groups, k: int, images: np.ndarray, views: int, repeats: int = 3) -> float:
+    """Measured rate of the compiled forward passes of the first k networks (in the
+    groups' order) on `views` views of `images` (views cut on the host, as in
+    evaluation)."""
+    parts, left = [], k
+    for g in groups:  # the first k members: whole groups, then part of one
+        take = min(left, len(g.members))
+        if take:
+            parts.append((g, jax.tree.map(lambda x, take=take: x[:take], g.stacked)))
+        left -= take
 
     def once():
-        v = make_views(images, views, group.train_shape[0], group.crop_pad)
-        jax.block_until_ready(group.forward(stacked, v.reshape(-1, *v.shape[2:])))
+        for g, stacked in parts:
+            v = make_views(images, views, g.train_shape[0], g.crop_pad)
+            jax.block_until_ready(g.forward(stacked, v.reshape(-1, *v.shape[2:])))
     once()  # compile
     times = []
     for _ in range(repeats):
@@ -119,6 +149,26 @@ def images_per_second(group, k: int, images: np.ndarray, views: int, repeats: in
         once()
         times.append(time.perf_counter() - t)
     return len(images) / float(np.median(times))
+
+
+def check_claims(probs: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """The ensemble of all members against its best member; ten views against one."""
+    single = 100 * np.array(ensemble_errors(probs, labels, 1, 1))
+    everything = 100 * ensemble_errors(probs, labels, len(probs), 1)[0]
+    ten = 100 * np.array(ensemble_errors(probs, labels, 1, 10))
+    n = len(probs)
+    return [
+        claim("ensemble_beats_its_best_member",
+              f"the ensemble of all {n} networks beats the best of them alone (one view)",
+              {f"ensemble of {n} (%)": round(everything, 2),
+               "best single network (%)": round(single.min(), 2),
+               "mean single network (%)": round(single.mean(), 2)},
+              f"ensemble of {n} < best single network", everything < single.min(), n),
+        claim("ten_views_beat_one",
+              "ten views of each test image beat one (a single network, mean over the "
+              "networks)",
+              {"10 views (%)": round(ten.mean(), 2), "1 view (%)": round(single.mean(), 2)},
+              "10 views < 1 view", ten.mean() < single.mean(), n)]
 
 
 # ------------------------------------------------------------------ outputs
@@ -174,13 +224,14 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--processes", type=int, default=None,
+                   help="members trained at once (default: one per core on a CPU)")
     add_seeds_together(p)
     args = p.parse_args(argv)
     args.command = " ".join([
         "python -m experiments.ensembles", *(sys.argv[1:] if argv is None else argv)])
     if args.members is not None and args.members < 2:
         p.error("--members must be at least 2")
-    import re
     if not re.fullmatch(r"resnet\d+|plain\d+", args.model):
         p.error(f"--model must be a CIFAR resnetN or plainN, got {args.model!r}")
     preset_name, why = choose_preset(args.preset)
@@ -189,29 +240,21 @@ def main(argv=None) -> int:
     out = Path(args.out or f"runs/ensembles-{preset_name}")
     recipe = {"preset": preset_name, **dataclasses.asdict(preset), "model": args.model,
               "members": args.members, "runs": args.runs, "data": args.data}
-
-    from cnn_jax import data as data_lib
-    from cnn_jax.train.inputs import subset
-    from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, hardware, versions
     try:
+        data_lib.search_dirs(args.data_dir)
         guard_out(out, recipe)
-        runs = member_runs(args, preset, out)
-        first = json.loads((runs[0] / "config.json").read_text())["config"]
-        data = args.data or first["data"]
-        test = subset(data_lib.load(data, "test", data_dir=args.data_dir or first["data_dir"]),
-                      preset.test_subset)
-        from cnn_jax.evaluate import build_groups, load_member
-        groups = build_groups([load_member(r) for r in runs], args.data_dir)
-        if len(groups) != 1:
-            raise ValueError("the members differ in architecture or input recipe")
-        probs, labels = all_probabilities(groups[0], test)
+        members = [load_member(r) for r in member_sources(args, preset, out)]
+        data = args.data or (members[0].config.data if members[0].config else preset.data)
+        test = subset(members[0].arrays("test", data, args.data_dir), preset.test_subset)
+        groups = build_groups(members)
+        names = [Path(m.source).name for g in groups for m in g.members]
+        probs, labels = all_probabilities(groups, test)
         timing_images = np.asarray(test.images[:preset.timing_batch])
-        from tqdm.auto import tqdm
         rows = []
-        combos = [(k, v) for k in range(1, len(runs) + 1) for v in VIEWS]
+        combos = [(k, v) for k in range(1, len(members) + 1) for v in VIEWS]
         for k, v in tqdm(combos, desc="ensemble sizes x views: error and speed"):
             errs = ensemble_errors(probs, labels, k, v)
-            rate = images_per_second(groups[0], k, timing_images, v)
+            rate = images_per_second(groups, k, timing_images, v)
             rows.append({"models": k, "views": v, "error": float(np.mean(errs)),
                          "error_std": float(np.std(errs)), "ensembles": len(errs),
                          "images_per_s": rate})
@@ -220,24 +263,33 @@ def main(argv=None) -> int:
         return 2
 
     hw = hardware()
+    claims = check_claims(probs, labels)
+    origin = ("from " + args.runs if args.runs else
+              "released weights, trained 200 epochs on the lossless CIFAR-10"
+              if preset.released else f"the main experiment preset {preset.main_preset!r}")
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "")
             + f", {len(labels):,} test images" + (" (a fixed stratified subset)"
                                                   if preset.test_subset else "")
-            + f". Members: {len(runs)} x {args.model}, seeds 0..{len(runs) - 1}, "
-            f"{'from ' + args.runs if args.runs else 'the main experiment preset ' + repr(preset.main_preset)}. "
-            f"Error: mean ± std over all choices of k networks. images/s: measured, batch "
-            f"of {preset.timing_batch}, on {hw['device']} ({hw['backend']}). "
-            f"Command: `{args.command}`.")
+            + f". Members: {', '.join(names)} ({origin}). Single-network errors, one view: "
+            + ", ".join(f"{n} {100 * e:.2f} %" for n, e in
+                        zip(names, ensemble_errors(probs, labels, 1, 1)))
+            + f". Error: mean ± std over all choices of k networks. images/s: measured for "
+            f"the first k networks, batch of {preset.timing_batch}, on {hw['device']} "
+            f"({hw['backend']}). Command: `{args.command}`.")
+    words = claims_in_words(claims, "Ensembles' and multi-crop testing's claims:")
     results = {"preset": preset_name, "preset_reason": why, "recipe": recipe,
                "command": args.command, "versions": versions(), "hardware": hw,
-               "members": [str(r) for r in runs],
+               "members": [m.source for g in groups for m in g.members],
                "single_model_errors": ensemble_errors(probs, labels, 1, 1),
-               "n_examples": int(len(labels)), "rows": rows}
+               "n_examples": int(len(labels)), "claims": claims, "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(table(rows, note) + "\n")
+    (out / "table.md").write_text(table(rows, note) + "\n\n" + words + "\n")
     plot(rows, out / "ensembles.png",
-         f"{args.model} ensembles on {data} ({len(labels):,} test images), preset {preset_name}")
+         f"ensembles of {', '.join(names)} on {data} ({len(labels):,} test images), preset "
+         f"{preset_name}")
     print(table(rows, note))
+    print()
+    print(words)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'ensembles.png'}")
     return 0
 

@@ -17,10 +17,17 @@ each new block: the norm of its two convolution kernels, the mean |gamma| of its
 last BN (the residual branch's output scale), and how far it is from the identity,
 ||a[l+2] - a[l]|| / ||a[l]|| on test images.
 
-Presets: `quick` (the main experiment's quick ResNet-20 as the base, k = 3, 300
-iterations per arm at batch 32; about 8 minutes on a 2-core CPU), `paper` (the
-base trained 64k iterations as in the main experiment, k = 3, 4,000 iterations per
-arm), `smoke` (seconds), `auto` (paper on a GPU/TPU, quick on a CPU).
+`claims` in results.json checks, over the seeds: the grown residual net ends no
+worse than the control (within 0.5 points of test error), the grown plain net ends
+worse than the grown residual one by more than the seeds' spread, and the residual
+blocks end closer to the identity than the plain ones.
+
+Presets: `quick` (a 2-core CPU, about 12 minutes: the base is the released ResNet-20
+of ../shared/reference, trained 200 epochs on the lossless CIFAR-10, k = 3, every arm
+500 iterations at batch 64 on all training images with crop + mirror, lr 0.01 decayed
+by a cosine, 2 seeds; without the released weights, name a base with --base),
+`paper` (the main experiment's 64k-iteration ResNet-20 as the base, k = 3, 4,000
+iterations per arm), `smoke` (seconds), `auto` (paper on a GPU/TPU, quick on a CPU).
 
 Evidence: docs/results.md records the `quick` run.
 
@@ -35,36 +42,68 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from cnn_jax import data as data_lib
+from cnn_jax.data import DataError, search_dirs
+from cnn_jax.data.pipeline import eval_batches
+from cnn_jax.models import create_model
+from cnn_jax.models.layers import BasicBlock
+from cnn_jax.train import TrainConfig
+from cnn_jax.train.checkpoint import load_variables
+from cnn_jax.train.inputs import (make_input_fn, make_normaliser, model_input_shape, subset,
+                                  training_arrays)
+from cnn_jax.train.loop import ConfigMismatch, hardware, versions
+from cnn_jax.train.state import initial_variables
+from cnn_jax.train.sweep import (add_seeds_together, choose_preset, claim, claims_in_words,
+                                 guard_out, mean_std, run_all)
+from cnn_jax.trained import REFERENCE_DIR, Trained, load_trained, released_weights
 from experiments import plain_vs_resnet as main_experiment
 
 # ------------------------------------------------------------------ configuration
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    base_depth: int      # the main experiment's ResNet to grow (when no --base)
+    base_depth: int      # the ResNet to grow (when no --base)
+    released: bool       # the base: the released weights of resnet<base_depth>, else the
+                         # main experiment's net of this preset
     blocks: int          # k blocks appended to the last stage
     steps: int           # iterations of each arm
     batch: int
-    lr: float            # constant: the first phase of the paper's schedule ...
-    weight_decay: float  # ... with a stronger pull to zero than its 1e-4
+    lr: float
+    schedule: str        # "constant" or "cosine" (from lr to 0)
+    weight_decay: float  # a stronger pull to zero than the paper's 1e-4
+    seeds: int
     train_images: int    # the fixed training subset the training error is read on
     test_images: int     # 0: all
 
 
 PRESETS = {
-    "paper": Preset(base_depth=20, blocks=3, steps=4_000, batch=128, lr=0.01,
-                    weight_decay=5e-4, train_images=10_000, test_images=0),
-    "quick": Preset(base_depth=20, blocks=3, steps=300, batch=32, lr=0.1,
-                    weight_decay=5e-4, train_images=2_000, test_images=1_000),
-    "smoke": Preset(base_depth=8, blocks=1, steps=4, batch=16, lr=0.1,
-                    weight_decay=5e-4, train_images=64, test_images=64),
+    "paper": Preset(base_depth=20, released=False, blocks=3, steps=4_000, batch=128,
+                    lr=0.01, schedule="constant", weight_decay=5e-4, seeds=2,
+                    train_images=10_000, test_images=0),
+    "quick": Preset(base_depth=20, released=True, blocks=3, steps=500, batch=64, lr=0.01,
+                    schedule="cosine", weight_decay=5e-4, seeds=2, train_images=2_000,
+                    test_images=5_000),
+    "smoke": Preset(base_depth=8, released=False, blocks=1, steps=4, batch=16, lr=0.1,
+                    schedule="constant", weight_decay=5e-4, seeds=1, train_images=64,
+                    test_images=64),
 }
 ARMS = {"control": None, "residual": "A", "plain": None}  # arm -> the new blocks' shortcut
 
 
-def arm_config(arm: str, base_cfg, preset: Preset, blocks: int, seed: int, base: Path,
-               out: Path, workers):
+def base_config(base: Trained, data_dir, workers) -> TrainConfig:
+    """The recipe the arms continue: the base run's own, or for released weights the
+    paper's CIFAR recipe on the data they were trained on, fed as they were fed."""
+    if base.config is not None:
+        return dataclasses.replace(base.config, data_dir=data_dir or base.config.data_dir)
+    return TrainConfig(model=base.model_name, model_options=dict(base.options), data="cifar10",
+                       data_dir=data_dir, crop_pad=4, flip=True, normalise="source",
+                       init_from=base.source, workers=workers)
+
+
+def arm_config(arm: str, base_cfg: TrainConfig, preset: Preset, blocks: int, seed: int,
+               base: Path, out: Path, workers):
     """The base run's recipe continued from its weights, k blocks grown (or not)."""
     options = dict(base_cfg.model_options)
     if arm != "control":
@@ -72,7 +111,7 @@ def arm_config(arm: str, base_cfg, preset: Preset, blocks: int, seed: int, base:
     return dataclasses.replace(
         base_cfg, model_options=options, init_from=str(base), seed=seed, steps=preset.steps,
         batch=preset.batch, lr=preset.lr, weight_decay=preset.weight_decay,
-        schedule="constant", warmup_lr=0.0, eval_subset=preset.test_images,
+        schedule=preset.schedule, warmup_lr=0.0, eval_subset=preset.test_images,
         log_every=max(1, preset.steps // 10), eval_every=preset.steps,
         checkpoint_every=max(1, preset.steps // 3), workers=workers, out=str(out),
         progress=False)
@@ -84,13 +123,9 @@ class Probe:
     any variables of it)."""
 
     def __init__(self, cfg, data_dir=None):
-        import jax
-        from cnn_jax.models import create_model
-        from cnn_jax.models.layers import BasicBlock
-        from cnn_jax.train.inputs import make_input_fn, make_normaliser, training_arrays
-
         train = training_arrays(cfg, data_dir)
-        to_input = make_input_fn(make_normaliser(cfg.normalise, train.images), cfg.resize)
+        to_input = make_input_fn(make_normaliser(cfg.normalise, train.images, cfg.init_from),
+                                 cfg.resize)
         model = create_model(cfg.model, num_classes=len(train.classes), **cfg.model_options)
         grown = [i + 1 for i, k in enumerate(cfg.model_options.get("extra_blocks", ())) if k]
         stage = f"stage{grown[-1]}" if grown else None
@@ -111,7 +146,6 @@ class Probe:
 
     def errors(self, variables: dict, splits: dict, batch: int = 500) -> dict:
         """Single-view error on each named split."""
-        from cnn_jax.data.pipeline import eval_batches
         out = {}
         for name, arrays in splits.items():
             wrong = n = 0
@@ -144,7 +178,6 @@ class Probe:
 
 # ------------------------------------------------------------------ outputs
 def table(rows: list[dict], note: str) -> str:
-    from cnn_jax.train.sweep import mean_std
     lines = ["| arm | when | training error (%) | test error (%) | new blocks: kernel norm |"
              " last-BN mean abs(gamma) | change of the signal |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -204,35 +237,90 @@ def plot(rows: list[dict], base_errors: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    from cnn_jax import data as data_lib
-    from cnn_jax.data import DataError
-    from cnn_jax.evaluate import load_member
-    from cnn_jax.models import create_model
-    from cnn_jax.train.checkpoint import load_variables
-    from cnn_jax.train.inputs import model_input_shape, subset, training_arrays
-    from cnn_jax.train.loop import ConfigMismatch, hardware, versions
-    from cnn_jax.train.state import initial_variables
-    from cnn_jax.train.sweep import add_seeds_together, choose_preset, guard_out, run_all
+# ------------------------------------------------------------------ the claims
+def check_claims(rows: list[dict]) -> list[dict]:
+    """The argument's three consequences, on the trained arms' test errors (in %, mean
+    over seeds; a difference counts when it exceeds the seeds' spread) and the new
+    blocks' change of the signal."""
+    def errors(arm):
+        return np.array([100 * r["trained"]["test_error"] for r in rows if r["arm"] == arm])
 
+    def change(arm):
+        return float(np.mean([b["change"] for r in rows if r["arm"] == arm
+                              for b in r["trained"]["blocks"]]))
+
+    control, residual, plain = errors("control"), errors("residual"), errors("plain")
+    seeds = len(control)
+    spread = max(float(np.ptp(e)) for e in (residual, plain))  # max - min over seeds
+    return [
+        claim("residual_no_worse_than_control",
+              "appending residual blocks does not hurt: the grown net ends within 0.5 "
+              "points of the unchanged net trained as long",
+              {"residual (test error %)": round(residual.mean(), 2),
+               "control (test error %)": round(control.mean(), 2)},
+              "residual <= control + 0.5 points", residual.mean() <= control.mean() + 0.5,
+              seeds),
+        claim("plain_worse_than_residual",
+              "appending plain blocks hurts: worse than appending residual ones, by more "
+              "than the seeds' spread",
+              {"plain (test error %)": round(plain.mean(), 2),
+               "residual (test error %)": round(residual.mean(), 2),
+               "seeds' spread (points)": round(spread, 2)},
+              "plain - residual > spread", plain.mean() - residual.mean() > spread, seeds),
+        claim("residual_blocks_closer_to_identity",
+              "after training, the residual blocks change the signal less than the plain "
+              "ones (||a[l+2] - a[l]|| / ||a[l]||)",
+              {"residual": round(change("residual"), 3), "plain": round(change("plain"), 3)},
+              "residual < plain", change("residual") < change("plain"), seeds),
+    ]
+
+
+# ------------------------------------------------------------------ main
+def find_base(args, preset_name: str, preset: Preset, out: Path) -> Path:
+    """--base, else the released weights (quick), else the main experiment's ResNet of
+    this preset (trained there if missing)."""
+    if args.base:
+        return Path(args.base)
+    name = f"resnet{preset.base_depth}"
+    if preset.released:
+        weights = released_weights(name)
+        if weights is None:
+            raise ValueError(f"the {preset_name} preset grows the released {name}, which is "
+                             f"not on this machine (looked in $CNN_JAX_REFERENCE_DIR and "
+                             f"{REFERENCE_DIR}); pass --base RUN, a trained CIFAR ResNet run")
+        return weights
+    main_preset = main_experiment.PRESETS[preset_name]
+    main_args = argparse.Namespace(depths=None, seeds=1, data=args.data,
+                                   data_dir=args.data_dir, val=False, dtype="float32",
+                                   workers=args.workers, command=args.command)
+    runs = Path(f"runs/plain_vs_resnet-{preset_name}") if args.data is None else out / "base"
+    guard_out(runs, main_experiment.recipe_for(preset_name, main_preset, main_args))
+    d = preset.base_depth
+    return Path(main_experiment.sweep(main_args, preset_name, main_preset, runs,
+                                      [(name, d, True)])[0]["run_dir"])
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.identity_blocks",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
-    p.add_argument("--base", default=None, help="a trained CIFAR resnet/plain run's --out "
-                   "(default: the main experiment's ResNet of the preset, trained if missing)")
+    p.add_argument("--base", default=None, help="a trained CIFAR resnet/plain run's --out or "
+                   "weights file (default: per preset)")
     p.add_argument("--blocks", type=int, default=None, help="blocks to append (default per preset)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds of the new blocks and the training")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds of the new blocks and the training (default per preset)")
     add_seeds_together(p)
     p.add_argument("--out", default=None, help="default runs/identity_blocks-<preset>")
     p.add_argument("--data", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--processes", type=int, default=None,
+                   help="arms trained at once (default: one per core on a CPU)")
     args = p.parse_args(argv)
     args.command = " ".join(["python -m experiments.identity_blocks",
                              *(sys.argv[1:] if argv is None else argv)])
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         p.error("--seeds must be at least 1")
     if args.blocks is not None and args.blocks < 1:
         p.error("--blocks must be at least 1")
@@ -241,55 +329,45 @@ def main(argv=None) -> int:
     print(f"preset {preset_name} ({why})", file=sys.stderr)
     preset = PRESETS[preset_name]
     blocks = args.blocks or preset.blocks
+    seeds = args.seeds or preset.seeds
     out = Path(args.out or f"runs/identity_blocks-{preset_name}")
     try:
-        # ---------------------------------------------------------- the trained base net
-        if args.base:
-            base = Path(args.base)
-        else:
-            main_preset = main_experiment.PRESETS[preset_name]
-            main_args = argparse.Namespace(depths=None, seeds=1, data=args.data,
-                                           data_dir=args.data_dir, val=False, dtype="float32",
-                                           workers=args.workers, command=args.command)
-            runs = Path(f"runs/plain_vs_resnet-{preset_name}") if args.data is None \
-                else out / "base"
-            guard_out(runs, main_experiment.recipe_for(preset_name, main_preset, main_args))
-            d = preset.base_depth
-            base = Path(main_experiment.sweep(main_args, preset_name, main_preset, runs,
-                                              [(f"resnet{d}", d, True)])[0]["run_dir"])
-        base_member = load_member(base)
-        base_cfg = base_member.config
-        if not base_cfg.model.startswith(("resnet", "plain")) or base_cfg.resize:
+        search_dirs(args.data_dir)
+        base = find_base(args, preset_name, preset, out)
+        base_net = load_trained(base)
+        if not base_net.model_name.startswith(("resnet", "plain")) or base_net.resize or \
+                base_net.image_shape[:2] != (32, 32):
             raise ValueError(f"--base {base}: expected a CIFAR resnetN/plainN run, got "
-                             f"{base_cfg.model!r}")
+                             f"{base_net.model_name!r}")
+        base_cfg = base_config(base_net, args.data_dir, args.workers)
         guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset), "blocks": blocks,
-                        "base": str(base), "seeds": args.seeds})
+                        "base": str(base), "seeds": seeds})
 
         # ---------------------------------------------------------- the arms
-        data_dir = args.data_dir or base_cfg.data_dir
+        data_dir = base_cfg.data_dir
         splits = {
             "train_error": subset(training_arrays(base_cfg, data_dir), preset.train_images),
             "test_error": subset(data_lib.load(base_cfg.data, "test", data_dir=data_dir),
                                  preset.test_images)}
         images = splits["test_error"].images[:min(500, len(splits["test_error"]))]
-        jobs = [(arm, seed) for seed in range(args.seeds) for arm in ARMS]
+        jobs = [(arm, seed) for seed in range(seeds) for arm in ARMS]
         configs = [arm_config(arm, base_cfg, preset, blocks, seed, base,
                               out / "arms" / f"{arm}-seed{seed}", args.workers)
                    for arm, seed in jobs]
         appended = []
         for cfg in configs:   # each arm's variables at step 0, as its training starts
             if not cfg.model_options.get("extra_blocks"):
-                appended.append(base_member.variables)  # the control: the base net itself
+                appended.append(base_net.variables)  # the control: the base net itself
                 continue
-            model = create_model(cfg.model, num_classes=len(splits["test_error"].classes),
+            model = create_model(cfg.model, num_classes=base_net.num_classes,
                                  **cfg.model_options)
             shape = model_input_shape(splits["test_error"].images.shape[1:], cfg.resize)
-            appended.append(initial_variables(model, cfg.seed, shape, base_member.variables,
+            appended.append(initial_variables(model, cfg.seed, shape, base_net.variables,
                                               str(base)))
         trained = run_all(configs, args.command, [f"{a} seed {s}" for a, s in jobs],
-                          together=args.seeds_together)
+                          together=args.seeds_together, processes=args.processes)
         probes = {arm: Probe(configs[jobs.index((arm, 0))], data_dir) for arm in ARMS}
-        base_errors = probes["control"].errors(base_member.variables, splits)
+        base_errors = probes["control"].errors(base_net.variables, splits)
         rows = []
         for (arm, seed), cfg, v0, res in zip(jobs, configs, appended, trained):
             v1 = load_variables(Path(cfg.out))
@@ -302,38 +380,30 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    def mean(arm, when, key):
-        return float(np.mean([r[when][key] for r in rows if r["arm"] == arm]))
-
-    summary = {
-        "base_errors": base_errors,
-        # "does not hurt": no worse than the unchanged net trained the same steps
-        "residual_no_worse_than_control": mean("residual", "trained", "test_error")
-        <= mean("control", "trained", "test_error") + 0.01,
-        "plain_hurts_more_than_residual": mean("plain", "trained", "test_error")
-        > mean("residual", "trained", "test_error"),
-        "residual_blocks_closer_to_identity": float(np.mean(
-            [b["change"] for r in rows if r["arm"] == "residual" for b in r["trained"]["blocks"]]))
-        < float(np.mean([b["change"] for r in rows if r["arm"] == "plain"
-                         for b in r["trained"]["blocks"]]))}
-    note = (f"Base: `{base}` ({base_cfg.model}; training error {100 * base_errors['train_error']:.2f} %, "
-            f"test error {100 * base_errors['test_error']:.2f} %). {blocks} blocks appended to the "
-            f"last stage; every arm trained {preset.steps} iterations at batch {preset.batch}, "
-            f"constant lr {preset.lr}, weight decay {preset.weight_decay}, seeds {args.seeds}. "
-            f"Training error on a fixed {len(splits['train_error'])}-image training subset "
-            f"(no augmentation), test error on {len(splits['test_error'])} test images. "
-            f"Command: `{args.command}`.")
+    claims = check_claims(rows)
+    origin = ("released weights, trained 200 epochs on the lossless CIFAR-10"
+              if base_net.config is None else "a run of this project")
+    note = (f"Base: `{base}` ({base_net.model_name}, {origin}; on these images training "
+            f"error {100 * base_errors['train_error']:.2f} %, test error "
+            f"{100 * base_errors['test_error']:.2f} %). {blocks} blocks appended to the last "
+            f"stage; every arm trained {preset.steps} iterations at batch {preset.batch}, lr "
+            f"{preset.lr} ({preset.schedule}), weight decay {preset.weight_decay}, crop + "
+            f"mirror, seeds 0..{seeds - 1}. Training error on a fixed "
+            f"{len(splits['train_error']):,}-image training subset (no augmentation), test "
+            f"error on {len(splits['test_error']):,} test images. Command: `{args.command}`.")
+    words = claims_in_words(claims, "The identity argument's claims (mean over seeds):")
     (out / "results.json").write_text(json.dumps({
         "preset": preset_name, "preset_reason": why, "command": args.command,
-        "base": str(base), "blocks": blocks, "versions": versions(), "hardware": hardware(),
-        "claims": summary, "arms": rows}, indent=1))
-    (out / "table.md").write_text(table(rows, note) + "\n")
+        "base": str(base), "base_errors": base_errors, "blocks": blocks,
+        "versions": versions(), "hardware": hardware(), "claims": claims, "arms": rows},
+        indent=1))
+    (out / "table.md").write_text(table(rows, note) + "\n\n" + words + "\n")
     plot(rows, base_errors, out / "identity_blocks.png",
-         f"{blocks} blocks appended to {base_cfg.model}: residual vs plain, preset {preset_name}")
+         f"{blocks} blocks appended to {base_net.model_name}: residual vs plain, preset "
+         f"{preset_name}, {seeds} seed(s)")
     print(table(rows, note))
-    for claim, value in summary.items():
-        if isinstance(value, bool):
-            print(f"{claim}: {'yes' if value else 'NO'}")
+    print()
+    print(words)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'identity_blocks.png'}")
     return 0
 

@@ -30,12 +30,18 @@ of labelled images. Re-running resumes: finished parts are re-read, not retraine
 Evidence: docs/results.md records the quick run.
 
 On your own data (an ImageFolder: <root>/<class>/<image> or with train/ and val/
-folders; without val/, 20 % of each class is held out), from a run of this project or
-torchvision/timm weights (resnet18/34/50/101/152, vgg11-19[_bn], alexnet, googlenet):
+folders; without val/ or test/, 20 % of each class is held out), from a run of this
+project or torchvision/timm weights (resnet18/34/50/101/152, vgg11-19[_bn], alexnet,
+googlenet):
 
     python -m experiments.transfer_learning --data PATH --backbone CHECKPOINT_OR_WEIGHTS
-        --mode {frozen,finetune,full} --out DIR [--stages K] [--steps N] [--lr LR]
-    python -m experiments.transfer_learning --predict IMAGES --out DIR
+        --mode {frozen,finetune,full} --out DIR [--seeds N] [--stages K] [--steps N] [--lr LR]
+    python -m experiments.transfer_learning --predict IMAGES --out DIR [--mode M]
+
+Every mode run into one --out lands in DIR/<mode>/seed<k>/; the table and the plot
+compare all of them (mean ± std over seeds) with the accuracy of always answering the
+most common training class. DIR/data.json says which images were used, per class and
+split, which were skipped and why, and which split was scored.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -63,6 +70,7 @@ class Preset:
     steps: int                # finetune / full / scratch
     batch: int
     softmax_epochs: int = 100
+    seeds: int = 1            # of every mode (the backbone is one)
     pretrain_subset: int = 0  # >0: pretrain on a fixed subset of the five classes
     test_subset: int = 0      # >0: accuracy on a fixed subset of the target test images
     data: str = "cifar10"
@@ -72,7 +80,7 @@ PRESETS = {
     "paper": Preset("resnet20", pretrain_steps=16_000, pretrain_batch=128, per_class=50,
                     steps=500, batch=64),
     "quick": Preset("resnet20", pretrain_steps=2_000, pretrain_batch=32, per_class=20,
-                    steps=150, batch=32),
+                    steps=150, batch=32, seeds=3),
     "smoke": Preset("resnet8", pretrain_steps=20, pretrain_batch=16, per_class=8, steps=6,
                     batch=16, softmax_epochs=5, pretrain_subset=160, test_subset=100),
 }
@@ -81,13 +89,13 @@ LR = {"finetune": 0.01, "full": 0.01, "scratch": 0.1}
 
 # ------------------------------------------------------------------ one mode
 def engine_config(mode: str, base, backbone, lr: float, steps: int, batch: int,
-                  stages: int, out: Path, n_train: int, augment: bool = True):
+                  stages: int, out: Path, n_train: int, augment: bool = True, seed: int = 0):
     """The TrainConfig of a finetune / full / scratch run on `base`'s data (`n_train`
     training images: the batch is at most that)."""
     from cnn_jax.transfer import trainable_for
     pretrained = mode != "scratch"
     return dataclasses.replace(
-        base, model=backbone.model, model_options=dict(backbone.options),
+        base, model=backbone.model, model_options=dict(backbone.options), seed=seed,
         init_from=backbone.source if pretrained else "",
         init_skip=backbone.head if pretrained else "",
         trainable=trainable_for(backbone, stages) if mode == "finetune" else "",
@@ -107,9 +115,11 @@ def trained_params(variables: dict, trainable: str) -> int:
                    if is_trainable(k, names) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
-def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str) -> dict:
-    """Mode 1: cached penultimate features + a new softmax. A finished one (its
-    result.json beside model.json) is re-read, not retrained."""
+def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str, seed: int = 0,
+               features: Optional[Path] = None) -> dict:
+    """Mode 1: cached penultimate features (in `features`, default out/features: the
+    seeds of a study share them) + a new softmax. A finished one (its result.json
+    beside model.json) is re-read, not retrained."""
     from cnn_jax.train.inputs import split_arrays, subset, training_arrays
     from cnn_jax.transfer import (MODEL_FILE, cached_features, save_classifier,
                                   train_softmax, with_head)
@@ -119,9 +129,11 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str) -> dict:
     start = time.perf_counter()
     train = training_arrays(base)
     val = subset(split_arrays(base, eval_split), base.eval_subset)
-    f_train, info = cached_features(out / "features", "train", backbone, train)
-    f_val, _ = cached_features(out / "features", eval_split, backbone, val)
-    head, timing = train_softmax(f_train, train.labels, len(train.classes), epochs=epochs)
+    features = features or out / "features"
+    f_train, info = cached_features(features, "train", backbone, train)
+    f_val, _ = cached_features(features, eval_split, backbone, val)
+    head, timing = train_softmax(f_train, train.labels, len(train.classes), epochs=epochs,
+                                 seed=seed)
     logits = np.asarray(f_val) @ head["kernel"] + head["bias"]
     accuracy = float(np.mean(logits.argmax(-1) == val.labels))
     variables = with_head(backbone, head)
@@ -129,7 +141,8 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str) -> dict:
                     image_size=backbone.image_size, resize=backbone.resize,
                     normaliser=backbone.normaliser(), variables=variables)
     extract = info["extract_s"]
-    row = {"mode": "frozen", "val_accuracy": accuracy, "wall_s": time.perf_counter() - start,
+    row = {"mode": "frozen", "seed": seed, "val_accuracy": accuracy,
+           "wall_s": time.perf_counter() - start,
             "trained_params": int(head["kernel"].size + head["bias"].size),
             "feature_dim": int(f_train.shape[1]), "epochs": epochs,
             "features_cached": info["cached"], "feature_extraction_s": extract,
@@ -137,6 +150,7 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str) -> dict:
             "epoch_s_recomputed": extract + timing["epoch_s"],
             "speedup_per_epoch": (extract + timing["epoch_s"]) / timing["epoch_s"],
             "n_train": len(train), "n_val": len(val)}
+    out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(row, indent=1))
     return row
 
@@ -155,46 +169,129 @@ def run_engine(mode: str, cfg, backbone, command: str, eval_split: str, out: Pat
     save_classifier(out, model=cfg.model, options=cfg.model_options, classes=train.classes,
                     image_size=backbone.image_size, resize=cfg.resize, normaliser=normaliser,
                     run=str(run.relative_to(out)))
-    return {"mode": mode, "val_accuracy": 1 - res[f"final_{eval_split}_error"],
-            "wall_s": res["wall_s"],
+    row = {"mode": mode, "seed": cfg.seed, "val_accuracy": 1 - res[f"final_{eval_split}_error"],
+           "wall_s": res["wall_s"],
             "trained_params": trained_params(load_variables(run), cfg.trainable),
             "trainable": cfg.trainable or "all", "steps": cfg.steps, "batch": cfg.batch,
             "lr": cfg.lr, "augmentation": f"crop (pad {cfg.crop_pad}) + mirror",
-            "img_per_s": res["img_per_s"], "n_train": len(train)}
+           "img_per_s": res["img_per_s"], "n_train": len(train)}
+    (out / "result.json").write_text(json.dumps(row, indent=1))
+    return row
+
+
+def run_mode(mode: str, base, backbone, study: Path, seed: int, eval_split: str, train,
+             command: str, settings: dict) -> dict:
+    """One mode and seed of a study in study/<mode>/seed<seed>/ (a finished one is
+    re-read); the mode's settings guard study/<mode>/ (another setting: another --out)."""
+    from cnn_jax.train.sweep import guard_out
+    guard_out(study / mode, settings)
+    out = study / mode / f"seed{seed}"
+    if mode == "frozen":
+        return run_frozen(base, backbone, out, settings["epochs"], eval_split, seed,
+                          features=study / mode / "features")
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    cfg = engine_config(mode, base, backbone, settings["lr"], settings["steps"],
+                        settings["batch"], settings["stages"], out / "run", len(train),
+                        augment=settings["augment"], seed=seed)
+    return run_engine(mode, cfg, backbone, command, eval_split, out, train)
+
+
+def study_rows(study: Path) -> list[dict]:
+    """Every mode and seed run in `study` (folder order: the modes' order of DEMO_MODES)."""
+    rows = [json.loads(f.read_text()) for f in study.glob("*/seed*/result.json")]
+    order = {m: i for i, m in enumerate(DEMO_MODES)}
+    return sorted(rows, key=lambda r: (order.get(r["mode"], 99), r["seed"]))
+
+
+def by_mode(rows: list[dict]) -> dict:
+    """mode -> its rows (seeds), in the rows' order."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["mode"], []).append(r)
+    return out
+
+
+# ------------------------------------------------------------------ the data, said plainly
+def data_report(train, evaluation, scored: str) -> dict:
+    """Per class: training images used, evaluation images, files skipped (and why)."""
+    def per_class(arrays):
+        counts = np.bincount(arrays.labels, minlength=len(arrays.classes))
+        return dict(zip(arrays.classes, counts.tolist()))
+    skipped = [{"file": f, "reason": why} for f, why in train.skipped + evaluation.skipped]
+    majority = int(np.bincount(train.labels, minlength=len(train.classes)).argmax())
+    return {"scored": scored, "classes": train.classes, "train": per_class(train),
+            "evaluated": per_class(evaluation), "skipped": skipped,
+            "majority_class": train.classes[majority],
+            "majority_accuracy": float(np.mean(evaluation.labels == majority))}
+
+
+def print_report(report: dict) -> None:
+    width = max(len(c) for c in report["classes"])
+    print(f"scored on {report['scored']}", file=sys.stderr)
+    print(f"  {'class':<{width}}  training images  evaluated", file=sys.stderr)
+    for c in report["classes"]:
+        print(f"  {c:<{width}}  {report['train'][c]:>15,}  {report['evaluated'][c]:>9,}",
+              file=sys.stderr)
+    if report["skipped"]:
+        print(f"  skipped {len(report['skipped'])} file(s) (all listed in data.json):",
+              file=sys.stderr)
+        for s in report["skipped"][:5]:
+            print(f"    {s['file']}: {s['reason']}", file=sys.stderr)
+    print(f"  always answering the most common class ({report['majority_class']}) would "
+          f"score {100 * report['majority_accuracy']:.1f} %", file=sys.stderr)
 
 
 # ------------------------------------------------------------------ outputs
-def table(rows: list[dict], note: str) -> str:
-    lines = ["| mode | what trains | val accuracy (%) | wall time (s) | trained params |",
-             "|---|---|---:|---:|---:|"]
-    what = {"frozen": "new softmax on cached features", "finetune": "last stage + new softmax",
-            "full": "everything, from pretrained", "scratch": "everything, from random"}
-    for r in rows:
-        lines.append(f"| {r['mode']} | {what[r['mode']]} | {100 * r['val_accuracy']:.2f} | "
-                     f"{r['wall_s']:.1f} | {r['trained_params']:,} |")
-    frozen = next((r for r in rows if r["mode"] == "frozen"), None)
+WHAT = {"frozen": "new softmax on cached features", "finetune": "last stage(s) + new softmax",
+        "full": "everything, from pretrained", "scratch": "everything, from random"}
+
+
+def table(rows: list[dict], report: dict, note: str) -> str:
+    from cnn_jax.train.sweep import mean_std
+    lines = ["| mode | what trains | accuracy (%) | seeds | wall time per seed (s) | "
+             "trained params |", "|---|---|---:|---:|---:|---:|"]
+    for mode, rs in by_mode(rows).items():
+        lines.append(f"| {mode} | {WHAT[mode]} | {mean_std([100 * r['val_accuracy'] for r in rs])}"
+                     f" | {len(rs)} | {np.mean([r['wall_s'] for r in rs]):.1f} | "
+                     f"{rs[0]['trained_params']:,} |")
+    lines.append(f"| baseline | always the most common training class "
+                 f"({report['majority_class']}) | {100 * report['majority_accuracy']:.2f} | - | "
+                 f"- | 0 |")
+    frozen = by_mode(rows).get("frozen", [None])[0]
     if frozen:
         lines += ["", f"Frozen mode: features extracted once in {frozen['feature_extraction_s']:.2f} s; "
                       f"one softmax epoch on cached features {1000 * frozen['epoch_s_cached']:.1f} ms "
                       f"vs {1000 * frozen['epoch_s_recomputed']:.1f} ms recomputing them "
                       f"({frozen['speedup_per_epoch']:.0f}x faster per epoch)."]
-    return "\n".join(lines + ["", note])
+    return "\n".join(lines + ["", f"Scored on {report['scored']}. " + note])
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], report: dict, path: Path, title: str) -> None:
+    """Accuracy per mode (mean, ± std over seeds, each seed a dot) against the
+    majority-class baseline; wall time per mode."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    modes = by_mode(rows)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
-    names = [r["mode"] for r in rows]
-    x = np.arange(len(rows))
-    ax.bar(x, [100 * r["val_accuracy"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
-    ax.set_xticks(x, names)
-    ax.set_ylabel("accuracy on the new classes (%)")
+    x = np.arange(len(modes))
+    colours = [f"C{i}" for i in range(len(modes))]
+    acc = [100 * np.array([r["val_accuracy"] for r in rs]) for rs in modes.values()]
+    ax.bar(x, [a.mean() for a in acc], color=colours, capsize=4,
+           yerr=[a.std(ddof=1) if len(a) > 1 else 0 for a in acc])
+    for i, a in enumerate(acc):
+        ax.plot(np.full(len(a), i), a, "k.", markersize=4)
+    ax.axhline(100 * report["majority_accuracy"], color="k", linestyle="--", linewidth=1,
+               label=f"always '{report['majority_class']}'")
+    ax.set_xticks(x, list(modes))
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    bx.bar(x, [r["wall_s"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
-    bx.set_xticks(x, names)
-    bx.set_ylabel("wall time (s)")
+    bx.bar(x, [np.mean([r["wall_s"] for r in rs]) for rs in modes.values()], color=colours)
+    bx.set_xticks(x, list(modes))
+    bx.set_ylabel("wall time per seed (s)")
     bx.grid(axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -202,24 +299,30 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write(out: Path, payload: dict, rows: list, note: str, title: str) -> None:
-    (out / "results.json").write_text(json.dumps({**payload, "runs": rows}, indent=1))
-    (out / "table.md").write_text(table(rows, note) + "\n")
-    plot(rows, out / "transfer.png", title)
-    print(table(rows, note))
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'transfer.png'}")
+def write(out: Path, payload: dict, report: dict, note: str, title: str) -> None:
+    """results.json, table.md and transfer.png over every mode and seed in `out`."""
+    rows = study_rows(out)
+    (out / "data.json").write_text(json.dumps(report, indent=1))
+    (out / "results.json").write_text(json.dumps({**payload, "data": report,
+                                                  "runs": rows}, indent=1))
+    (out / "table.md").write_text(table(rows, report, note) + "\n")
+    plot(rows, report, out / "transfer.png", title)
+    print(table(rows, report, note))
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'transfer.png'}, "
+          f"{out / 'data.json'}")
 
 
 # ------------------------------------------------------------------ the demonstration
 def demonstration(args, preset_name: str, preset: Preset, why: str) -> int:
     from cnn_jax.train import TrainConfig
-    from cnn_jax.train.inputs import training_arrays
+    from cnn_jax.train.inputs import split_arrays, subset, training_arrays
     from cnn_jax.train.loop import hardware, versions
     from cnn_jax.train.sweep import guard_out, run_all
     from cnn_jax.transfer import load_backbone
 
     out = Path(args.out or f"runs/transfer_learning-{preset_name}")
     data = args.data_name or preset.data
+    seeds = args.seeds or preset.seeds
     guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset), "data": data})
     common = dict(data=data, data_dir=args.data_dir, workers=args.workers, progress=False)
     pretrain = TrainConfig(
@@ -229,44 +332,62 @@ def demonstration(args, preset_name: str, preset: Preset, why: str) -> int:
         normalise="per_pixel", log_every=max(1, preset.pretrain_steps // 20),
         eval_every=preset.pretrain_steps, checkpoint_every=max(1, min(2_000, preset.pretrain_steps // 2)),
         eval_batch=500, out=str(out / "pretrain"), **common)
-    print(f"pretraining {preset.model} on classes {PRETRAIN_CLASSES}", file=sys.stderr)
+    print(f"pretraining {preset.model} on classes {PRETRAIN_CLASSES} into {out / 'pretrain'} "
+          f"(the backbone)", file=sys.stderr)
     pre = run_all([pretrain], args.command, ["pretrain"])[0]
     backbone = load_backbone(out / "pretrain")
     target = TrainConfig(model=preset.model, classes=TARGET_CLASSES,
                          train_subset=5 * preset.per_class, eval_subset=preset.test_subset,
                          out="", **common)
     train = training_arrays(target)
-    rows = []
+    test = subset(split_arrays(target, "test"), preset.test_subset)
+    report = data_report(train, test, f"the test/ folder ({len(test):,} images of the five "
+                                      f"new classes)")
+    print_report(report)
     for mode in args.modes:
-        print(f"{mode}: {preset.per_class} images per class", file=sys.stderr)
-        if mode == "frozen":
-            rows.append(run_frozen(target, backbone, out / mode, preset.softmax_epochs, "test"))
-        else:
-            cfg = engine_config(mode, target, backbone, LR[mode], preset.steps, preset.batch,
-                                1, out / mode / "run", len(train))
-            rows.append(run_engine(mode, cfg, backbone, args.command, "test", out / mode, train))
+        for seed in range(seeds):
+            print(f"{mode}, seed {seed}: {preset.per_class} images per class", file=sys.stderr)
+            settings = {"epochs": preset.softmax_epochs} if mode == "frozen" else {
+                "lr": LR[mode], "steps": preset.steps, "batch": preset.batch, "stages": 1,
+                "augment": True}
+            run_mode(mode, target, backbone, out, seed, "test", train, args.command, settings)
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "") +
             f". Backbone: {preset.model} pretrained on classes {PRETRAIN_CLASSES} (airplane, "
             f"automobile, bird, cat, deer) for {preset.pretrain_steps} iterations at batch "
             f"{preset.pretrain_batch} (test accuracy on those classes "
-            f"{100 * (1 - pre['final_test_error']):.2f} %). Task: classes {TARGET_CLASSES} (dog, "
-            f"frog, horse, ship, truck) from {preset.per_class} training images per class (a "
-            f"fixed stratified subset); accuracy on "
-            f"{'a fixed ' + str(preset.test_subset) + '-image subset of ' if preset.test_subset else 'all '}"
-            f"their test images, after the last step (no selection on it). One seed (0). "
-            f"Command: `{args.command}`.")
+            f"{100 * (1 - pre['final_test_error']):.2f} %), in `{out / 'pretrain'}`. Task: "
+            f"classes {TARGET_CLASSES} (dog, frog, horse, ship, truck) from "
+            f"{preset.per_class} training images per class (a fixed stratified subset); "
+            f"accuracy after the last step (no selection on the test images); seeds "
+            f"0..{seeds - 1} of each mode (the backbone is one). Command: `{args.command}`.")
     write(out, {"preset": preset_name, "preset_reason": why, "command": args.command,
                 "versions": versions(), "hardware": hardware(),
                 "pretrain": {"test_accuracy": 1 - pre["final_test_error"], "wall_s": pre["wall_s"],
-                             "classes": PRETRAIN_CLASSES}},
-          rows, note, f"{preset.model}: transfer to 5 new CIFAR-10 classes with "
-                      f"{preset.per_class} images each (preset {preset_name})")
+                             "classes": PRETRAIN_CLASSES, "run": str(out / "pretrain")}},
+          report, note, f"{preset.model}: transfer to 5 new CIFAR-10 classes with "
+                        f"{preset.per_class} images each (preset {preset_name}, {seeds} seeds)")
     return 0
 
 
 # ------------------------------------------------------------------ the user's own data
-def users_run(args) -> int:
+def evaluation_split(base):
+    """(config, split, what it is in words): the data's own test/ or val/ folder, else a
+    fixed stratified 20 % of train/."""
     from cnn_jax.data import DataError
+    from cnn_jax.train.inputs import split_arrays, training_arrays
+    try:
+        held = split_arrays(base, "test")  # test/, or val/ where there is no test/
+        folder = held.path.name.split("_")[0] if held.path else "test"
+        return base, "test", f"its {folder}/ folder ({len(held):,} images)"
+    except DataError:
+        train = training_arrays(base)
+        holdout = max(len(train.classes), round(0.2 * len(train)))
+        return (dataclasses.replace(base, holdout=holdout), "val",
+                f"a fixed stratified 20 % of its train/ images ({holdout:,}; there is no "
+                f"val/ or test/ folder)")
+
+
+def users_run(args) -> int:
     from cnn_jax.train import TrainConfig
     from cnn_jax.train.inputs import split_arrays, training_arrays
     from cnn_jax.train.loop import hardware, versions
@@ -280,45 +401,49 @@ def users_run(args) -> int:
     data = f"imagefolder:{Path(args.data).expanduser()}"
     base = TrainConfig(model=backbone.model, data=data, image_size=backbone.image_size,
                        workers=args.workers, out="", progress=False)
+    base, eval_split, scored = evaluation_split(base)
     train = training_arrays(base)
-    try:
-        split_arrays(base, "test")
-        eval_split, note_split = "test", "its own val/ (or test/) folder"
-    except DataError:  # no held-out folder: 20 % of each class, fixed
-        holdout = max(len(train.classes), round(0.2 * len(train)))
-        base = dataclasses.replace(base, holdout=holdout)
-        eval_split, note_split = "val", f"a fixed stratified holdout of {holdout} training images"
+    report = data_report(train, split_arrays(base, eval_split), scored)
     out = Path(args.out)
-    guard_out(out, {"mode": args.mode, "backbone": str(args.backbone), "data": data,
-                    "steps": args.steps, "lr": args.lr, "stages": args.stages,
-                    "epochs": args.epochs, "augment": args.augment})
-    print(f"{backbone.model} from {backbone.source}: {len(train.classes)} classes "
-          f"({', '.join(train.classes[:10])}{', ...' if len(train.classes) > 10 else ''}), "
-          f"{len(train)} training images, evaluated on {note_split}", file=sys.stderr)
+    guard_out(out, {"backbone": str(args.backbone), "data": data})
+    print(f"{backbone.model} from {backbone.source}: {len(train.classes)} classes, "
+          f"{len(train)} training images", file=sys.stderr)
+    print_report(report)
     if args.mode == "frozen":
         print("frozen mode: the features are computed once and cached, so augmentation "
               "is off" + (" (--augment ignored; " if args.augment else " (") +
               "use --mode finetune or full to augment)", file=sys.stderr)
-        row = run_frozen(base, backbone, out, args.epochs, eval_split)
+        settings = {"epochs": args.epochs}
     else:
-        if base.holdout:
-            train = training_arrays(base)  # without the held-out images
-        cfg = engine_config(args.mode, base, backbone, args.lr or LR[args.mode], args.steps,
-                            args.batch, args.stages, out / "run", len(train),
-                            augment=args.augment is not False)
-        row = run_engine(args.mode, cfg, backbone, args.command, eval_split, out, train)
-    note = (f"Data: {args.data}; backbone {backbone.model} from {backbone.source}; evaluated on "
-            f"{note_split}. Command: `{args.command}`.")
+        settings = {"lr": args.lr or LR[args.mode], "steps": args.steps, "batch": args.batch,
+                    "stages": args.stages, "augment": args.augment is not False}
+    for seed in range(args.seeds or 1):
+        run_mode(args.mode, base, backbone, out, seed, eval_split, train, args.command, settings)
+    note = (f"Data: {args.data}; backbone {backbone.model} from {backbone.source}. Every mode "
+            f"run into `{out}` is listed. Command of the last: `{args.command}`.")
     write(out, {"command": args.command, "versions": versions(), "hardware": hardware(),
-                "classes": train.classes}, [row], note,
-          f"{backbone.model} -> {Path(args.data).name} ({args.mode})")
+                "classes": train.classes}, report, note,
+          f"{backbone.model} -> {Path(args.data).name}")
     return 0
 
 
 def predictions(args) -> int:
-    from cnn_jax.transfer import predict
-    rows = predict(Path(args.out), Path(args.predict))
-    target = Path(args.out) / f"predictions-{Path(args.predict).name}.csv"
+    from cnn_jax.transfer import MODEL_FILE, predict
+    study = Path(args.out)
+    if (study / MODEL_FILE).exists():     # a classifier folder itself
+        chosen = study
+    else:
+        rows = [r for r in study_rows(study) if not args.mode or r["mode"] == args.mode]
+        if not rows:
+            raise ValueError(f"--out {study}: no {MODEL_FILE} and no trained mode"
+                             f"{' ' + args.mode if args.mode else ''} in it (expected the "
+                             f"--out folder of a transfer_learning run)")
+        best = max(rows, key=lambda r: r["val_accuracy"])
+        chosen = study / best["mode"] / f"seed{best['seed']}"
+        print(f"predicting with {best['mode']} seed {best['seed']} (accuracy "
+              f"{100 * best['val_accuracy']:.1f} %; --mode picks another)", file=sys.stderr)
+    rows = predict(chosen, Path(args.predict))
+    target = study / f"predictions-{Path(args.predict).name}.csv"
     with open(target, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["file", "class", "probability"])
         w.writeheader()
@@ -352,7 +477,12 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", default=None,
                    help="a run folder of this project, or torchvision/timm weights")
     p.add_argument("--arch", default=None, help="the weights' architecture (default: detected)")
-    p.add_argument("--mode", choices=MODES, default="frozen")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="with --data: the mode to run (default frozen); with --predict: the "
+                        "mode to predict with (default: the most accurate in --out)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per mode (default: 1 on your data, the preset's in the "
+                        "demonstration)")
     p.add_argument("--stages", type=int, default=1, help="finetune: stages that train")
     p.add_argument("--steps", type=int, default=300, help="finetune/full steps")
     p.add_argument("--batch", type=int, default=32)
@@ -371,8 +501,12 @@ def main(argv=None) -> int:
                              *(sys.argv[1:] if argv is None else argv)])
     if (args.data or args.predict) and not args.out:
         p.error("--data and --predict need --out")
-    if min(args.steps, args.epochs, args.stages, args.batch, args.per_class or 1) < 1:
-        p.error("--steps, --epochs, --stages, --batch and --per-class must be positive")
+    if min(args.steps, args.epochs, args.stages, args.batch, args.per_class or 1,
+           args.seeds or 1) < 1:
+        p.error("--steps, --epochs, --stages, --batch, --per-class and --seeds must be "
+                "positive")
+    if args.data and args.mode is None:
+        args.mode = "frozen"
     try:
         if args.predict:
             return predictions(args)

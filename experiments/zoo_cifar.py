@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="dataset (default cifar10)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--processes", type=int, default=1,
+                   help="nets trained at once in parallel processes (default 1: the "
+                        "images/s column compares the nets each on the whole machine)")
     args = p.parse_args(argv)
     args.command = " ".join([
         "python -m experiments.zoo_cifar", *(sys.argv[1:] if argv is None else argv)])
@@ -184,6 +187,7 @@ def main(argv=None) -> int:
     from cnn_jax.data import DataError
     from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, versions
     try:
+        data_lib.search_dirs(args.data_dir)
         guard_out(out, recipe)
         train = data_lib.load(data, "train", data_dir=args.data_dir)
         image_shape, num_classes = train.images.shape[1:], len(train.classes)
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
         configs = [run_config(k, preset, seed, args, out / "nets" / f"{k}-seed{seed}")
                    for k, seed in jobs]
         results = run_all(configs, args.command, [f"{k} seed {s}" for k, s in jobs],
-                          together=args.seeds_together)
+                          together=args.seeds_together, processes=args.processes)
     except (DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,25 +25,28 @@ import torch.nn.functional as F
 
 
 class ShortcutA(nn.Module):
-    """Option A: subsample by the stride, zero-pad the new channels."""
+    """Option A: subsample by the stride, zero-pad the new channels after the old ones
+    (as this project's zoo does), or half before and half after ("both": the layout of
+    akamaster/pytorch_resnet_cifar10, whose released weights ../shared/reference holds)."""
 
-    def __init__(self, stride: int, extra: int):
+    def __init__(self, stride: int, extra: int, pad: str = "after"):
         super().__init__()
-        self.stride, self.extra = stride, extra
+        self.stride = stride
+        self.sides = (0, extra) if pad == "after" else (extra // 2, extra // 2)
 
     def forward(self, x):
         x = x[:, :, ::self.stride, ::self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+        return F.pad(x, (0, 0, 0, 0, *self.sides)) if any(self.sides) else x
 
 
 class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, pad: str = "after"):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = ShortcutA(stride, cout - cin)
+        self.shortcut = ShortcutA(stride, cout - cin, pad)
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -51,22 +54,27 @@ class Block(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int = 20, num_classes: int = 10):
+    """He et al.'s CIFAR ResNet-(6n+2), option A; module names as in akamaster's
+    reproduction (conv1, bn1, layer1..3, linear), so its state_dicts load as they are."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, pad: str = "after"):
         super().__init__()
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
-                                  nn.ReLU())
-        layers, cin = [], 16
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin = 16
         for stage, width in enumerate((16, 32, 64)):
+            blocks = []
             for i in range(n):
-                layers.append(Block(cin, width, 2 if stage and i == 0 else 1))
+                blocks.append(Block(cin, width, 2 if stage and i == 0 else 1, pad))
                 cin = width
-        self.blocks = nn.Sequential(*layers)
-        self.fc = nn.Linear(64, num_classes)
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(64, num_classes)
 
     def forward(self, x):
-        x = self.blocks(self.stem(x))
-        return self.fc(x.mean((2, 3)))
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(x.mean((2, 3)))
 
 
 def step_timer(depth: int, batch: int, mode: str, steps: int = 10, warmup: int = 3,

@@ -13,28 +13,6 @@ from tests.helpers import abstract_variables, count
 torch = pytest.importorskip("torch")
 
 
-def _torchvision_models():
-    """torchvision's model definitions. They are pure Python; the package's own
-    __init__ also loads compiled detection ops, which fail against a CPU-only torch
-    when pip paired it with the CUDA build of torchvision, so that case skips it."""
-    try:
-        import torchvision
-        return torchvision.models
-    except (ImportError, RuntimeError, OSError):
-        import importlib.util
-        import os
-        import sys
-        import types
-        spec = importlib.util.find_spec("torchvision")
-        if spec is None:
-            pytest.skip("torchvision not installed")
-        package = types.ModuleType("torchvision")
-        package.__path__ = [os.path.dirname(spec.origin)]
-        sys.modules["torchvision"] = package
-        import torchvision.models
-        return torchvision.models
-
-
 def randomised(net):
     """Fan-in scaled weights and BN statistics far from their defaults, so that every
     tensor's place and layout matters."""
@@ -70,7 +48,7 @@ def same_logits(net, name, options, size, classes=1000):
     return np.abs(ours - theirs).max() / np.abs(theirs).max()
 
 
-TV = _torchvision_models()
+TV = pytest.importorskip("torchvision").models  # a broken install fails here, loudly
 CASES = {  # name -> (torch builder, our name, options, input size)
     "resnet18": (lambda: TV.resnet18(), "resnet18", {}, 64),
     "resnet50": (lambda: TV.resnet50(num_classes=10), "resnet50", {}, 64),
@@ -179,3 +157,30 @@ def test_unreadable_and_unknown_files_are_clear_errors(tmp_path):
         read_state_dict(tmp_path / "missing.pth")
     with pytest.raises(WeightsMismatch, match="cannot tell the architecture"):
         detect_arch({"encoder.weight": np.zeros((3, 3))})
+
+
+def test_the_torch_extra_imports_whole():
+    """torchvision's compiled operators load beside the pinned torch (PyPI's CPU torch
+    2.13.0 with torchvision 0.28.0 failed here: 'operator torchvision::nms does not
+    exist'), and timm builds a model."""
+    import torchvision
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.9], [2.0, 2.0, 3.0, 3.0]])
+    keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)
+    assert keep.tolist() == [0, 2]
+    timm = pytest.importorskip("timm")
+    assert timm.create_model("resnet18", num_classes=3).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("depth", [20, 32])
+def test_cifar_resnet_of_the_pytorch_reproduction_gives_the_same_logits(depth):
+    """The layout of akamaster/pytorch_resnet_cifar10 (option A padded on both sides):
+    detected from the keys, its channels re-ordered into ours."""
+    from scripts.torch_reference import CifarResNet
+    net = randomised(CifarResNet(depth, pad="both"))
+    assert same_logits(net, f"resnet{depth}", {}, 32, classes=10) < 1e-5
+    # the same weights with the shortcut's zeros after the identity are another function
+    after = CifarResNet(depth, pad="after")
+    after.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(after.eval()(x), net(x), atol=1e-3)

@@ -170,6 +170,30 @@ def test_corrupt_image_names_the_file_and_leaves_no_cache(tmp_path, cache):
     assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
     skipped = load(f"imagefolder:{folder}", "train", skip_bad=True)
     assert len(skipped) == 3
+    assert skipped.skipped[0][0] == "train/b/001.png" and "cannot decode" in skipped.skipped[0][1]
+
+
+def test_every_image_format_pil_reads_and_the_skipped_files_are_named(tmp_path, cache, caplog):
+    folder = make_folder(tmp_path / "toy", {"train": {"a": 1, "b": 1}})
+    for i, suffix in enumerate((".gif", ".bmp", ".webp", ".tiff", ".JPG")):
+        Image.fromarray(np.full((8, 8, 3), 100 + i, np.uint8)).save(folder / "train" / "a" / f"x{suffix}")
+    (folder / "train" / "b" / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        arrays = load(f"imagefolder:{folder}", "train")
+    assert len(arrays) == 7 and np.bincount(arrays.labels).tolist() == [6, 1]
+    assert arrays.skipped == (("train/b/notes.txt", arrays.skipped[0][1]),)
+    assert "not an image file" in arrays.skipped[0][1]
+    assert "skipped 1 file(s) of 'train'" in caplog.text and "notes.txt" in caplog.text
+    again = load(f"imagefolder:{folder}", "train")   # from the cache: the same report
+    assert again.skipped == arrays.skipped
+
+
+def test_a_named_data_directory_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=f"--data-dir {tmp_path / 'nope'}: no such directory"):
+        load("cifar10", "train", data_dir=str(tmp_path / "nope"))
+    monkeypatch.setenv("CNN_JAX_DATA_DIR", str(tmp_path / "typo"))
+    with pytest.raises(DataError, match="CNN_JAX_DATA_DIR .*typo: no such directory"):
+        load("cifar10", "train")
 
 
 def test_empty_class_folder(tmp_path, cache):

@@ -132,12 +132,16 @@ def test_ensembles_smoke_preset(tmp_path):
     assert rows[(1, 1)]["error"] == pytest.approx(np.mean(own), abs=1e-6)
     assert all(x["images_per_s"] > 0 for x in rows.values())
     assert (tmp_path / "ensembles.png").stat().st_size > 10_000
+    claims = {c["claim"]: c for c in results["claims"]}
+    assert set(claims) == {"ensemble_beats_its_best_member", "ten_views_beat_one"}
+    best = min(results["single_model_errors"])
+    assert claims["ensemble_beats_its_best_member"]["pass"] == (rows[(2, 1)]["error"] < best)
     # the same members are found in a finished sweep instead of trained again
     import argparse
-    from experiments.ensembles import PRESETS, member_runs
-    found = member_runs(argparse.Namespace(runs=str(tmp_path), model="resnet8", members=None),
+    from experiments.ensembles import PRESETS, member_sources
+    found = member_sources(argparse.Namespace(runs=str(tmp_path), model="resnet8", members=None),
                         PRESETS["smoke"], tmp_path / "unused")
     assert found == [tmp_path / "nets" / f"resnet8-seed{s}" for s in range(2)]
     with pytest.raises(ValueError, match="at least 2"):
-        member_runs(argparse.Namespace(runs=str(tmp_path), model="resnet20", members=None),
+        member_sources(argparse.Namespace(runs=str(tmp_path), model="resnet20", members=None),
                     PRESETS["smoke"], tmp_path / "unused")

@@ -15,8 +15,11 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 def experiment(out, *extra):
+    # one process unless a test asks for more: the kill-and-resume test below expects
+    # plain-8 to finish before ResNet-8 starts
+    processes = () if "--processes" in extra else ("--processes", "1")
     return [sys.executable, "-m", "experiments.plain_vs_resnet", "--preset", "smoke",
-            "--data", DATA, "--out", str(out), "--workers", "0", *extra]
+            "--data", DATA, "--out", str(out), "--workers", "0", *processes, *extra]
 
 
 def run(out, *extra):
@@ -96,9 +99,58 @@ def test_seeds_trained_together(tmp_path):
     assert " ± " in (tmp_path / "table.md").read_text()
 
 
+def test_nets_in_parallel_processes_compute_what_a_one_core_process_computes(tmp_path):
+    """--processes 2 trains the two nets at once, each in a process pinned to one core;
+    each net's parameters equal, bit for bit, those of the same net trained in one
+    process on one core (a CPU kernel's rounding depends on its thread count only)."""
+    r = run(tmp_path / "par", "--depths", "8", "--processes", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 runs, 2 at a time" in r.stderr
+    one_core = dict(ENV, OMP_NUM_THREADS="1")
+    alone = subprocess.run(["taskset", "-c", str(min(os.sched_getaffinity(0)))] +
+                           experiment(tmp_path / "alone", "--depths", "8", "--processes", "1"),
+                           env=one_core, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    for net in ("plain8", "resnet8"):
+        par, one = (json.loads((tmp_path / d / "nets" / f"{net}-seed0" / "results.json")
+                               .read_text()) for d in ("par", "alone"))
+        assert par["hardware"]["cores"] == one["hardware"]["cores"] == 1
+        assert par["final_params_digest"] == one["final_params_digest"], net
+
+
+def test_claims_are_decided_on_the_mean_training_errors_over_seeds():
+    from cnn_jax.train.sweep import claims_in_words
+    from experiments.plain_vs_resnet import check_claims
+
+    def runs(errors):  # {(residual, depth): [error per seed]}
+        return [{"residual": r, "depth": d, "seed": s, "final_train_error": e / 100}
+                for (r, d), es in errors.items() for s, e in enumerate(es)]
+
+    good = check_claims(runs({(False, 20): [30, 34], (False, 56): [78, 80],
+                              (True, 20): [2, 3], (True, 56): [3.2, 3.0]}))
+    assert [c["claim"] for c in good] == ["plain_deeper_trains_worse", "resnet_beats_plain",
+                                          "resnet_deeper_no_worse"]
+    assert all(c["pass"] for c in good) and good[0]["seeds"] == 2
+    assert good[2]["measured"] == {"ResNet-20": 2.5, "ResNet-56": 3.1}
+    assert good[2]["required"] == "ResNet-56 <= ResNet-20 + 1 points"
+    # one seed of ResNet-56 stuck: its mean is 2 points above ResNet-20's
+    stuck = check_claims(runs({(False, 20): [30, 34], (False, 56): [78, 80],
+                               (True, 20): [2, 3], (True, 56): [1.0, 8.0]}))
+    assert [c["pass"] for c in stuck] == [True, True, False]
+    words = claims_in_words(stuck, "Fig. 6's claims:")
+    assert "FAILS  the deeper ResNet trains no worse" in words and "Not every claim" in words
+    # plain nets only 4 points apart: no degradation shown
+    flat = check_claims(runs({(False, 20): [30], (False, 56): [34]}))
+    assert len(flat) == 1 and not flat[0]["pass"]
+    assert check_claims(runs({(True, 8): [50]})) == []   # one depth: nothing to compare
+
+
 def test_bad_input(tmp_path):
     r = run(tmp_path, "--depths", "21")
     assert r.returncode == 2 and "6n+2" in r.stderr
+    r = run(tmp_path / "nothing", "--data", "cifar10", "--data-dir", str(tmp_path / "no"))
+    assert r.returncode == 2 and "--data-dir" in r.stderr and "no such directory" in r.stderr
+    assert not (tmp_path / "nothing").exists()    # refused: nothing written
     blocked = tmp_path / "file"
     blocked.write_text("")
     r = run(blocked / "out")

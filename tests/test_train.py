@@ -125,6 +125,28 @@ def test_same_seed_same_result_bit_for_bit(tmp_path):
     logged = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "train_loss" in r] == [2, 4, 6]
     assert logged[-1]["eval_n"] == 100 and "eval_error" in logged[-1]
+    # the same scalars for TensorBoard
+    events = tensorboard_scalars(tmp_path / "a" / "tensorboard")
+    assert events["train/loss"] == [(r["step"], pytest.approx(r["train_loss"]))
+                                    for r in logged if "train_loss" in r]
+    assert events["test/error"] == [(6, pytest.approx(logged[-1]["eval_error"]))]
+
+
+def tensorboard_scalars(folder) -> dict:
+    """tag -> [(step, value)] from the TFRecord event files of `folder`."""
+    import struct
+    from tensorboardX.proto.event_pb2 import Event
+    out: dict = {}
+    for f in sorted(Path(folder).glob("events.out.tfevents.*")):
+        data = f.read_bytes()
+        i = 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4  # length, its CRC, the record, its CRC
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
 
 
 def test_k_steps_per_call_equal_one_step_per_call(tmp_path):
@@ -263,6 +285,11 @@ def test_bad_input(tmp_path):
     assert out.returncode == 2 and "--out" in out.stderr and "not writable" in out.stderr
     out = run_cli(tmp_path / "x", steps=2, model="resnet21")
     assert out.returncode == 2 and "6n+2" in out.stderr
+    out = run_cli(tmp_path / "y", steps=2, model="resnet2O")
+    assert out.returncode == 2 and "unknown model 'resnet2O'" in out.stderr
+    out = run_cli(tmp_path / "z", "--data-dir", str(tmp_path / "no"), steps=2, data="cifar10")
+    assert out.returncode == 2 and f"--data-dir {tmp_path / 'no'}: no such directory" in out.stderr
+    assert not any((tmp_path / d).exists() for d in "xyz")  # a refused run leaves nothing
     with pytest.raises(ValueError, match="--schedule"):
         TrainConfig(schedule="linear").validate()
 

@@ -65,16 +65,25 @@ def test_demonstration_writes_one_entry_per_mode(demo):
     frozen = res["runs"][0]
     assert frozen["trained_params"] == 64 * 5 + 5 and frozen["feature_dim"] == 64
     assert frozen["speedup_per_epoch"] > 1
-    for f in ("table.md", "transfer.png", "frozen/features/train.npy", "frozen/model.json",
-              "finetune/model.json"):
+    for f in ("table.md", "transfer.png", "data.json", "frozen/features/train.npy",
+              "frozen/seed0/model.json", "finetune/seed0/model.json"):
         assert (demo / f).exists(), f
-    assert "| frozen | new softmax on cached features |" in (demo / "table.md").read_text()
+    table = (demo / "table.md").read_text()
+    assert "| frozen | new softmax on cached features |" in table
+    # the baseline: the most common of the 8 x 5 training images' classes, on the test images
+    data = json.loads((demo / "data.json").read_text())
+    assert list(data["train"]) == list("56789") and sum(data["train"].values()) == 40
+    assert sum(data["evaluated"].values()) == 54   # classes 5-9 of the 100 test images
+    test = np.asarray([int(c) for c, n in data["evaluated"].items() for _ in range(n)])
+    assert data["majority_accuracy"] == pytest.approx(np.mean(test == int(data["majority_class"])))
+    assert f"| baseline | always the most common training class ({data['majority_class']})" in table
+    assert "Scored on the test/ folder (54 images" in table
 
 
 def test_finetune_changes_only_the_last_stage_and_the_new_head(demo):
     before = load_variables(demo / "pretrain")
-    after = load_variables(demo / "finetune" / "run")
-    cfg = json.loads((demo / "finetune" / "run" / "config.json").read_text())["config"]
+    after = load_variables(demo / "finetune" / "seed0" / "run")
+    cfg = json.loads((demo / "finetune" / "seed0" / "run" / "config.json").read_text())["config"]
     assert cfg["trainable"] == "stage3,fc" and cfg["init_skip"] == "fc"
     for col in ("params", "batch_stats"):
         for name in before[col]:
@@ -91,7 +100,7 @@ def test_frozen_model_on_disk_matches_the_cached_features(demo):
     from cnn_jax.train import TrainConfig
     from cnn_jax.train.inputs import split_arrays, subset
     from cnn_jax.transfer import accuracy, load_classifier
-    model, variables, meta = load_classifier(demo / "frozen")
+    model, variables, meta = load_classifier(demo / "frozen" / "seed0")
     assert meta["classes"] == ["5", "6", "7", "8", "9"]
     cfg = TrainConfig(data=CIFAR_LIKE, classes="5,6,7,8,9", eval_subset=100)
     val = subset(split_arrays(cfg, "test"), 100)
@@ -167,6 +176,7 @@ def test_users_folder_frozen_then_predict(demo, tmp_path):
             "--epochs", "20")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "augmentation is off" in r.stderr
+    assert "scored on a fixed stratified 20 % of its train/ images (2;" in r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["classes"] == ["cats", "dogs"] and res["runs"][0]["mode"] == "frozen"
     assert res["runs"][0]["n_val"] == 2 and res["runs"][0]["n_train"] == 10  # 20 % held out
@@ -191,16 +201,25 @@ def test_users_folder_finetune_with_val_split(demo, tmp_path):
     r = run("--data", data, "--backbone", demo / "pretrain", "--mode", "finetune", "--out", out,
             "--steps", "2", "--batch", "4")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "scored on its val/ folder (4 images)" in r.stderr
     res = json.loads((out / "results.json").read_text())["runs"][0]
     assert res["mode"] == "finetune" and res["trainable"] == "stage3,fc"
-    rows = predict(out, tmp_path / "pets" / "val")
+    rows = predict(out / "finetune" / "seed0", tmp_path / "pets" / "val")
     assert len(rows) == 4
     again = run("--data", data, "--backbone", demo / "pretrain", "--mode", "finetune", "--out",
                 out, "--steps", "2", "--batch", "4")
     assert again.returncode == 0, again.stderr[-3000:]   # finished: re-read, not retrained
     assert json.loads((out / "results.json").read_text())["runs"][0]["val_accuracy"] == \
         res["val_accuracy"]
-    other = run("--data", data, "--backbone", demo / "pretrain", "--mode", "full", "--out", out)
+    # a second mode, two seeds, beside the first: the table and plot compare all of them
+    both = run("--data", data, "--backbone", demo / "pretrain", "--mode", "full", "--out", out,
+               "--steps", "2", "--batch", "4", "--seeds", "2")
+    assert both.returncode == 0, both.stderr[-3000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["mode"], r["seed"]) for r in runs] == [("finetune", 0), ("full", 0), ("full", 1)]
+    assert "| full | everything, from pretrained |" in (out / "table.md").read_text()
+    other = run("--data", data, "--backbone", demo / "pretrain", "--mode", "finetune", "--out",
+                out, "--steps", "3", "--batch", "4")
     assert other.returncode == 2 and "different configuration" in other.stderr
 
 
@@ -216,7 +235,7 @@ def test_torchvision_weights_as_a_frozen_backbone(tmp_path):
     r = run("--data", photos(tmp_path / "pets", per_class=5), "--backbone", weights,
             "--mode", "frozen", "--out", out, "--epochs", "5")
     assert r.returncode == 0, r.stderr[-3000:]
-    meta = json.loads((out / "model.json").read_text())
+    meta = json.loads((out / "frozen" / "seed0" / "model.json").read_text())
     assert meta["model"] == "resnet18" and meta["image_size"] == 224
     assert np.allclose(meta["normaliser"]["mean"], [123.675, 116.28, 103.53])
     assert json.loads((out / "results.json").read_text())["runs"][0]["feature_dim"] == 512

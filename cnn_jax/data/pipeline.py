@@ -25,8 +25,11 @@ from cnn_jax.data.sources import Arrays
 
 def default_workers() -> int:
     """Leave one CPU for the training process; none on a 1-2 core machine, where
-    worker processes cost more than they bring."""
-    n = os.cpu_count() or 1
+    worker processes cost more than they bring. CPUs: those this process may use."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
     return 0 if n <= 2 else min(n - 1, 16)
 
 

@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# what PIL reads (the first frame of an animated GIF); other files in a class folder
+# are skipped and reported (Arrays.skipped, a warning)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
+                  ".pgm")
 SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 1  # bump when the cached layout changes
+CACHE_FORMAT = 2  # bump when the cached layout changes (2: more suffixes, skipped files)
 
 
 class DataError(ValueError):
@@ -50,6 +53,7 @@ class Arrays:
     classes: list[str]
     path: Optional[Path] = None         # the cached images .npy, when there is one
     indices: Optional[np.ndarray] = None  # rows of that file these arrays hold
+    skipped: tuple = ()                 # (file, reason) of the split's files not read
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,9 +65,15 @@ def cache_dir() -> Path:
 
 
 def search_dirs(data_dir: Optional[str] = None) -> list[Path]:
-    """The data-directory flag, then $CNN_JAX_DATA_DIR, then ../shared/data."""
-    dirs = [Path(d) for d in (data_dir, os.environ.get("CNN_JAX_DATA_DIR")) if d]
-    return dirs + [SHARED_DATA]
+    """The data-directory flag, then $CNN_JAX_DATA_DIR, then ../shared/data. A folder
+    named by the flag or the variable that does not exist is an error (a typo would
+    otherwise train on whatever the next place holds)."""
+    named = [("--data-dir", data_dir), ("CNN_JAX_DATA_DIR", os.environ.get("CNN_JAX_DATA_DIR"))]
+    for where, d in named:
+        if d and not Path(d).expanduser().is_dir():
+            raise DataError(f"{where} {d}: no such directory (expected a folder holding "
+                            f"<dataset>.tar.xz or <dataset>/ in ImageFolder layout)")
+    return [Path(d).expanduser() for _, d in named if d] + [SHARED_DATA]
 
 
 def find_local(name: str, data_dir: Optional[str] = None) -> tuple[Optional[Path], list[str]]:
@@ -80,11 +90,16 @@ def find_local(name: str, data_dir: Optional[str] = None) -> tuple[Optional[Path
 # ------------------------------------------------------------------ ImageFolder reading
 def _member_parts(path: str) -> Optional[tuple[Optional[str], str, str]]:
     """'<root>/<split>/<class>/<file>' (root optional) -> (split, class, file);
-    '<class>/<file>' (torchvision's ImageFolder: no split folders) -> (None, class, file)."""
+    '<class>/<file>' (torchvision's ImageFolder: no split folders) -> (None, class, file);
+    None for a file outside any class folder."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    if len(parts) < 2 or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
+    if len(parts) < 2:
         return None
     return (parts[-3] if len(parts) > 2 else None), parts[-2], parts[-1]
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def fit_image(img: np.ndarray, size: tuple, crop: bool) -> np.ndarray:
@@ -163,6 +178,7 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
         raise DataError(f"{root}: no such file or directory (expected an ImageFolder "
                         f"directory or a .tar/.tar.gz/.tar.xz archive)")
     per_split: dict[str, list] = {}
+    skipped: dict[str, list] = {}
     first_shape: dict = {}
     bar = tqdm(desc=f"decoding {root.name}", unit="file", leave=False, mininterval=2.0)
     for path, data in _iter_files(root, bar):
@@ -170,14 +186,18 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
         parsed = _member_parts(path)
         if parsed is None:
             continue
-        split, cls, _ = parsed
+        split, cls, file = parsed
         where = f"{root}:{path}" if root.is_file() else str(root / path)
+        if not is_image_name(file):
+            skipped.setdefault(split, []).append(
+                (path, f"not an image file (reads {', '.join(IMAGE_SUFFIXES)})"))
+            continue
         try:
             img = decode_image(data, where, channels)
-        except DataError:
+        except DataError as e:
             if not skip_bad:
                 raise
-            log.warning("skipping %s: cannot decode", where)
+            skipped.setdefault(split, []).append((path, str(e).split(": ", 1)[-1]))
             continue
         if size is not None:
             img = fit_image(img, size, crop)
@@ -195,8 +215,14 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
                         f"or <root>/<class>/<image> with suffix {', '.join(IMAGE_SUFFIXES)}")
     if not set(per_split) & set(SPLITS):  # <top folder>/<class>/<image>: no split folders
         per_split = {"train": [item for items in per_split.values() for item in items]}
-    if None in per_split:
-        per_split.setdefault("train", []).extend(per_split.pop(None))
+        skipped = {"train": [item for items in skipped.values() for item in items]}
+    for parts in (per_split, skipped):
+        if None in parts:
+            parts.setdefault("train", []).extend(parts.pop(None))
+    for split, files in skipped.items():
+        if files:
+            log.warning("%s: skipped %d file(s) of '%s', e.g. %s: %s", root, len(files),
+                        split, files[0][0], files[0][1])
     class_sets = {s: sorted({c for c, _ in items}) for s, items in per_split.items()}
     for split in per_split:
         empty = _empty_class_dirs(root, split)
@@ -221,7 +247,8 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
     out = {}
     for split, items in per_split.items():
         out[split] = Arrays(np.stack([img for _, img in items]),
-                            np.array([index[c] for c, _ in items], np.int32), classes)
+                            np.array([index[c] for c, _ in items], np.int32), classes,
+                            skipped=tuple(skipped.get(split, ())))
     return out
 
 
@@ -269,7 +296,8 @@ def cached_imagefolder(root: Path, split: str, channels: Optional[int] = None,
         raise MissingSplit(f"{root}: has no '{split}' split; found {sorted(meta['splits'])}")
     images_path = final / f"{split}_images.npy"
     return Arrays(np.load(images_path, mmap_mode="r"),
-                  np.load(final / f"{split}_labels.npy"), meta["classes"], images_path)
+                  np.load(final / f"{split}_labels.npy"), meta["classes"], images_path,
+                  skipped=tuple(tuple(f) for f in meta.get("skipped", {}).get(split, ())))
 
 
 def _write_cache(root, final, channels, skip_bad, size, crop=False) -> None:
@@ -284,6 +312,7 @@ def _write_cache(root, final, channels, skip_bad, size, crop=False) -> None:
         classes = next(iter(decoded.values())).classes
         meta = {"source": str(root), "classes": classes,
                 "splits": {s: len(a.labels) for s, a in decoded.items()},
+                "skipped": {s: [list(f) for f in a.skipped] for s, a in decoded.items()},
                 "shape": list(next(iter(decoded.values())).images.shape[1:])}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # a half-written folder cannot exist,
@@ -389,12 +418,16 @@ def load(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int 
     val_idx = stratified_holdout(arrays.labels, holdout or len(arrays.labels) // 10,
                                  holdout_seed)
     keep = val_idx if split == "val" else np.setdiff1d(np.arange(len(arrays.labels)), val_idx)
-    return Arrays(arrays.images[keep], arrays.labels[keep], arrays.classes, arrays.path, keep)
+    return Arrays(arrays.images[keep], arrays.labels[keep], arrays.classes, arrays.path, keep,
+                  arrays.skipped)
 
 
 def _named(name, split, data_dir, channels, skip_bad, size) -> Arrays:
     local, looked = find_local(name, data_dir)
     if local is not None:
+        passed = [d for d in search_dirs(data_dir)[:-1] if not local.is_relative_to(d)]
+        if passed and local.is_relative_to(SHARED_DATA):
+            log.warning("%s: not in %s; reading %s", name, ", ".join(map(str, passed)), local)
         return cached_imagefolder(local, split, channels, skip_bad, size)
     try:
         return _tfds_arrays(NAMED[name]["tfds"], split, data_dir)

@@ -1,5 +1,8 @@
 """Weights trained in PyTorch, in our parameters: torchvision's (and timm's) layout of
-`resnet18/34/50/101/152`, `vgg11..19` (with or without BN), `alexnet` and `googlenet`.
+`resnet18/34/50/101/152`, `vgg11..19` (with or without BN), `alexnet` and `googlenet`;
+and the CIFAR ResNets (`resnet20`..`resnet1202`, option A) in the layout of the widely
+used PyTorch reproduction (akamaster/pytorch_resnet_cifar10: `conv1`, `layer1..3`,
+`linear`), whose released weights `../shared/reference/` holds.
 
     state = read_state_dict("resnet50.pth")         # or a .safetensors file
     name, options = detect_arch(state)              # ('resnet50', {})
@@ -30,7 +33,7 @@ from flax import traverse_util
 # (torch module prefix, (C, H, W) of a flattened input or None)
 KeyFn = Callable[[str], tuple[str, Optional[tuple]]]
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors")
 
 
 class WeightsMismatch(ValueError):
@@ -39,7 +42,7 @@ class WeightsMismatch(ValueError):
 
 # ------------------------------------------------------------------ reading files
 def read_state_dict(path) -> dict[str, np.ndarray]:
-    """A PyTorch `state_dict` (.pth/.pt/.bin, read with torch) or a .safetensors file
+    """A PyTorch `state_dict` (.pth/.pt/.th/.bin, read with torch) or a .safetensors file
     (read without torch) as numpy arrays. A {'state_dict': ...} or {'model': ...}
     wrapper and DataParallel's 'module.' prefix are unwrapped."""
     path = Path(path)
@@ -55,7 +58,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise ImportError(f"{path}: reading a PyTorch .pth/.pt file needs torch "
+            raise ImportError(f"{path}: reading a PyTorch {path.suffix} file needs torch "
                               f"(pip install -e '.[torch]'), or save the weights as "
                               f".safetensors") from None
         try:
@@ -78,6 +81,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 def detect_arch(state: dict) -> tuple[str, dict]:
     """(registry name, model options) of a torchvision/timm state_dict, from its keys."""
     keys = set(state)
+    if "linear.weight" in keys and "layer1.0.conv1.weight" in keys and "layer4.0.conv1.weight" \
+            not in keys:  # the CIFAR ResNet: three stages of n blocks, 6n+2 layers
+        blocks = len({k.split(".")[1] for k in keys if k.startswith("layer1.")})
+        return f"resnet{6 * blocks + 2}", {}
     if "inception3a.branch1.conv.weight" in keys:
         return "googlenet_torchvision", {"aux_logits": "aux1.fc2.weight" in keys}
     if "layer1.0.conv1.weight" in keys:
@@ -121,6 +128,61 @@ def _resnet_key(path: str):
     return f"{stage}.{block}.downsample.{0 if m[5] == 'conv' else 1}", None
 
 
+def _cifar_resnet_key(path: str):
+    if path == "fc":
+        return "linear", None
+    if path in ("stem/conv", "stem/bn"):
+        return {"stem/conv": "conv1", "stem/bn": "bn1"}[path], None
+    m = re.fullmatch(r"stage(\d)_block(\d+)/ConvBN_(\d)/(conv|bn)", path)
+    if not m:
+        raise KeyError(path)
+    return f"layer{m[1]}.{int(m[2]) - 1}.{m[4]}{int(m[3]) + 1}", None
+
+
+def _option_a_both_sides(widths=(16, 32, 64)) -> list[np.ndarray]:
+    """Per stage, which of the file's channels each of ours is. The reproduction's
+    option A pads the subsampled identity with width/4 zero channels on *both* sides
+    (`F.pad(x, (0, 0, 0, 0, w // 4, w // 4))`), ours only after it; a net is the same
+    function under any consistent re-ordering of each stage's channels, so stage s's
+    channel j < width[s-1] is the file's channel w/4 + (stage s-1's order)[j], and the
+    new channels take the file's zero-padded ones in order."""
+    orders = [np.arange(widths[0])]
+    for previous, width in zip(widths, widths[1:]):
+        side = width // 4
+        carried = side + orders[-1]
+        padded = np.setdiff1d(np.arange(width), carried)
+        orders.append(np.concatenate([carried, padded]))
+    return orders
+
+
+def _reorder_cifar_channels(variables: dict) -> dict:
+    """Variables converted in the file's channel order, re-ordered to ours
+    (_option_a_both_sides): convolutions by input and output stage, BatchNorms by
+    their stage, the classifier by the last stage."""
+    orders = _option_a_both_sides()
+    flat = traverse_util.flatten_dict(variables)
+    out = {}
+    for path, value in flat.items():
+        collection, module, *rest = path
+        if module == "fc":
+            out[path] = value[orders[-1]] if rest[-1] == "kernel" else value
+            continue
+        if module == "stem":
+            stage_in, stage_out = None, 0
+        else:
+            stage, block = (int(v) for v in re.fullmatch(r"stage(\d)_block(\d+)", module).groups())
+            first_conv = rest[0] == "ConvBN_0"
+            stage_out = stage - 1
+            stage_in = (stage - 2 if block == 1 and stage > 1 else stage - 1) \
+                if first_conv else stage - 1
+        if rest[-1] == "kernel":  # HWIO
+            value = value[:, :, orders[stage_in]] if stage_in is not None else value
+            out[path] = value[..., orders[stage_out]]
+        else:
+            out[path] = value[orders[stage_out]]
+    return traverse_util.unflatten_dict(out)
+
+
 def _vgg_key(depth: int, batch_norm: bool, timm: bool) -> KeyFn:
     from cnn_jax.models.vgg import CONFIGS, M
     index, i, n = {}, 0, 0
@@ -154,6 +216,8 @@ def _googlenet_key(path: str):
 
 
 def key_function(name: str, options: dict, state: dict) -> KeyFn:
+    if "linear.weight" in state and re.fullmatch(r"resnet\d+", name):
+        return _cifar_resnet_key
     if re.fullmatch(r"resnet(18|34|50|101|152)", name):
         return _resnet_key
     if m := re.fullmatch(r"vgg(\d+)", name):
@@ -163,7 +227,7 @@ def key_function(name: str, options: dict, state: dict) -> KeyFn:
     if name == "googlenet_torchvision":
         return _googlenet_key
     raise WeightsMismatch(f"no PyTorch weight layout known for {name!r}; convertible: "
-                          f"resnet18/34/50/101/152, vgg11..19 (batch_norm or not), "
+                          f"resnet18/34/50/101/152, CIFAR resnet20..1202, vgg11..19 (batch_norm or not), "
                           f"alexnet_torchvision, googlenet_torchvision")
 
 
@@ -223,7 +287,8 @@ def from_torch(state: dict, model, name: str, options: Optional[dict] = None,
         raise WeightsMismatch(f"{source}: key {unused[0]!r} (shape {tuple(state[unused[0]].shape)})"
                               f" has no place in {name}{' ' + str(options) if options else ''}"
                               f" ({len(unused)} such keys); another architecture?")
-    return traverse_util.unflatten_dict(out)
+    variables = traverse_util.unflatten_dict(out)
+    return _reorder_cifar_channels(variables) if key_of is _cifar_resnet_key else variables
 
 
 def load_torch_weights(path, name: Optional[str] = None, options: Optional[dict] = None):
@@ -241,7 +306,7 @@ def load_torch_weights(path, name: Optional[str] = None, options: Optional[dict]
 
 def head_classes(state: dict) -> Optional[int]:
     """The number of classes of the file's final layer (None if not recognised)."""
-    for key in ("fc.weight", "classifier.6.weight", "head.fc.weight"):
+    for key in ("fc.weight", "classifier.6.weight", "head.fc.weight", "linear.weight"):
         if key in state:
             return int(state[key].shape[0])
     return None

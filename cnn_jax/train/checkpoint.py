@@ -94,12 +94,17 @@ def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
 
 def load_pretrained(source: str, model: str, options: dict) -> dict:
     """{'params', 'batch_stats'} to start a run of `model` from: a run's latest
-    checkpoint, or a torchvision/timm weights file converted to our layout."""
+    checkpoint, or a PyTorch weights file converted to our layout. A file converts into
+    the architecture it holds (detected from its keys, e.g. resnet20), whose variables
+    the run then takes by name: a grown net (extra_blocks) keeps its new blocks' own."""
     from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
     path = Path(source)
-    if path.suffix in WEIGHT_SUFFIXES:
-        return load_torch_weights(path, model, options)[2]
-    return load_variables(path)
+    if path.suffix not in WEIGHT_SUFFIXES:
+        return load_variables(path)
+    name, detected, variables = load_torch_weights(path)
+    if name != model or any(options.get(k, v) != v for k, v in detected.items()):
+        return load_torch_weights(path, model, options)[2]  # as asked, or names the mismatch
+    return variables
 
 
 def drop_modules(variables: dict, names: str) -> dict:

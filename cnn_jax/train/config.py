@@ -38,6 +38,7 @@ class TrainConfig:
     decay_norm_and_bias: bool = True   # decay BN scale/bias and biases too (Torch/Caffe default)
     schedule: str = "paper"            # paper | constant | cosine | onecycle
     milestones: tuple = (32_000, 48_000)
+    warmup_steps: int = 0              # >0: lr rises linearly over these first steps
     warmup_lr: float = 0.0             # >0: He et al.'s ResNet-110 warm-up (0.01 ...
     warmup_until_error: float = 0.8    # ... until training error < 80 %)
     label_smoothing: float = 0.0
@@ -60,6 +61,8 @@ class TrainConfig:
                                        # CPUs) or XLA's
     # cadence and output
     eval_batch: int = 1000             # evaluation batch (any size: results do not depend on it)
+    eval_train_set: bool = False       # at the end, also the error on the (unaugmented)
+                                       # training images, inference mode
     log_every: int = 100
     eval_every: int = 2_000
     checkpoint_every: int = 2_000
@@ -69,8 +72,9 @@ class TrainConfig:
     progress: bool = True
 
     # fields that cannot change the numbers a run produces
-    NON_RESULT_FIELDS = ("data_dir", "steps_per_call", "eval_batch", "log_every", "eval_every",
-                         "checkpoint_every", "keep_checkpoints", "workers", "out", "progress")
+    NON_RESULT_FIELDS = ("data_dir", "steps_per_call", "eval_batch", "eval_train_set",
+                         "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                         "workers", "out", "progress")
 
     def result_fields(self) -> dict:
         d = dataclasses.asdict(self)
@@ -81,7 +85,7 @@ class TrainConfig:
         d["milestones"] = list(d["milestones"])
         d.pop("conv_grad")  # a kernel choice, like the backend: same function, other rounding
         for k in ("input_pad", "resize", "eval_subset", "train_subset", "init_from", "classes",
-                  "image_size", "init_skip", "trainable"):  # added later: absent when off, so older
+                  "image_size", "init_skip", "trainable", "warmup_steps"):  # added later: absent when off, so older
             if not d[k]:                   # runs keep their digests and resume
                 d.pop(k)
         return d
@@ -134,7 +138,8 @@ class TrainConfig:
                              f"got {self.normalise!r}")
         if self.normalise == "source" and not self.init_from:
             bad("normalise", "'source' takes the normaliser of --init-from, which is not set")
-        for f in ("input_pad", "resize", "eval_subset", "train_subset", "image_size"):
+        for f in ("input_pad", "resize", "eval_subset", "train_subset", "image_size",
+                  "warmup_steps"):
             if getattr(self, f) < 0:
                 bad(f, f"must be 0 or positive, got {getattr(self, f)}")
         if self.dtype not in ("float32", "bfloat16"):

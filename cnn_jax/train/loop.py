@@ -39,6 +39,7 @@ from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
                                   model_input_shape, prepare_arrays, save_normaliser,
                                   split_arrays, subset, training_arrays)
 from cnn_jax.train.metrics import MetricsLog, params_digest
+from cnn_jax.train.processes import available_cores
 from cnn_jax.train.state import TrainState, initial_variables
 from cnn_jax.train.steps import (compile_steps, freeze, make_eval_step, make_optimizer,
                                  make_train_step)
@@ -152,7 +153,8 @@ def hardware() -> dict:
     return {"backend": backend,
             "device": cpu_name() if backend == "cpu" else d[0].device_kind,
             "devices": len(d), "processes": jax.process_count(),
-            "host": platform.node(), "cpu": cpu_name(), "cpu_features": cpu_features()}
+            "host": platform.node(), "cpu": cpu_name(), "cpu_features": cpu_features(),
+            "cores": len(available_cores())}  # this process's: they change CPU rounding
 
 
 def train(cfg: TrainConfig, command: Optional[str] = None,
@@ -189,6 +191,16 @@ class _Together:
         return [it.get_state() for it in self.iterators]
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written, creating nothing: a refused run (bad
+    model, data or folder) leaves no folder behind."""
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: not writable ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: not writable ({existing} is read-only)")
+
+
 def check_together(cfgs: list[TrainConfig]) -> None:
     """Runs trained at once must share everything but the seed and the folder."""
     outs = [str(Path(c.out).absolute()) for c in cfgs]
@@ -221,13 +233,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
     runs = [_Run(c) for c in cfgs]
     cfg, seeds, together = cfgs[0], len(cfgs), len(cfgs) > 1
     for run in runs:
-        try:
-            run.out.mkdir(parents=True, exist_ok=True)
-            probe = run.out / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ValueError(f"--out {run.out}: not writable ({e.strerror})") from None
+        check_writable(run.out)
     command = command or " ".join(sys.argv)
 
     # ------------------------------------------------------------------ mesh
@@ -260,8 +266,9 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
     model = create_model(cfg.model, num_classes=len(train_arrays.classes), dtype=dtype,
                          **cfg.model_options)
     tx = make_optimizer(cfg.momentum, cfg.weight_decay, cfg.nesterov, cfg.decay_norm_and_bias)
-    lr_fn = schedules.with_warmup(
-        schedules.make_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.milestones), cfg.warmup_lr)
+    lr_fn = schedules.with_warmup(schedules.linear_warmup(
+        schedules.make_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.milestones),
+        cfg.warmup_steps), cfg.warmup_lr)
     trainable = module_names(cfg.trainable)
     if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
         tx = freeze(tx, trainable)
@@ -287,7 +294,8 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
         variables = initial_variables(model, seed, input_shape, pretrained, cfg.init_from)
         return TrainState.create(variables, tx, step_rng)
 
-    for run in runs:
+    for run in runs:  # the first files of each run: nothing was written before this
+        run.out.mkdir(parents=True, exist_ok=True)
         run.ckpt = Checkpointer(run.out / "checkpoints", cfg.keep_checkpoints)
         run.log = MetricsLog(run.out / "metrics.jsonl")
     starts = {run.ckpt.latest_step() for run in runs}
@@ -384,6 +392,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
                     f"{run.out / 'checkpoints'} is kept (step {run.ckpt.latest_step()}). "
                     f"Lower --lr or check the data.")
         for i, run in enumerate(runs):
+            run.log.flush()
             unlogged = {k: v[:, i].tolist() for k, v in merged.items()}
             run.ckpt.save(step_now, run_state(state, i),
                           data_state[i] if together else data_state,
@@ -500,7 +509,9 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
                             f"{100 * run.last_train['train_error']:.2f}%  |  "
                             if run.last_train else "")
                     seed = f"seed {run.cfg.seed}  " if together else ""
-                    tqdm.write(f"step {step:>7}  {seed}{seen}{eval_split} loss "
+                    # inside a sweep (no bar of its own), lines of runs in parallel interleave
+                    name = "" if cfg.progress else f"{run.out.name}  "
+                    tqdm.write(f"{name}step {step:>7}  {seed}{seen}{eval_split} loss "
                                f"{run.last_eval['eval_loss']:.4f} err "
                                f"{100 * run.last_eval['eval_error']:.2f}%", file=sys.stderr)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
@@ -532,6 +543,10 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
                                                                        cfg.input_pad))):
                 run.last_eval.update(final_test_loss=test["loss"],
                                      final_test_error=test["error"])
+    if cfg.eval_train_set:  # how well the final weights fit the training images themselves
+        for run, fit in zip(runs, evaluate(state, train_arrays)):
+            run.last_eval.update(final_train_set_loss=fit["loss"],
+                                 final_train_set_error=fit["error"])
     out = []
     for i, run in enumerate(runs):
         own = run_state(state, i)
@@ -545,7 +560,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
             "final_train_error": train_records[-1]["train_error"] if train_records else None,
             f"final_{eval_split}_loss": run.last_eval["eval_loss"],
             f"final_{eval_split}_error": run.last_eval["eval_error"],
-            **{k: v for k, v in run.last_eval.items() if k.startswith("final_test")},
+            **{k: v for k, v in run.last_eval.items() if k.startswith("final_")},
             "final_params_digest": params_digest(own.params),
             "warmup_end": int(jax.device_get(own.warmup_end)) if cfg.warmup_lr else None,
             "wall_s": run.wall_before + time.perf_counter() - wall_start,
@@ -559,5 +574,6 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
             tmp.write_text(json.dumps(results, indent=1))
             tmp.replace(run.out / "results.json")
         run.ckpt.close()
+        run.log.close()
         out.append(results)
     return out

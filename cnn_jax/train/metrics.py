@@ -1,5 +1,5 @@
-"""metrics.jsonl (one JSON object per logged step or evaluation), a readable line per
-evaluation, and the final parameters' digest."""
+"""metrics.jsonl (one JSON object per logged step or evaluation), the same scalars for
+TensorBoard (`tensorboard --logdir RUN/tensorboard`), and the final parameters' digest."""
 from __future__ import annotations
 
 import hashlib
@@ -9,15 +9,27 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+
+# metrics.jsonl keys -> TensorBoard tags (the evaluation's split is added to eval_*)
+TAGS = {"train_loss": "train/loss", "train_error": "train/error", "lr": "train/lr",
+        "img_per_s": "train/images_per_s", "eval_loss": "loss", "eval_error": "error"}
 
 
 class MetricsLog:
+    """metrics.jsonl, the record of a run, and its TensorBoard copy in tensorboard/ beside
+    it (written as lines are; on resume, TensorBoard drops its events after the restored
+    step, as the truncated metrics.jsonl does)."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._writer = None
+        self._purge_step = None
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps the restored checkpoint has not reached,
         so the log reads as one uninterrupted run."""
+        self._purge_step = step + 1
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
@@ -29,6 +41,23 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"),
+                                         purge_step=self._purge_step, flush_secs=30)
+        split = record.get("eval_split", "eval")
+        for key, value in record.items():
+            if key in TAGS and isinstance(value, (int, float)):
+                tag = TAGS[key] if not key.startswith("eval_") else f"{split}/{TAGS[key]}"
+                self._writer.add_scalar(tag, value, record["step"])
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def read(self) -> list[dict]:
         if not self.path.exists():

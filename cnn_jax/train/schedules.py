@@ -38,6 +38,14 @@ def make_schedule(name: str, base_lr: float, steps: int,
     raise ValueError(f"unknown schedule {name!r}")
 
 
+def linear_warmup(schedule, steps: int):
+    """The schedule scaled by (t + 1) / steps over its first `steps` steps (Goyal et al.
+    2017's gradual warm-up), unchanged after; `steps=0`: unchanged."""
+    if not steps:
+        return schedule
+    return lambda step: schedule(step) * jnp.minimum(1.0, (jnp.asarray(step) + 1) / steps)
+
+
 def with_warmup(schedule, warmup_lr: float):
     """`warmup_lr` until `warmup_end`, then the schedule (He et al.'s ResNet-110 trick)."""
     if not warmup_lr:

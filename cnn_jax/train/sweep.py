@@ -90,23 +90,33 @@ def seed_groups(configs: list[TrainConfig]) -> list[list[TrainConfig]]:
 
 
 def run_all(configs: list[TrainConfig], command: str, names: Optional[list[str]] = None,
-            together: bool = False) -> list[dict]:
+            together: bool = False, processes: Optional[int] = None) -> list[dict]:
     """Train every configuration not yet finished; results.json of each, in order.
     `together`: the unfinished runs that differ only in seed train at once, in one
-    vmapped step (`train_together`: faster on GPUs, slower on CPUs)."""
+    vmapped step (`train_together`: faster on GPUs, slower on CPUs). Otherwise on a CPU
+    they train in `processes` parallel processes (default: one per core,
+    cnn_jax.train.processes), in the order given: pass the longest runs first."""
+    import jax
     from tqdm.auto import tqdm
     from cnn_jax.train.loop import train_together
+    from cnn_jax.train.processes import ProcessPool, process_count
 
     names = dict(zip((c.out for c in configs), names or [Path(c.out).name for c in configs]))
     todo = [c for c in configs if finished(c) is None]
+    if processes is None:
+        processes = 1 if together else process_count(len(todo), jax.default_backend())
     bar = tqdm(total=sum(c.steps for c in todo), unit="step", dynamic_ncols=True,
                desc=f"{len(configs)} nets, {len(todo)} to train")
     trained = {}
-    for group in seed_groups(todo) if together else [[c] for c in todo]:
-        bar.set_description(", ".join(names[c.out] for c in group))
-        for cfg, res in zip(group, train_together(group, command=command,
-                                                  on_steps=bar.update)):
-            trained[cfg.out] = res
+    if processes > 1:
+        bar.set_description(f"{len(todo)} runs, {processes} at a time")
+        trained = ProcessPool(processes).train(todo, command, bar.update)
+    else:
+        for group in seed_groups(todo) if together else [[c] for c in todo]:
+            bar.set_description(", ".join(names[c.out] for c in group))
+            for cfg, res in zip(group, train_together(group, command=command,
+                                                      on_steps=bar.update)):
+                trained[cfg.out] = res
     bar.close()
     return [trained[c.out] if c.out in trained else finished(c) for c in configs]
 
@@ -120,6 +130,31 @@ def curve(run_dir: Path, split: str = "test") -> dict:
     steps = sorted(train)
     return {"step": steps, "train_error": [train[s] for s in steps],
             "eval_step": sorted(evals), f"{split}_error": [evals[s] for s in sorted(evals)]}
+
+
+def claim(name: str, statement: str, measured: dict, required: str, holds: bool,
+          seeds: int, **extra) -> dict:
+    """One checked claim of an experiment, as results.json `claims` holds it: what is
+    claimed, the numbers it was decided on, what they had to satisfy, and whether they
+    did."""
+    return {"claim": name, "statement": statement, "measured": measured,
+            "required": required, "seeds": seeds, "pass": bool(holds), **extra}
+
+
+def claims_in_words(claims: list[dict], heading: str) -> str:
+    """The checks as a newcomer reads them, one line each, and a plain word when any
+    fails."""
+    if not claims:
+        return ""
+    lines = [heading]
+    for c in claims:
+        numbers = ", ".join(f"{k} {v:.4g}{c.get('unit', '')}" for k, v in c["measured"].items())
+        lines.append(f"  {'HOLDS ' if c['pass'] else 'FAILS '} {c['statement']}: {numbers} "
+                     f"(needed: {c['required']})")
+    if not all(c["pass"] for c in claims):
+        lines.append("  Not every claim holds in this run: docs/results.md says what this "
+                     "preset shows over seeds, and why.")
+    return "\n".join(lines)
 
 
 def mean_std(values) -> str:

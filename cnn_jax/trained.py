@@ -1,0 +1,156 @@
+"""A trained network, wherever it came from: the one way to load it and run it.
+
+    net = load_trained("runs/resnet20")                  # a training run's --out folder
+    net = load_trained("resnet20-12fca82f.th")           # released PyTorch weights
+    probs = jax.jit(net.probabilities)(net.variables, uint8_images)
+
+`Trained` holds what inference needs: the architecture and its options, the
+variables, how the network's inputs were made from uint8 images (the saved
+normaliser, the device-side resize, the host-side padding), the images' size, the
+training configuration when there is one, and the convolution kernels the training
+loop would use. `Trained.apply` is the forward pass every inference path calls
+(evaluation, ensembles, features, layer statistics): normalise, then the model in
+inference mode with those kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnn_jax import data as data_lib
+from cnn_jax.data.augment import Normalizer
+from cnn_jax.data.sources import SHARED_DATA, Arrays
+from cnn_jax.models import create_model, input_shape
+from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
+from cnn_jax.train.checkpoint import load_variables
+from cnn_jax.train.config import TrainConfig
+from cnn_jax.train.conv_grad import convolutions, resolve
+from cnn_jax.train.inputs import (IMAGENET, INCEPTION, make_input_fn, prepare_arrays,
+                                  source_normaliser, split_arrays, training_image_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    source: str                      # the run folder or weights file
+    model_name: str                  # registry name
+    options: dict                    # model options
+    variables: dict                  # {'params', 'batch_stats'} as host arrays
+    normaliser: Optional[Normalizer]  # uint8 -> float, as in training (None: x as float)
+    image_shape: tuple               # (H, W, C) of its training images (padded)
+    num_classes: int
+    resize: int = 0                  # resized on the device to resize x resize (0: not)
+    input_pad: int = 0               # zero-padded on the host first (LeNet's 28 -> 32)
+    config: Optional[TrainConfig] = None   # None for released weights
+    dtype: str = "float32"
+    kernels: str = "xla"             # the convolutions (cnn_jax.train.conv_grad.resolve)
+
+    @property
+    def model(self):
+        dtype = jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+        return create_model(self.model_name, num_classes=self.num_classes, dtype=dtype,
+                            **self.options)
+
+    def to_input(self, images):
+        """uint8 [B, H, W, C] -> the model's input (on the device)."""
+        return make_input_fn(self.normaliser, self.resize)(images)
+
+    def apply(self, variables, images, **kwargs):
+        """Logits of uint8 images, in inference mode (kwargs go to `model.apply`, e.g.
+        capture_intermediates). Pure: jit it, map it over stacked variables."""
+        variables = {k: v for k, v in variables.items() if v}
+        with convolutions(self.kernels):
+            return self.model.apply(variables, self.to_input(images), train=False, **kwargs)
+
+    def probabilities(self, variables, images):
+        logits = self.apply(variables, images)
+        return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+
+    def arrays(self, split: str, data: Optional[str] = None,
+               data_dir: Optional[str] = None) -> Arrays:
+        """`split` as this network sees it: the run's dataset (or `data`), with its
+        holdout, classes, image size and padding."""
+        if self.config is None:
+            if not data:
+                raise ValueError(f"{self.source}: a weights file does not say which dataset "
+                                 f"it was trained on; name it (e.g. --data cifar10)")
+            h, w = self.image_shape[:2]
+            arrays = data_lib.load(data, split, data_dir=data_dir)
+            if arrays.images.shape[1:3] != (h, w) and min(arrays.images.shape[1:3]) < min(h, w):
+                raise ValueError(f"{self.source}: {data} holds {arrays.images.shape[1]}x"
+                                 f"{arrays.images.shape[2]} images, smaller than the "
+                                 f"{h}x{w} this network was trained on")
+            return arrays
+        cfg = self.config if not data else dataclasses.replace(self.config, data=data,
+                                                                classes="")
+        return prepare_arrays(split_arrays(cfg, split, data_dir), cfg.input_pad)
+
+
+REFERENCE_DIR = SHARED_DATA.parent / "reference"
+
+
+def released_weights(name: str) -> Optional[Path]:
+    """The released weights of `name` (e.g. "resnet56": akamaster's CIFAR ResNets, trained
+    on the lossless CIFAR-10) in $CNN_JAX_REFERENCE_DIR or ../shared/reference, if any."""
+    for folder in filter(None, (os.environ.get("CNN_JAX_REFERENCE_DIR"), REFERENCE_DIR)):
+        found = sorted(Path(folder).glob(f"{name}-*.th"))
+        if found:
+            return found[0]
+    return None
+
+
+def classes_of(name: str, options: dict, variables: dict, image_shape: tuple) -> int:
+    """How many classes `variables` of `name` score: the shapes that change with
+    num_classes (traced, not computed) read off the variables themselves."""
+    def shapes(k):
+        model = create_model(name, num_classes=k, **options)
+        x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+        return jax.eval_shape(lambda v: model.init(jax.random.key(0), v), x)["params"]
+    for (path, a), b, ours in zip(jax.tree_util.tree_leaves_with_path(shapes(7)),
+                                  jax.tree.leaves(shapes(11)),
+                                  jax.tree.leaves(variables["params"])):
+        for axis, (m, n) in enumerate(zip(a.shape, b.shape)):
+            if (m, n) == (7, 11):
+                return int(np.shape(ours)[axis])
+    raise ValueError(f"{name}: found no classifier whose size follows num_classes")
+
+
+def load_trained(source, arch: Optional[str] = None) -> Trained:
+    """A training run's --out folder (its latest checkpoint, its saved normaliser), or
+    a PyTorch weights file (torchvision/timm, or a CIFAR ResNet of the reproduction in
+    cnn_jax.models.convert; the architecture detected from its keys unless `arch`
+    names it). Errors name the source and what was expected."""
+    path = Path(source)
+    if path.suffix in WEIGHT_SUFFIXES:
+        name, options, variables = load_torch_weights(path, arch)
+        # torchvision's GoogLeNet weights expect its transform_input=True: [-1, 1] inputs;
+        # every other file here was trained on ImageNet's normalisation of x / 255
+        normaliser = INCEPTION if name == "googlenet_torchvision" else IMAGENET
+        shape = input_shape(name)
+        return Trained(str(path), name, options, jax.device_get(variables), normaliser,
+                       shape, classes_of(name, options, variables, shape),
+                       kernels=resolve("auto"))
+    try:
+        cfg = TrainConfig.of_run(path)
+    except ValueError as e:
+        raise ValueError(f"{e}, or a weights file ({', '.join(WEIGHT_SUFFIXES)})") from None
+    if arch and arch != cfg.model:
+        raise ValueError(f"{path}: trained a {cfg.model}, not a {arch}")
+    try:
+        variables = jax.device_get(load_variables(path))
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    shape = training_image_shape(path)
+    seen = (cfg.resize, cfg.resize, shape[2]) if cfg.resize else shape
+    return Trained(str(path), cfg.model, dict(cfg.model_options), variables,
+                   source_normaliser(path), shape,
+                   classes_of(cfg.model, dict(cfg.model_options), variables, seen),
+                   cfg.resize, cfg.input_pad, cfg, cfg.dtype, resolve("auto", dtype=cfg.dtype))
+
+
+__all__ = ["Trained", "load_trained", "released_weights"]
