@@ -228,10 +228,12 @@ def label(residual: bool, depth: int) -> str:
 
 
 # ------------------------------------------------------------------ outputs
-def table(runs: list[dict], data_note: str) -> str:
-    """Table 6's shape: method, layers, params, our errors (mean +- std), the paper's."""
-    lines = ["| method | layers | params | ours: training error (%) | ours: test error (%) | "
-             "paper: test error (%) |", "|---|---:|---:|---:|---:|---:|"]
+def table(runs: list[dict], data_note: str, paper_column: bool = True) -> str:
+    """Table 6's shape: method, layers, params, our errors (mean +- std), the paper's
+    test error (`paper_column`: not beside a test error of another task)."""
+    lines = ["| method | layers | params | ours: training error (%) | ours: test error (%) |" +
+             (" paper: test error (%) |" if paper_column else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if paper_column else "")]
     groups: dict = {}
     for r in runs:
         groups.setdefault((r["residual"], r["depth"]), []).append(r)
@@ -240,16 +242,18 @@ def table(runs: list[dict], data_note: str) -> str:
         test = mean_std(100 * np.array([r["final_test_error"] for r in rs]))
         paper = PAPER_ERROR.get(depth) if residual else None
         lines.append(f"| {'ResNet' if residual else 'plain'} | {depth} | "
-                     f"{rs[0]['params'] / 1e6:.2f}M | {train} | {test} (n={len(rs)}) | "
-                     f"{paper if paper is not None else '-'} |")
+                     f"{rs[0]['params'] / 1e6:.2f}M | {train} | {test} (n={len(rs)}) |" +
+                     (f" {paper if paper is not None else '-'} |" if paper_column else ""))
     lines.append("")
     lines.append(data_note)
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path, title: str, test_curves: bool = True) -> None:
+def plot(runs: list[dict], path: Path, title: str, test_curves: bool = True,
+         milestones: tuple = ()) -> None:
     """Fig. 6: plain nets left, ResNets right; training error dashed (the mean over
-    seeds, each seed faint), test error solid."""
+    seeds, each seed faint), test error solid; the final error on a training subset as
+    a star; learning-rate drops dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -269,11 +273,18 @@ def plot(runs: list[dict], path: Path, title: str, test_curves: bool = True) -> 
                 ax.plot(steps, seed_curve, "--", color=c, linewidth=0.6, alpha=0.35)
             ax.plot(steps, train.mean(0), "--", color=c, linewidth=1.5,
                     label=f"{name} training" if not test_curves else None)
+            if rs[0].get("final_train_set_error") is not None:
+                ax.plot(steps[-1], np.mean([training_error(r) for r in rs]), "*", color=c,
+                        markersize=11, markeredgecolor="k",
+                        label=f"{name}: final, whole subset")
             if test_curves:
                 key = "val_error" if "val_error" in rs[0]["curve"] else "test_error"
                 evals = 100 * np.mean([r["curve"][key] for r in rs], axis=0)
                 ax.plot(rs[0]["curve"]["eval_step"], evals, "-o" if len(evals) < 4 else "-",
                         color=c, linewidth=2, markersize=4, label=name)
+        for m in milestones:
+            if m < max(r["curve"]["step"][-1] for r in runs):
+                ax.axvline(m, color="grey", linestyle=":", linewidth=1)
         ax.set_title("plain networks" if not residual else "ResNets (option A)")
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
@@ -359,14 +370,15 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     words = claims_in_words(claims, f"Fig. 6's claims, on the final {what} (mean of "
                                     f"{seeds_of(args, preset)} seed(s)):")
-    (out / "table.md").write_text(table(runs, note) + "\n\n" + words.replace("\n  ", "\n- ")
-                                  + "\n")
+    (out / "table.md").write_text(table(runs, note, paper_column=not preset.train_subset) +
+                                  "\n\n" + words.replace("\n  ", "\n- ") + "\n")
     plot(runs, out / "curves.png",
          f"{data}, preset {preset_name}: {preset.steps} iterations, batch {preset.batch}, "
          f"lr {preset.lr}, seeds {seeds_of(args, preset)}" +
          (f"; training error on a fixed {preset.train_subset:,}-image subset"
-          if preset.train_subset else ""), test_curves=not preset.train_subset)
-    print(table(runs, note))
+          if preset.train_subset else ""), test_curves=not preset.train_subset,
+         milestones=preset.milestones)
+    print(table(runs, note, paper_column=not preset.train_subset))
     print()
     print(words)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'curves.png'}")
