@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -191,7 +192,6 @@ def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
 def default_output(r: dict) -> Path:
     """evaluate_<split>_<v>views_<m>models_<members' hash>.json in the first run (beside
     the first weights file, for released weights)."""
-    import hashlib
     tag = hashlib.sha256("\n".join(r["checkpoints"]).encode()).hexdigest()[:8]
     first = Path(r["checkpoints"][0])
     folder = first if first.is_dir() else first.parent

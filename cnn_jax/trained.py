@@ -2,6 +2,7 @@
 
     net = load_trained("runs/resnet20")                  # a training run's --out folder
     net = load_trained("resnet20-12fca82f.th")           # released PyTorch weights
+    net = load_trained("runs/photos/finetune/seed0")     # a transfer classifier (model.json)
     probs = jax.jit(net.probabilities)(net.variables, uint8_images)
 
 `Trained` holds what inference needs: the architecture and its options, the
@@ -15,6 +16,7 @@ inference mode with those kernels.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -22,6 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from cnn_jax import data as data_lib
 from cnn_jax.data.augment import Normalizer
@@ -30,14 +33,15 @@ from cnn_jax.models import create_model, input_shape
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
 from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.train.config import TrainConfig
-from cnn_jax.train.conv_grad import convolutions, resolve
-from cnn_jax.train.inputs import (IMAGENET, INCEPTION, make_input_fn, prepare_arrays,
-                                  source_normaliser, split_arrays, training_image_shape)
+from cnn_jax.train.conv_grad import inference_convolutions, resolve
+from cnn_jax.train.inputs import (make_input_fn, prepare_arrays, source_normaliser,
+                                  split_arrays, training_image_shape, weights_normaliser)
+from cnn_jax.train.metrics import params_digest
 
 
 @dataclasses.dataclass(frozen=True)
 class Trained:
-    source: str                      # the run folder or weights file
+    source: str                      # the run folder, weights file or classifier folder
     model_name: str                  # registry name
     options: dict                    # model options
     variables: dict                  # {'params', 'batch_stats'} as host arrays
@@ -49,6 +53,16 @@ class Trained:
     config: Optional[TrainConfig] = None   # None for released weights
     dtype: str = "float32"
     kernels: str = "xla"             # the convolutions (cnn_jax.train.conv_grad.resolve)
+    classes: Optional[tuple] = None  # the class names, where the source says them
+
+    @property
+    def input_size(self) -> int:
+        """The side of the square input the model sees."""
+        return self.resize or self.image_shape[0]
+
+    def digest(self) -> str:
+        return params_digest({"params": self.variables["params"],
+                              "batch_stats": self.variables.get("batch_stats", {})})
 
     @property
     def model(self):
@@ -64,7 +78,7 @@ class Trained:
         """Logits of uint8 images, in inference mode (kwargs go to `model.apply`, e.g.
         capture_intermediates). Pure: jit it, map it over stacked variables."""
         variables = {k: v for k, v in variables.items() if v}
-        with convolutions(self.kernels):
+        with inference_convolutions(self.kernels):
             return self.model.apply(variables, self.to_input(images), train=False, **kwargs)
 
     def probabilities(self, variables, images):
@@ -121,20 +135,20 @@ def classes_of(name: str, options: dict, variables: dict, image_shape: tuple) ->
 
 
 def load_trained(source, arch: Optional[str] = None) -> Trained:
-    """A training run's --out folder (its latest checkpoint, its saved normaliser), or
-    a PyTorch weights file (torchvision/timm, or a CIFAR ResNet of the reproduction in
+    """A training run's --out folder (its latest checkpoint, its saved normaliser), a
+    PyTorch weights file (torchvision/timm, or a CIFAR ResNet of the reproduction in
     cnn_jax.models.convert; the architecture detected from its keys unless `arch`
-    names it). Errors name the source and what was expected."""
+    names it), or a classifier folder of cnn_jax.transfer (MODEL_FILE). Errors name the
+    source and what was expected."""
     path = Path(source)
+    if (path / MODEL_FILE).is_file():
+        return _load_classifier(path)
     if path.suffix in WEIGHT_SUFFIXES:
         name, options, variables = load_torch_weights(path, arch)
-        # torchvision's GoogLeNet weights expect its transform_input=True: [-1, 1] inputs;
-        # every other file here was trained on ImageNet's normalisation of x / 255
-        normaliser = INCEPTION if name == "googlenet_torchvision" else IMAGENET
         shape = input_shape(name)
-        return Trained(str(path), name, options, jax.device_get(variables), normaliser,
-                       shape, classes_of(name, options, variables, shape),
-                       kernels=resolve("auto"))
+        return Trained(str(path), name, options, jax.device_get(variables),
+                       weights_normaliser(name), shape,
+                       classes_of(name, options, variables, shape), kernels=resolve("auto"))
     try:
         cfg = TrainConfig.of_run(path)
     except ValueError as e:
@@ -153,4 +167,28 @@ def load_trained(source, arch: Optional[str] = None) -> Trained:
                    cfg.resize, cfg.input_pad, cfg, cfg.dtype, resolve("auto", dtype=cfg.dtype))
 
 
-__all__ = ["Trained", "load_trained", "released_weights"]
+MODEL_FILE = "model.json"  # a classifier folder of cnn_jax.transfer (save_classifier)
+
+
+def _load_classifier(folder: Path) -> Trained:
+    """A classifier folder: model.json (architecture, classes, input recipe) with its
+    variables in an engine run named there, or in classifier/ beside it."""
+    meta = json.loads((folder / MODEL_FILE).read_text())
+    if meta.get("run"):
+        run = folder / meta["run"]
+        variables, config = jax.device_get(load_variables(run)), TrainConfig.of_run(run)
+    else:
+        with ocp.StandardCheckpointer() as ckpt:
+            variables, config = ckpt.restore((folder / "classifier").absolute()), None
+    norm = meta["normaliser"]
+    normaliser = Normalizer(np.asarray(norm["mean"], np.float32),
+                            np.asarray(norm["std"], np.float32)) if norm else None
+    size = meta["image_size"]
+    return Trained(str(folder), meta["model"], meta["options"], variables, normaliser,
+                   (size, size, 3), len(meta["classes"]), meta.get("resize", 0),
+                   config=config, dtype=config.dtype if config else "float32",
+                   kernels=resolve("auto", dtype=config.dtype if config else "float32"),
+                   classes=tuple(meta["classes"]))
+
+
+__all__ = ["Trained", "load_trained", "released_weights", "MODEL_FILE"]

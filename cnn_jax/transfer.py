@@ -19,7 +19,6 @@ mode ends as one network of the backbone's architecture with a new head, saved w
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -33,88 +32,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
 
 from cnn_jax.data.augment import Normalizer
 from cnn_jax.data.pipeline import eval_batches
-from cnn_jax.data.sources import IMAGE_SUFFIXES, Arrays, decode_image, fit_image
+from cnn_jax.data.sources import (IMAGE_SUFFIXES, Arrays, decode_image, fit_image,
+                                  is_image_name)
 from cnn_jax.models import create_model
-from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
-from cnn_jax.train.checkpoint import load_variables
-from cnn_jax.train.config import TrainConfig
-from cnn_jax.train.inputs import (make_input_fn, make_normaliser, source_normaliser,
-                                  training_image_shape)
-from cnn_jax.train.metrics import params_digest
+from cnn_jax.trained import MODEL_FILE, Trained, load_trained
 
 MODES = ("frozen", "finetune", "full")
 
 
 # ------------------------------------------------------------------ backbones
-@dataclasses.dataclass
-class Backbone:
-    model: str            # registry name
-    options: dict         # model options
-    variables: dict       # {'params', 'batch_stats'} as trained
-    normalise: str        # TrainConfig.normalise that reproduces its training inputs
-    image_size: int       # images are fitted to image_size x image_size ...
-    resize: int           # ... and resized on the device to this (0: not), as in training
-    source: str           # the run folder or weights file
-
-    def build(self, num_classes: Optional[int] = None):
-        return create_model(self.model, num_classes=num_classes or self.num_classes,
-                            **self.options)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.variables["params"][self.head]["bias"].shape[0])
-
-    @property
-    def input_size(self) -> int:
-        return self.resize or self.image_size
-
-    @functools.cached_property
-    def head(self) -> str:  # traced once: the architecture does not change
-        return head_name(self.model, self.options, self.input_size)
-
-    def normaliser(self) -> Optional[Normalizer]:
-        if self.normalise == "source":
-            return source_normaliser(self.source)
-        return make_normaliser(self.normalise, None)  # a fixed one: imagenet, inception
-
-    def to_input(self):
-        """uint8 images -> the model's input, on the device."""
-        return make_input_fn(self.normaliser(), self.resize)
-
-    def digest(self) -> str:
-        return params_digest({"params": self.variables["params"],
-                              "batch_stats": self.variables.get("batch_stats", {})})
-
-
-def load_backbone(source, arch: Optional[str] = None) -> Backbone:
-    """A run folder of this project, or a torchvision/timm weights file (the
-    architecture detected from its keys unless `arch` names it)."""
-    path = Path(source)
-    if path.suffix in WEIGHT_SUFFIXES:
-        name, options, variables = load_torch_weights(path, arch)
-        # torchvision's GoogLeNet weights expect its transform_input=True: [-1, 1] inputs
-        normalise = "inception" if name == "googlenet_torchvision" else "imagenet"
-        return Backbone(name, options, variables, normalise, 224, 0, str(path))
+def load_backbone(source, arch: Optional[str] = None) -> Trained:
+    """A run folder of this project, or a PyTorch weights file (the architecture
+    detected from its keys unless `arch` names it), as a backbone (cnn_jax.trained)."""
     try:
-        cfg = TrainConfig.of_run(path)
-    except ValueError as e:
-        raise ValueError(f"--backbone {e}, or a weights file "
-                         f"({', '.join(WEIGHT_SUFFIXES)})") from None
-    if arch and arch != cfg.model:
-        raise ValueError(f"--arch {arch}: the run at {path} trained a {cfg.model}")
-    try:
-        variables = jax.device_get(load_variables(path))
-    except FileNotFoundError as e:
-        raise ValueError(f"--backbone: {e}") from None
-    if cfg.input_pad:
-        raise ValueError(f"--backbone {path}: a run with --input-pad (zero-padded inputs) "
+        net = load_trained(source, arch)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--backbone {e}") from None
+    if net.input_pad:
+        raise ValueError(f"--backbone {source}: a run with --input-pad (zero-padded inputs) "
                          f"cannot serve as a backbone here")
-    size = training_image_shape(path)[0]
-    return Backbone(cfg.model, dict(cfg.model_options), variables, "source", size, cfg.resize,
-                    str(path))
+    return net
+
+
+def head_of(net: Trained) -> str:
+    """The backbone's final classifier (traced once per architecture)."""
+    return head_name(net.model_name, net.options, net.input_size)
 
 
 def _top_level_calls(model, image_size: int, channels: int = 3) -> list[tuple[str, type]]:
@@ -157,31 +104,29 @@ def stages(model_name: str, options: dict, image_size: int) -> list[str]:
     return out
 
 
-def trainable_for(backbone: Backbone, k: int) -> str:
+def trainable_for(backbone: Trained, k: int) -> str:
     """TrainConfig.trainable for fine-tuning the last `k` stages and the new head."""
-    names = stages(backbone.model, backbone.options, backbone.input_size)
+    names = stages(backbone.model_name, backbone.options, backbone.input_size)
     if not 1 <= k <= len(names):
-        raise ValueError(f"--stages {k}: {backbone.model} has {len(names)} stages "
+        raise ValueError(f"--stages {k}: {backbone.model_name} has {len(names)} stages "
                          f"({', '.join(names)})")
-    return ",".join(names[-k:] + [backbone.head])
+    return ",".join(names[-k:] + [head_of(backbone)])
 
 
 # ------------------------------------------------------------------ features
-def feature_fn(model, head: str):
-    """jit-able (variables, normalised images) -> the head's input (penultimate
-    activations), in inference mode."""
-    def features(variables, x):
-        captured = {}
+def features(net: Trained, head: str, variables, images):
+    """jit-able: the input of `head` (the penultimate activations) for uint8 images, in
+    inference mode (Trained.apply)."""
+    captured = {}
 
-        def grab(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and context.module.scope.path == (head,):
-                captured["x"] = args[0]
-            return next_fun(*args, **kwargs)
+    def grab(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.scope.path == (head,):
+            captured["x"] = args[0]
+        return next_fun(*args, **kwargs)
 
-        with nn.intercept_methods(grab):
-            model.apply(variables, x, train=False)
-        return captured["x"].astype(jnp.float32)
-    return features
+    with nn.intercept_methods(grab):
+        net.apply(variables, images)
+    return captured["x"].astype(jnp.float32)
 
 
 def data_digest(arrays: Arrays) -> str:
@@ -192,17 +137,20 @@ def data_digest(arrays: Arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_features(directory: Path, split: str, backbone: Backbone, arrays: Arrays,
+def cached_features(directory: Path, split: str, backbone: Trained, arrays: Arrays,
                     batch: int = 100, progress: bool = True) -> tuple[np.ndarray, dict]:
     """The backbone's penultimate activations of `arrays`, computed once and kept in
     `directory/<split>.npy` (memory-mapped when read back). A file made by another
     backbone, other images or another preprocessing is detected and rebuilt.
     Returns (features [N, D], {'cached': bool, 'extract_s': seconds the backbone took
     over these images, when they were computed})."""
-    from tqdm.auto import tqdm
-    key = {"backbone": backbone.digest(), "model": backbone.model, "options": backbone.options,
-           "normalise": backbone.normalise, "source": backbone.source, "resize": backbone.resize,
-           "data": data_digest(arrays), "n": len(arrays), "image_shape": list(arrays.images.shape[1:])}
+    norm = backbone.normaliser
+    key = {"backbone": backbone.digest(), "model": backbone.model_name,
+           "options": backbone.options, "source": backbone.source, "resize": backbone.resize,
+           "normaliser": None if norm is None else
+           hashlib.sha256(np.asarray(norm.mean).tobytes() + np.asarray(norm.std).tobytes()).hexdigest()[:16],
+           "kernels": backbone.kernels, "data": data_digest(arrays), "n": len(arrays),
+           "image_shape": list(arrays.images.shape[1:])}
     file, meta_file = directory / f"{split}.npy", directory / f"{split}.json"
     if file.exists() and meta_file.exists():
         meta = json.loads(meta_file.read_text())
@@ -210,10 +158,8 @@ def cached_features(directory: Path, split: str, backbone: Backbone, arrays: Arr
             return np.load(file, mmap_mode="r"), {"cached": True, "extract_s": meta["seconds"]}
         print(f"{file}: cached features of another backbone or data; rebuilding")
     directory.mkdir(parents=True, exist_ok=True)
-    model = backbone.build()
-    to_input = backbone.to_input()
-    forward = jax.jit(lambda v, x: feature_fn(model, backbone.head)(v, to_input(x)))
-    variables = {k: v for k, v in backbone.variables.items() if v}
+    forward = jax.jit(functools.partial(features, backbone, head_of(backbone)))
+    variables = backbone.variables
     # compiled before the clock starts: the time is what every epoch would pay again
     jax.block_until_ready(forward(variables, np.zeros((batch, *arrays.images.shape[1:]),
                                                       arrays.images.dtype)))
@@ -289,51 +235,32 @@ def train_softmax(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
             {"epoch_s": float(np.median(epoch_seconds[1:] or epoch_seconds))})
 
 
-def with_head(backbone: Backbone, head: dict) -> dict:
+def with_head(backbone: Trained, head: dict) -> dict:
     """The backbone's variables with its final classifier replaced by `head`."""
     params = dict(backbone.variables["params"])
-    params[backbone.head] = {"kernel": np.asarray(head["kernel"]), "bias": np.asarray(head["bias"])}
+    params[head_of(backbone)] = {"kernel": np.asarray(head["kernel"]),
+                                 "bias": np.asarray(head["bias"])}
     return {"params": params, "batch_stats": backbone.variables.get("batch_stats", {})}
 
 
 # ------------------------------------------------------------------ a trained classifier on disk
-MODEL_FILE = "model.json"
-
-
 def save_classifier(out: Path, *, model: str, options: dict, classes: list, image_size: int,
                     resize: int, normaliser: Optional[Normalizer],
                     variables: Optional[dict] = None, run: Optional[str] = None) -> None:
-    """model.json (+ the variables, unless they live in the engine run `run`)."""
-    import orbax.checkpoint as ocp
+    """MODEL_FILE (+ the variables, unless they live in the engine run `run`): a folder
+    `cnn_jax.trained.load_trained` reads back."""
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "options": options, "classes": list(classes),
             "image_size": image_size, "resize": resize, "run": run,
             "normaliser": None if normaliser is None else
             {"mean": np.asarray(normaliser.mean).tolist(), "std": np.asarray(normaliser.std).tolist()}}
     if variables is not None:
-        target = out / "classifier"
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(target.absolute(), jax.tree.map(np.asarray, variables), force=True)
+            ckpt.save((out / "classifier").absolute(), jax.tree.map(np.asarray, variables),
+                      force=True)
     tmp = out / f".{MODEL_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(out / MODEL_FILE)
-
-
-def load_classifier(run: Path):
-    """(model, variables, meta) of a folder written by `save_classifier`."""
-    import orbax.checkpoint as ocp
-    run = Path(run)
-    if not (run / MODEL_FILE).is_file():
-        raise ValueError(f"{run}: no {MODEL_FILE} (expected the --out folder of a "
-                         f"transfer_learning run)")
-    meta = json.loads((run / MODEL_FILE).read_text())
-    if meta.get("run"):
-        variables = load_variables(run / meta["run"])
-    else:
-        with ocp.StandardCheckpointer() as ckpt:
-            variables = ckpt.restore((run / "classifier").absolute())
-    model = create_model(meta["model"], num_classes=len(meta["classes"]), **meta["options"])
-    return model, variables, meta
 
 
 def read_images(folder: Path, image_size: int) -> tuple[list[str], np.ndarray]:
@@ -341,41 +268,35 @@ def read_images(folder: Path, image_size: int) -> tuple[list[str], np.ndarray]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--predict {folder}: not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if is_image_name(p.name))
     if not files:
-        raise ValueError(f"--predict {folder}: no {', '.join(IMAGE_SUFFIXES)} files in it")
+        raise ValueError(f"--predict {folder}: no image files in it ({', '.join(IMAGE_SUFFIXES)})")
     images = [fit_image(decode_image(p.read_bytes(), str(p), 3), (image_size, image_size),
                         crop=True) for p in files]
     return [str(p.relative_to(folder)) for p in files], np.stack(images)
 
 
-def predict(run: Path, folder: Path, batch: int = 64) -> list[dict]:
+def predict(classifier: Path, folder: Path, batch: int = 64) -> list[dict]:
     """Class and probability for every image under `folder`."""
-    model, variables, meta = load_classifier(run)
-    names, images = read_images(folder, meta["image_size"])
-    norm = meta["normaliser"]
-    to_input = make_input_fn(Normalizer(np.asarray(norm["mean"], np.float32),
-                                        np.asarray(norm["std"], np.float32)) if norm else None,
-                             meta.get("resize", 0))
-    variables = {k: v for k, v in variables.items() if v}
-    forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, to_input(x), train=False), -1))
-    unlabelled = Arrays(images, np.zeros(len(images), np.int32), meta["classes"])
-    probs = np.concatenate([np.asarray(forward(variables, b["image"]))[b["mask"] > 0]
+    net = load_trained(classifier)
+    names, images = read_images(folder, net.image_shape[0])
+    forward = jax.jit(net.probabilities)
+    unlabelled = Arrays(images, np.zeros(len(images), np.int32), list(net.classes))
+    probs = np.concatenate([np.asarray(forward(net.variables, b["image"]))[b["mask"] > 0]
                             for b in eval_batches(unlabelled, min(batch, len(images)))])
-    return [{"file": f, "class": meta["classes"][int(p.argmax())], "probability": float(p.max())}
+    return [{"file": f, "class": net.classes[int(p.argmax())], "probability": float(p.max())}
             for f, p in zip(names, probs)]
 
 
-def accuracy(model, variables: dict, arrays: Arrays, to_input, batch: int = 250) -> float:
-    """Single-view accuracy of `variables` on `arrays`."""
-    variables = {k: v for k, v in variables.items() if v}
-    forward = jax.jit(lambda v, x: jnp.argmax(model.apply(v, to_input(x), train=False), -1))
+def accuracy(net: Trained, variables: dict, arrays: Arrays, batch: int = 250) -> float:
+    """Single-view accuracy of `variables` (of `net`'s architecture) on `arrays`."""
+    forward = jax.jit(lambda v, x: jnp.argmax(net.apply(v, x), -1))
     right = 0
     for b in eval_batches(arrays, batch):
         right += int(((np.asarray(forward(variables, b["image"])) == b["label"]) * b["mask"]).sum())
     return right / len(arrays)
 
 
-__all__ = ["MODES", "Backbone", "load_backbone", "head_name", "stages", "trainable_for",
-           "feature_fn", "cached_features", "train_softmax", "with_head", "save_classifier",
-           "load_classifier", "predict", "accuracy"]
+__all__ = ["MODES", "load_backbone", "head_of", "head_name", "stages", "trainable_for",
+           "features", "cached_features", "train_softmax", "with_head", "save_classifier",
+           "predict", "accuracy"]

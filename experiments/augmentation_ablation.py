@@ -35,25 +35,22 @@ Evidence: docs/results.md records the `quick` run.
 
     python -m experiments.augmentation_ablation [--preset auto|paper|quick|smoke]
         [--settings ...] [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
+        [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from cnn_jax.data import DataError, search_dirs
 from cnn_jax.data.pipeline import train_dataset
+from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.inputs import make_augment, training_arrays
-from cnn_jax.train.loop import ConfigMismatch, hardware, versions
-from cnn_jax.train.sweep import (add_seeds_together, choose_preset, claim, claims_in_words,
-                                 guard_out, mean_std, run_all)
+from cnn_jax.train.sweep import run_all
 
 # ------------------------------------------------------------------ configuration
 SETTINGS = {  # name -> TrainConfig fields; each adds one transformation to the last
@@ -165,74 +162,37 @@ def table(rows: list[dict], note: str) -> str:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Test error per setting (mean ± std, seeds as dots) and pipeline images/s."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     x = np.arange(len(rows))
     test = [100 * np.array(r["test_errors"]) for r in rows]
     train = [100 * np.array(r["train_errors"]) for r in rows]
-    ax.bar(x - 0.2, [t.mean() for t in test], 0.4,
-           yerr=[t.std(ddof=1) if len(t) > 1 else 0 for t in test],
-           label="test", color="C1", capsize=3)
-    ax.bar(x + 0.2, [t.mean() for t in train], 0.4, label="training (its subset)", color="C0")
-    for i, t in enumerate(test):
-        ax.plot(np.full(len(t), i - 0.2), t, "k.", markersize=4)
-    ax.set_xticks(x, [r["setting"] for r in rows], rotation=15)
-    ax.set_ylabel("error (%)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    bx.bar(x, [r["pipeline_img_per_s"] for r in rows], color="C2")
-    bx.set_xticks(x, [r["setting"] for r in rows], rotation=15)
-    bx.set_ylabel("host pipeline images/s")
-    bx.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, 1, 2, figsize=(12, 4.2)) as (ax, bx):
+        ax.bar(x - 0.2, [t.mean() for t in test], 0.4,
+               yerr=[t.std(ddof=1) if len(t) > 1 else 0 for t in test],
+               label="test", color="C1", capsize=3)
+        ax.bar(x + 0.2, [t.mean() for t in train], 0.4, label="training (its subset)",
+               color="C0")
+        for i, t in enumerate(test):
+            ax.plot(np.full(len(t), i - 0.2), t, "k.", markersize=4)
+        ax.set_xticks(x, [r["setting"] for r in rows], rotation=15)
+        ax.set_ylabel("error (%)")
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+        bx.bar(x, [r["pipeline_img_per_s"] for r in rows], color="C2")
+        bx.set_xticks(x, [r["setting"] for r in rows], rotation=15)
+        bx.set_ylabel("host pipeline images/s")
+        bx.grid(axis="y", alpha=0.3)
 
 
-# ------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.augmentation_ablation",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
-    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    p.add_argument("--seeds", type=int, default=None, help="default per preset")
-    add_seeds_together(p)
-    p.add_argument("--out", default=None, help="default runs/augmentation_ablation-<preset>")
-    p.add_argument("--data", default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--processes", type=int, default=None,
-                   help="runs trained at once (default: one per core on a CPU)")
-    args = p.parse_args(argv)
-    args.command = " ".join(["python -m experiments.augmentation_ablation",
-                             *(sys.argv[1:] if argv is None else argv)])
-    preset_name, why = choose_preset(args.preset)
-    print(f"preset {preset_name} ({why})", file=sys.stderr)
-    preset = PRESETS[preset_name]
-    seeds = args.seeds or preset.seeds
-    if seeds < 1:
-        p.error("--seeds must be at least 1")
-    out = Path(args.out or f"runs/augmentation_ablation-{preset_name}")
+# ------------------------------------------------------------------ the method
+def run(ctx: Context) -> Report:
+    args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
     jobs = [(s, seed) for seed in range(seeds) for s in args.settings]
-    configs = [run_config(s, preset, seed, args, out / "nets" / f"{slug(s)}-seed{seed}")
+    configs = [run_config(s, preset, seed, args, ctx.out / "nets" / f"{slug(s)}-seed{seed}")
                for s, seed in jobs]
-    try:
-        search_dirs(args.data_dir)
-        guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset),
-                        "data": args.data or preset.data})
-        results = run_all(configs, args.command, [f"{s} seed {seed}" for s, seed in jobs],
-                          together=args.seeds_together, processes=args.processes)
-        rates = {s: pipeline_rate(configs[args.settings.index(s)], preset.pipeline_batches)
-                 for s in args.settings}
-    except (DataError, ConfigMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    results = run_all(configs, ctx.command, [f"{s} seed {seed}" for s, seed in jobs],
+                      together=args.seeds_together, processes=args.processes)
+    rates = {s: pipeline_rate(configs[args.settings.index(s)], preset.pipeline_batches)
+             for s in args.settings}
     rows = []
     for s in args.settings:
         mine = [(cfg, res) for (name, _), cfg, res in zip(jobs, configs, results) if name == s]
@@ -253,30 +213,31 @@ def main(argv=None) -> int:
             (f", test error on a fixed {preset.test_subset}-image subset" if preset.test_subset else "") +
             f". Pipeline images/s: {preset.pipeline_batches} batches, workers "
             f"{configs[0].workers if configs[0].workers is not None else 'default'}, no model. "
-            f"Command: `{args.command}`.")
+            f"Command: `{ctx.command}`.")
     claims, effects = check_claims(rows)
-    words = claims_in_words(claims, f"Augmentation's claims (mean of {seeds} seed(s)):")
-    said = "\n".join(f"  {e['setting']} vs {e['against']}: test error {e['test_error_change']:+.2f} "
-                     f"points (seeds' spread {e['spread']:.2f})" for e in effects)
-    if said:
-        words += "\nThe colour settings, on top of the previous one (reported, not claimed):\n" + said
-    (out / "results.json").write_text(json.dumps({
-        "preset": preset_name, "preset_reason": why, "command": args.command,
-        "versions": versions(), "hardware": hardware(), "claims": claims, "effects": effects,
-        "settings": rows}, indent=1))
-    (out / "table.md").write_text(table(rows, note) + "\n\n" + words + "\n")
-    plot(rows, out / "augmentation.png",
-         f"{preset.model} on {data}, preset {preset_name}: one augmentation added at a time")
-    print(table(rows, note))
-    print()
-    print(words)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'augmentation.png'}")
-    return 0
+    said = "\n".join(f"  {e['setting']} vs {e['against']}: test error "
+                     f"{e['test_error_change']:+.2f} points (seeds' spread {e['spread']:.2f})"
+                     for e in effects)
+    return Report(
+        results={"effects": effects, "settings": rows}, table=table(rows, note), claims=claims,
+        heading=f"Augmentation's claims (mean of {seeds} seed(s)):",
+        words=("The colour settings, on top of the previous one (reported, not claimed):\n"
+               + said) if said else "",
+        plot=lambda path: plot(rows, path, f"{preset.model} on {data}, preset "
+                                           f"{ctx.preset_name}: one augmentation added at a time"))
 
 
 def slug(setting: str) -> str:
     return setting.replace("+", "plus_").replace(" ", "_").strip("_")
 
+
+def add_arguments(p) -> None:
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+
+
+EXPERIMENT = Experiment("augmentation_ablation", __doc__, PRESETS, run,
+                        figure="augmentation.png", add_arguments=add_arguments)
+main = EXPERIMENT.main
 
 if __name__ == "__main__":
     sys.exit(main())

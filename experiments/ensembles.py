@@ -27,27 +27,25 @@ on a CPU). Evidence: docs/results.md.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
 import jax
+import matplotlib.ticker
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnn_jax import data as data_lib
 from cnn_jax.evaluate import build_groups, load_member, make_views, view_probabilities
+from cnn_jax.experiment import Context, Experiment, Report, claim, figure
+from cnn_jax.provenance import hardware
 from cnn_jax.train.inputs import subset
-from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, hardware, versions
-from cnn_jax.train.sweep import (add_seeds_together, choose_preset, claim, claims_in_words,
-                                 guard_out, run_all)
 from cnn_jax.trained import REFERENCE_DIR, released_weights
 from experiments import plain_vs_resnet as main_experiment
+from experiments.plain_vs_resnet import Net
 
 # ------------------------------------------------------------------ configuration
 VIEWS = (1, 2, 10)
@@ -70,7 +68,7 @@ PRESETS = {
 }
 
 
-def member_sources(args, preset: Preset, out: Path) -> list[Path]:
+def member_sources(args, preset: Preset, out: Path, command: str = "") -> list[Path]:
     """The members: --runs' finished runs of --model, the preset's released networks,
     or --model trained here (out/nets/) with the main experiment's preset."""
     if args.runs:
@@ -90,17 +88,13 @@ def member_sources(args, preset: Preset, out: Path) -> list[Path]:
                              f"and {REFERENCE_DIR}), not all on this machine; pass --runs DIR "
                              f"(a main experiment run with --seeds N) instead")
         return found
-    main = main_experiment.PRESETS[preset.main_preset]
-    depth = int(args.model.removeprefix("resnet"))
-    recipe = argparse.Namespace(data=args.data, data_dir=args.data_dir, val=False,
-                                dtype="float32", workers=args.workers)
+    net = Net(args.model.startswith("resnet"), int(args.model.strip("plainresnet")))
     n = args.members or preset.members
-    configs = [main_experiment.run_config(args.model, depth, main, seed, recipe,
-                                          out / "nets" / f"{args.model}-seed{seed}")
-               for seed in range(n)]
-    run_all(configs, args.command, [f"{args.model} seed {s}" for s in range(n)],
-            together=args.seeds_together, processes=args.processes)
-    return [Path(c.out) for c in configs]
+    trained = main_experiment.sweep([net], main_experiment.PRESETS[preset.main_preset], n, out,
+                                    command, together=args.seeds_together,
+                                    processes=args.processes, data=args.data,
+                                    data_dir=args.data_dir, workers=args.workers)
+    return [Path(t["run_dir"]) for t in trained]
 
 
 # ------------------------------------------------------------------ measurement
@@ -183,87 +177,45 @@ def table(rows: list[dict], note: str) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    fig, (ax, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for v, colour in zip(VIEWS, ("tab:blue", "tab:orange", "tab:green")):
-        rs = [r for r in rows if r["views"] == v]
-        k = [r["models"] for r in rs]
-        err = np.array([100 * r["error"] for r in rs])
-        std = np.array([100 * r["error_std"] for r in rs])
-        ax.errorbar(k, err, yerr=std, marker="o", capsize=3, color=colour, label=f"{v} view(s)")
-        cost.plot([r["images_per_s"] for r in rs], err, "o-", color=colour, label=f"{v} view(s)")
-    ax.set_xlabel("networks in the ensemble")
-    ax.set_ylabel("test error (%)")
-    ax.set_xticks(sorted({r["models"] for r in rows}))
-    cost.set_xscale("log")
-    cost.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    cost.set_xlabel("inference images/s (measured)")
-    for a in (ax, cost):
-        a.grid(alpha=0.3, which="both")
-        a.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, 1, 2, figsize=(11, 4.2)) as (ax, cost):
+        for v, colour in zip(VIEWS, ("tab:blue", "tab:orange", "tab:green")):
+            rs = [r for r in rows if r["views"] == v]
+            k = [r["models"] for r in rs]
+            err = np.array([100 * r["error"] for r in rs])
+            std = np.array([100 * r["error_std"] for r in rs])
+            ax.errorbar(k, err, yerr=std, marker="o", capsize=3, color=colour,
+                        label=f"{v} view(s)")
+            cost.plot([r["images_per_s"] for r in rs], err, "o-", color=colour,
+                      label=f"{v} view(s)")
+        ax.set_xlabel("networks in the ensemble")
+        ax.set_ylabel("test error (%)")
+        ax.set_xticks(sorted({r["models"] for r in rows}))
+        cost.set_xscale("log")
+        cost.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        cost.set_xlabel("inference images/s (measured)")
+        for a in (ax, cost):
+            a.grid(alpha=0.3, which="both")
+            a.legend()
 
 
-# ------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.ensembles",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
-    p.add_argument("--runs", default=None,
-                   help="a plain_vs_resnet --out folder with several seeds of --model")
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--members", type=int, default=None, help="N (default: the preset's)")
-    p.add_argument("--out", default=None, help="default runs/ensembles-<preset>")
-    p.add_argument("--data", default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--processes", type=int, default=None,
-                   help="members trained at once (default: one per core on a CPU)")
-    add_seeds_together(p)
-    args = p.parse_args(argv)
-    args.command = " ".join([
-        "python -m experiments.ensembles", *(sys.argv[1:] if argv is None else argv)])
-    if args.members is not None and args.members < 2:
-        p.error("--members must be at least 2")
-    if not re.fullmatch(r"resnet\d+|plain\d+", args.model):
-        p.error(f"--model must be a CIFAR resnetN or plainN, got {args.model!r}")
-    preset_name, why = choose_preset(args.preset)
-    preset = PRESETS[preset_name]
-    print(f"preset {preset_name} ({why})", file=sys.stderr)
-    out = Path(args.out or f"runs/ensembles-{preset_name}")
-    recipe = {"preset": preset_name, **dataclasses.asdict(preset), "model": args.model,
-              "members": args.members, "runs": args.runs, "data": args.data}
-    try:
-        data_lib.search_dirs(args.data_dir)
-        guard_out(out, recipe)
-        members = [load_member(r) for r in member_sources(args, preset, out)]
-        data = args.data or (members[0].config.data if members[0].config else preset.data)
-        test = subset(members[0].arrays("test", data, args.data_dir), preset.test_subset)
-        groups = build_groups(members)
-        names = [Path(m.source).name for g in groups for m in g.members]
-        probs, labels = all_probabilities(groups, test)
-        timing_images = np.asarray(test.images[:preset.timing_batch])
-        rows = []
-        combos = [(k, v) for k in range(1, len(members) + 1) for v in VIEWS]
-        for k, v in tqdm(combos, desc="ensemble sizes x views: error and speed"):
-            errs = ensemble_errors(probs, labels, k, v)
-            rate = images_per_second(groups, k, timing_images, v)
-            rows.append({"models": k, "views": v, "error": float(np.mean(errs)),
-                         "error_std": float(np.std(errs)), "ensembles": len(errs),
-                         "images_per_s": rate})
-    except (data_lib.DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+# ------------------------------------------------------------------ the method
+def run(ctx: Context) -> Report:
+    args, preset = ctx.args, ctx.preset
+    members = [load_member(r) for r in member_sources(args, preset, ctx.out, ctx.command)]
+    data = args.data or (members[0].config.data if members[0].config else preset.data)
+    test = subset(members[0].arrays("test", data, args.data_dir), preset.test_subset)
+    groups = build_groups(members)
+    names = [Path(m.source).name for g in groups for m in g.members]
+    probs, labels = all_probabilities(groups, test)
+    timing_images = np.asarray(test.images[:preset.timing_batch])
+    rows = []
+    combos = [(k, v) for k in range(1, len(members) + 1) for v in VIEWS]
+    for k, v in tqdm(combos, desc="ensemble sizes x views: error and speed"):
+        errs = ensemble_errors(probs, labels, k, v)
+        rows.append({"models": k, "views": v, "error": float(np.mean(errs)),
+                     "error_std": float(np.std(errs)), "ensembles": len(errs),
+                     "images_per_s": images_per_second(groups, k, timing_images, v)})
     hw = hardware()
-    claims = check_claims(probs, labels)
     origin = ("from " + args.runs if args.runs else
               "released weights, trained 200 epochs on the lossless CIFAR-10"
               if preset.released else f"the main experiment preset {preset.main_preset!r}")
@@ -275,24 +227,39 @@ def main(argv=None) -> int:
                         zip(names, ensemble_errors(probs, labels, 1, 1)))
             + f". Error: mean ± std over all choices of k networks. images/s: measured for "
             f"the first k networks, batch of {preset.timing_batch}, on {hw['device']} "
-            f"({hw['backend']}). Command: `{args.command}`.")
-    words = claims_in_words(claims, "Ensembles' and multi-crop testing's claims:")
-    results = {"preset": preset_name, "preset_reason": why, "recipe": recipe,
-               "command": args.command, "versions": versions(), "hardware": hw,
-               "members": [m.source for g in groups for m in g.members],
-               "single_model_errors": ensemble_errors(probs, labels, 1, 1),
-               "n_examples": int(len(labels)), "claims": claims, "rows": rows}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(table(rows, note) + "\n\n" + words + "\n")
-    plot(rows, out / "ensembles.png",
-         f"ensembles of {', '.join(names)} on {data} ({len(labels):,} test images), preset "
-         f"{preset_name}")
-    print(table(rows, note))
-    print()
-    print(words)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'ensembles.png'}")
-    return 0
+            f"({hw['backend']}). Command: `{ctx.command}`.")
+    return Report(
+        results={"members": [m.source for g in groups for m in g.members],
+                 "single_model_errors": ensemble_errors(probs, labels, 1, 1),
+                 "n_examples": int(len(labels)), "rows": rows},
+        table=table(rows, note), claims=check_claims(probs, labels),
+        heading="Ensembles' and multi-crop testing's claims:",
+        plot=lambda path: plot(rows, path, f"ensembles of {', '.join(names)} on {data} "
+                                           f"({len(labels):,} test images), preset "
+                                           f"{ctx.preset_name}"))
 
+
+def add_arguments(p) -> None:
+    p.add_argument("--runs", default=None,
+                   help="a plain_vs_resnet --out folder with several seeds of --model")
+    p.add_argument("--model", default="resnet20",
+                   help="a CIFAR resnetN or plainN (with --runs, or trained here)")
+    p.add_argument("--members", type=int, default=None, help="N (default: the preset's)")
+
+
+def recipe(ctx: Context) -> dict:
+    args = ctx.args
+    if args.members is not None and args.members < 2:
+        raise ValueError(f"--members must be at least 2, got {args.members}")
+    if not re.fullmatch(r"resnet\d+|plain\d+", args.model):
+        raise ValueError(f"--model must be a CIFAR resnetN or plainN, got {args.model!r}")
+    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset), "model": args.model,
+            "members": args.members, "runs": args.runs, "data": args.data}
+
+
+EXPERIMENT = Experiment("ensembles", __doc__, PRESETS, run, figure="ensembles.png",
+                        add_arguments=add_arguments, recipe=recipe)
+main = EXPERIMENT.main
 
 if __name__ == "__main__":
     sys.exit(main())

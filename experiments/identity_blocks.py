@@ -32,13 +32,12 @@ iterations per arm), `smoke` (seconds), `auto` (paper on a GPU/TPU, quick on a C
 Evidence: docs/results.md records the `quick` run.
 
     python -m experiments.identity_blocks [--preset auto|paper|quick|smoke]
-        [--base RUN] [--blocks K] [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
+        [--base RUN] [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
+        [--set blocks=K steps=N ...]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -46,20 +45,18 @@ import jax
 import numpy as np
 
 from cnn_jax import data as data_lib
-from cnn_jax.data import DataError, search_dirs
 from cnn_jax.data.pipeline import eval_batches
+from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std
 from cnn_jax.models import create_model
 from cnn_jax.models.layers import BasicBlock
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.checkpoint import load_variables
-from cnn_jax.train.inputs import (make_input_fn, make_normaliser, model_input_shape, subset,
-                                  training_arrays)
-from cnn_jax.train.loop import ConfigMismatch, hardware, versions
+from cnn_jax.train.inputs import model_input_shape, subset, training_arrays
 from cnn_jax.train.state import initial_variables
-from cnn_jax.train.sweep import (add_seeds_together, choose_preset, claim, claims_in_words,
-                                 guard_out, mean_std, run_all)
+from cnn_jax.train.sweep import run_all
 from cnn_jax.trained import REFERENCE_DIR, Trained, load_trained, released_weights
 from experiments import plain_vs_resnet as main_experiment
+from experiments.plain_vs_resnet import Net
 
 # ------------------------------------------------------------------ configuration
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +99,12 @@ def base_config(base: Trained, data_dir, workers) -> TrainConfig:
                        init_from=base.source, workers=workers)
 
 
-def arm_config(arm: str, base_cfg: TrainConfig, preset: Preset, blocks: int, seed: int,
-               base: Path, out: Path, workers):
+def arm_config(arm: str, base_cfg: TrainConfig, preset: Preset, seed: int, base: Path,
+               out: Path, workers):
     """The base run's recipe continued from its weights, k blocks grown (or not)."""
     options = dict(base_cfg.model_options)
     if arm != "control":
-        options.update(extra_blocks=(0, 0, blocks), extra_shortcut=ARMS[arm])
+        options.update(extra_blocks=(0, 0, preset.blocks), extra_shortcut=ARMS[arm])
     return dataclasses.replace(
         base_cfg, model_options=options, init_from=str(base), seed=seed, steps=preset.steps,
         batch=preset.batch, lr=preset.lr, weight_decay=preset.weight_decay,
@@ -119,15 +116,11 @@ def arm_config(arm: str, base_cfg: TrainConfig, preset: Preset, blocks: int, see
 
 # ------------------------------------------------------------------ measurements
 class Probe:
-    """Errors and appended-block statistics of one architecture (compiled once, for
-    any variables of it)."""
+    """Errors and appended-block statistics of one trained arm's architecture (compiled
+    once, for any variables of it: the arm's own at step 0 and after training)."""
 
-    def __init__(self, cfg, data_dir=None):
-        train = training_arrays(cfg, data_dir)
-        to_input = make_input_fn(make_normaliser(cfg.normalise, train.images, cfg.init_from),
-                                 cfg.resize)
-        model = create_model(cfg.model, num_classes=len(train.classes), **cfg.model_options)
-        grown = [i + 1 for i, k in enumerate(cfg.model_options.get("extra_blocks", ())) if k]
+    def __init__(self, net: Trained):
+        grown = [i + 1 for i, k in enumerate(net.options.get("extra_blocks", ())) if k]
         stage = f"stage{grown[-1]}" if grown else None
         self.names: list = []  # the last stage's blocks in call order, seen while tracing
 
@@ -135,9 +128,9 @@ class Probe:
             return isinstance(module, BasicBlock) and module.name.startswith(stage)
 
         def forward(variables, x):
-            logits, st = model.apply(variables, to_input(x), train=False,
-                                     capture_intermediates=in_grown_stage if stage else False,
-                                     mutable=["intermediates"])
+            logits, st = net.apply(variables, x,
+                                   capture_intermediates=in_grown_stage if stage else False,
+                                   mutable=["intermediates"])
             blocks = st.get("intermediates", {})
             self.names[:] = list(blocks)
             return logits, [v["__call__"][0] for v in blocks.values()]
@@ -197,44 +190,36 @@ def table(rows: list[dict], note: str) -> str:
 
 def plot(rows: list[dict], base_errors: dict, path: Path, title: str) -> None:
     """Errors before/after per arm (left); each new block's change of the signal (right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
-    x = np.arange(len(arms))
-    for i, (when, split, hatch) in enumerate([("appended", "train_error", ""),
-                                              ("trained", "train_error", ""),
-                                              ("appended", "test_error", "//"),
-                                              ("trained", "test_error", "//")]):
-        vals = [100 * np.mean([r[when][split] for r in rows if r["arm"] == a]) for a in arms]
-        ax.bar(x + (i - 1.5) * 0.2, vals, 0.2, hatch=hatch, alpha=0.5 if when == "appended" else 1,
-               color="C0" if split == "train_error" else "C1",
-               label=f"{split.split('_')[0]}, {'just appended' if when == 'appended' else 'after training'}")
-    ax.axhline(100 * base_errors["test_error"], color="C1", linestyle=":", label="base net, test")
-    ax.axhline(100 * base_errors["train_error"], color="C0", linestyle=":", label="base net, train")
-    ax.set_xticks(x, arms)
-    ax.set_ylabel("error (%)")
-    ax.set_ylim(0, 130)  # room for the legend above the bars
-    ax.legend(fontsize=7, ncol=3, loc="upper center")
-    for arm, colour in (("residual", "C2"), ("plain", "C3")):
-        for when, style in (("appended", ":"), ("trained", "-")):
-            per_block = [[b["change"] for b in r[when]["blocks"]] for r in rows if r["arm"] == arm]
-            if per_block and per_block[0]:
-                v = np.mean(per_block, axis=0)
-                bx.plot(np.arange(1, len(v) + 1), v, style, marker="o", color=colour,
-                        label=f"{arm}, {'just appended' if when == 'appended' else 'after training'}")
-    bx.set_xticks(np.arange(1, max(len(r["trained"]["blocks"]) for r in rows) + 1))
-    bx.set_xlabel("appended block")
-    bx.set_ylabel("||a[l+2] - a[l]|| / ||a[l]||")
-    bx.set_yscale("log")
-    bx.grid(alpha=0.3)
-    bx.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, 1, 2, figsize=(12, 4.5)) as (ax, bx):
+        arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+        x = np.arange(len(arms))
+        for i, (when, split, hatch) in enumerate([("appended", "train_error", ""),
+                                                  ("trained", "train_error", ""),
+                                                  ("appended", "test_error", "//"),
+                                                  ("trained", "test_error", "//")]):
+            vals = [100 * np.mean([r[when][split] for r in rows if r["arm"] == a]) for a in arms]
+            ax.bar(x + (i - 1.5) * 0.2, vals, 0.2, hatch=hatch, alpha=0.5 if when == "appended" else 1,
+                   color="C0" if split == "train_error" else "C1",
+                   label=f"{split.split('_')[0]}, {'just appended' if when == 'appended' else 'after training'}")
+        ax.axhline(100 * base_errors["test_error"], color="C1", linestyle=":", label="base net, test")
+        ax.axhline(100 * base_errors["train_error"], color="C0", linestyle=":", label="base net, train")
+        ax.set_xticks(x, arms)
+        ax.set_ylabel("error (%)")
+        ax.set_ylim(0, 130)  # room for the legend above the bars
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
+        for arm, colour in (("residual", "C2"), ("plain", "C3")):
+            for when, style in (("appended", ":"), ("trained", "-")):
+                per_block = [[b["change"] for b in r[when]["blocks"]] for r in rows if r["arm"] == arm]
+                if per_block and per_block[0]:
+                    v = np.mean(per_block, axis=0)
+                    bx.plot(np.arange(1, len(v) + 1), v, style, marker="o", color=colour,
+                            label=f"{arm}, {'just appended' if when == 'appended' else 'after training'}")
+        bx.set_xticks(np.arange(1, max(len(r["trained"]["blocks"]) for r in rows) + 1))
+        bx.set_xlabel("appended block")
+        bx.set_ylabel("||a[l+2] - a[l]|| / ||a[l]||")
+        bx.set_yscale("log")
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=8)
 
 
 # ------------------------------------------------------------------ the claims
@@ -276,137 +261,102 @@ def check_claims(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ main
-def find_base(args, preset_name: str, preset: Preset, out: Path) -> Path:
+def find_base(ctx: Context) -> Path:
     """--base, else the released weights (quick), else the main experiment's ResNet of
     this preset (trained there if missing)."""
+    args, preset = ctx.args, ctx.preset
     if args.base:
         return Path(args.base)
-    name = f"resnet{preset.base_depth}"
+    net = Net(True, preset.base_depth)
     if preset.released:
-        weights = released_weights(name)
+        weights = released_weights(net.name)
         if weights is None:
-            raise ValueError(f"the {preset_name} preset grows the released {name}, which is "
-                             f"not on this machine (looked in $CNN_JAX_REFERENCE_DIR and "
-                             f"{REFERENCE_DIR}); pass --base RUN, a trained CIFAR ResNet run")
+            raise ValueError(f"the {ctx.preset_name} preset grows the released {net.name}, "
+                             f"which is not on this machine (looked in $CNN_JAX_REFERENCE_DIR "
+                             f"and {REFERENCE_DIR}); pass --base RUN, a trained CIFAR ResNet run")
         return weights
-    main_preset = main_experiment.PRESETS[preset_name]
-    main_args = argparse.Namespace(depths=None, seeds=1, data=args.data,
-                                   data_dir=args.data_dir, val=False, dtype="float32",
-                                   workers=args.workers, command=args.command)
-    runs = Path(f"runs/plain_vs_resnet-{preset_name}") if args.data is None else out / "base"
-    guard_out(runs, main_experiment.recipe_for(preset_name, main_preset, main_args))
-    d = preset.base_depth
-    return Path(main_experiment.sweep(main_args, preset_name, main_preset, runs,
-                                      [(name, d, True)])[0]["run_dir"])
+    runs = Path(f"runs/plain_vs_resnet-{ctx.preset_name}") if args.data is None \
+        else ctx.out / "base"
+    return Path(main_experiment.trained_nets(
+        [net], ctx.preset_name, runs, ctx.command, data=args.data, data_dir=args.data_dir,
+        workers=args.workers, processes=args.processes)[0]["run_dir"])
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.identity_blocks",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
-    p.add_argument("--base", default=None, help="a trained CIFAR resnet/plain run's --out or "
-                   "weights file (default: per preset)")
-    p.add_argument("--blocks", type=int, default=None, help="blocks to append (default per preset)")
-    p.add_argument("--seeds", type=int, default=None,
-                   help="seeds of the new blocks and the training (default per preset)")
-    add_seeds_together(p)
-    p.add_argument("--out", default=None, help="default runs/identity_blocks-<preset>")
-    p.add_argument("--data", default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--processes", type=int, default=None,
-                   help="arms trained at once (default: one per core on a CPU)")
-    args = p.parse_args(argv)
-    args.command = " ".join(["python -m experiments.identity_blocks",
-                             *(sys.argv[1:] if argv is None else argv)])
-    if args.seeds is not None and args.seeds < 1:
-        p.error("--seeds must be at least 1")
-    if args.blocks is not None and args.blocks < 1:
-        p.error("--blocks must be at least 1")
-
-    preset_name, why = choose_preset(args.preset)
-    print(f"preset {preset_name} ({why})", file=sys.stderr)
-    preset = PRESETS[preset_name]
-    blocks = args.blocks or preset.blocks
-    seeds = args.seeds or preset.seeds
-    out = Path(args.out or f"runs/identity_blocks-{preset_name}")
-    try:
-        search_dirs(args.data_dir)
-        base = find_base(args, preset_name, preset, out)
-        base_net = load_trained(base)
-        if not base_net.model_name.startswith(("resnet", "plain")) or base_net.resize or \
-                base_net.image_shape[:2] != (32, 32):
-            raise ValueError(f"--base {base}: expected a CIFAR resnetN/plainN run, got "
-                             f"{base_net.model_name!r}")
-        base_cfg = base_config(base_net, args.data_dir, args.workers)
-        guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset), "blocks": blocks,
-                        "base": str(base), "seeds": seeds})
-
-        # ---------------------------------------------------------- the arms
-        data_dir = base_cfg.data_dir
-        splits = {
-            "train_error": subset(training_arrays(base_cfg, data_dir), preset.train_images),
-            "test_error": subset(data_lib.load(base_cfg.data, "test", data_dir=data_dir),
-                                 preset.test_images)}
-        images = splits["test_error"].images[:min(500, len(splits["test_error"]))]
-        jobs = [(arm, seed) for seed in range(seeds) for arm in ARMS]
-        configs = [arm_config(arm, base_cfg, preset, blocks, seed, base,
-                              out / "arms" / f"{arm}-seed{seed}", args.workers)
-                   for arm, seed in jobs]
-        appended = []
-        for cfg in configs:   # each arm's variables at step 0, as its training starts
-            if not cfg.model_options.get("extra_blocks"):
-                appended.append(base_net.variables)  # the control: the base net itself
-                continue
-            model = create_model(cfg.model, num_classes=base_net.num_classes,
-                                 **cfg.model_options)
-            shape = model_input_shape(splits["test_error"].images.shape[1:], cfg.resize)
-            appended.append(initial_variables(model, cfg.seed, shape, base_net.variables,
-                                              str(base)))
-        trained = run_all(configs, args.command, [f"{a} seed {s}" for a, s in jobs],
-                          together=args.seeds_together, processes=args.processes)
-        probes = {arm: Probe(configs[jobs.index((arm, 0))], data_dir) for arm in ARMS}
-        base_errors = probes["control"].errors(base_net.variables, splits)
-        rows = []
-        for (arm, seed), cfg, v0, res in zip(jobs, configs, appended, trained):
-            v1 = load_variables(Path(cfg.out))
-            rows.append({"arm": arm, "seed": seed, "run_dir": cfg.out,
-                         "params": res["params"], "wall_s": res["wall_s"], **{
-                             when: {**probes[arm].errors(v, splits),
-                                    "blocks": probes[arm].new_blocks(v, images)}
-                             for when, v in (("appended", v0), ("trained", v1))}})
-    except (DataError, ConfigMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    claims = check_claims(rows)
+# ------------------------------------------------------------------ the method
+def run(ctx: Context) -> Report:
+    args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
+    base = find_base(ctx)
+    base_net = load_trained(base)
+    if not base_net.model_name.startswith(("resnet", "plain", "cifar_")) or base_net.resize \
+            or base_net.image_shape[:2] != (32, 32):
+        raise ValueError(f"--base {base}: expected a CIFAR resnetN/plainN run, got "
+                         f"{base_net.model_name!r}")
+    base_cfg = base_config(base_net, args.data_dir, args.workers)
+    data_dir = base_cfg.data_dir
+    splits = {
+        "train_error": subset(training_arrays(base_cfg, data_dir), preset.train_images),
+        "test_error": subset(data_lib.load(base_cfg.data, "test", data_dir=data_dir),
+                             preset.test_images)}
+    images = splits["test_error"].images[:min(500, len(splits["test_error"]))]
+    jobs = [(arm, seed) for seed in range(seeds) for arm in ARMS]
+    configs = [arm_config(arm, base_cfg, preset, seed, base,
+                          ctx.out / "arms" / f"{arm}-seed{seed}", args.workers)
+               for arm, seed in jobs]
+    appended = [appended_variables(cfg, base_net, base, splits["test_error"]) for cfg in configs]
+    trained = run_all(configs, ctx.command, [f"{a} seed {s}" for a, s in jobs],
+                      together=args.seeds_together, processes=args.processes)
+    probes = {arm: Probe(load_trained(configs[jobs.index((arm, 0))].out)) for arm in ARMS}
+    base_errors = probes["control"].errors(base_net.variables, splits)
+    rows = []
+    for (arm, seed), cfg, v0, res in zip(jobs, configs, appended, trained):
+        v1 = load_variables(Path(cfg.out))
+        rows.append({"arm": arm, "seed": seed, "run_dir": cfg.out,
+                     "params": res["params"], "wall_s": res["wall_s"], **{
+                         when: {**probes[arm].errors(v, splits),
+                                "blocks": probes[arm].new_blocks(v, images)}
+                         for when, v in (("appended", v0), ("trained", v1))}})
     origin = ("released weights, trained 200 epochs on the lossless CIFAR-10"
               if base_net.config is None else "a run of this project")
     note = (f"Base: `{base}` ({base_net.model_name}, {origin}; on these images training "
             f"error {100 * base_errors['train_error']:.2f} %, test error "
-            f"{100 * base_errors['test_error']:.2f} %). {blocks} blocks appended to the last "
-            f"stage; every arm trained {preset.steps} iterations at batch {preset.batch}, lr "
-            f"{preset.lr} ({preset.schedule}), weight decay {preset.weight_decay}, crop + "
+            f"{100 * base_errors['test_error']:.2f} %). {preset.blocks} blocks appended to the "
+            f"last stage; every arm trained {preset.steps} iterations at batch {preset.batch}, "
+            f"lr {preset.lr} ({preset.schedule}), weight decay {preset.weight_decay}, crop + "
             f"mirror, seeds 0..{seeds - 1}. Training error on a fixed "
             f"{len(splits['train_error']):,}-image training subset (no augmentation), test "
-            f"error on {len(splits['test_error']):,} test images. Command: `{args.command}`.")
-    words = claims_in_words(claims, "The identity argument's claims (mean over seeds):")
-    (out / "results.json").write_text(json.dumps({
-        "preset": preset_name, "preset_reason": why, "command": args.command,
-        "base": str(base), "base_errors": base_errors, "blocks": blocks,
-        "versions": versions(), "hardware": hardware(), "claims": claims, "arms": rows},
-        indent=1))
-    (out / "table.md").write_text(table(rows, note) + "\n\n" + words + "\n")
-    plot(rows, base_errors, out / "identity_blocks.png",
-         f"{blocks} blocks appended to {base_net.model_name}: residual vs plain, preset "
-         f"{preset_name}, {seeds} seed(s)")
-    print(table(rows, note))
-    print()
-    print(words)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'identity_blocks.png'}")
-    return 0
+            f"error on {len(splits['test_error']):,} test images. Command: `{ctx.command}`.")
+    return Report(
+        results={"base": str(base), "base_errors": base_errors, "arms": rows},
+        table=table(rows, note), claims=check_claims(rows),
+        heading="The identity argument's claims (mean over seeds):",
+        plot=lambda path: plot(rows, base_errors, path,
+                               f"{preset.blocks} blocks appended to {base_net.model_name}: "
+                               f"residual vs plain, preset {ctx.preset_name}, {seeds} seed(s)"))
 
+
+def appended_variables(cfg: TrainConfig, base_net: Trained, base: Path, test) -> dict:
+    """An arm's variables at step 0, as its training starts: the base net's, with fresh
+    blocks where it grows (the control: the base net itself)."""
+    if not cfg.model_options.get("extra_blocks"):
+        return base_net.variables
+    model = create_model(cfg.model, num_classes=base_net.num_classes, **cfg.model_options)
+    shape = model_input_shape(test.images.shape[1:], cfg.resize)
+    return initial_variables(model, cfg.seed, shape, base_net.variables, str(base))
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--base", default=None, help="a trained CIFAR resnet/plain run's --out or "
+                   "weights file (default: per preset)")
+
+
+def recipe(ctx: Context) -> dict:
+    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
+            "base": ctx.args.base, "data": ctx.args.data}
+
+
+EXPERIMENT = Experiment("identity_blocks", __doc__, PRESETS, run, figure="identity_blocks.png",
+                        add_arguments=add_arguments, recipe=recipe)
+main = EXPERIMENT.main
 
 if __name__ == "__main__":
     sys.exit(main())

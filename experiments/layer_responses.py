@@ -30,33 +30,31 @@ The nets must be trained far enough that BatchNorm has settled. Presets:
 Evidence: docs/results.md records the `quick` run and whether it shows the claims.
 
     python -m experiments.layer_responses [--preset auto|paper|quick|smoke]
-        [--runs DIR] [--seeds N] [--images N] [--out DIR] [--data-dir DIR]
+        [--runs DIR] [--seeds N] [--out DIR] [--data-dir DIR] [--set images=N ...]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import flax.linen as nn
 import jax
+import matplotlib
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax.data import DataError, search_dirs
 from cnn_jax.data.pipeline import eval_batches
+from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std
 from cnn_jax.models.layers import ConvBN
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.inputs import subset
-from cnn_jax.train.loop import ConfigMismatch, hardware, versions
-from cnn_jax.train.sweep import (choose_preset, claim, claims_in_words, guard_out, mean_std,
-                                 run_all)
+from cnn_jax.train.sweep import run_all
 from cnn_jax.trained import load_trained, released_weights
 
 from experiments import plain_vs_resnet as main_experiment
+from experiments.plain_vs_resnet import Net
 
 # ------------------------------------------------------------------ configuration
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +77,12 @@ PRESETS = {
 }
 
 
-def here_config(name: str, preset: Preset, seed: int, args, out: Path) -> TrainConfig:
+def here_config(net: Net, preset: Preset, seed: int, args, out: Path) -> TrainConfig:
     """A net trained here: all training images, crop + mirror, lr decayed to zero (a
     cosine), so that its BatchNorm statistics are those of its final weights."""
+    model, options = net.model()
     return TrainConfig(
-        model=name, data=args.data or preset.data, data_dir=args.data_dir, steps=preset.steps,
+        model=model, model_options=options, data=args.data or preset.data, data_dir=args.data_dir, steps=preset.steps,
         batch=preset.batch, seed=seed, lr=preset.lr, momentum=0.9, weight_decay=1e-4,
         schedule="cosine", crop_pad=4, flip=True, normalise="per_pixel",
         eval_subset=preset.images, log_every=max(1, preset.steps // 20),
@@ -184,133 +183,88 @@ def table(records: list[dict], note: str) -> str:
 
 def plot(records: list[dict], path: Path, title: str) -> None:
     """Fig. 7: std per layer in layer order (top) and sorted by magnitude (bottom)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     nets = by_net(records)
     depths = sorted({int(k.strip("plainresnet")) for k in nets})
-    colours = dict(zip(depths, plt.cm.viridis(np.linspace(0.0, 0.85, len(depths)))))
-    fig, axes = plt.subplots(2, 1, figsize=(9, 7))
-    for name, v in sorted(nets.items()):
-        residual, depth = name.startswith("resnet"), int(name.strip("plainresnet"))
-        style = dict(color=colours[depth], linestyle="-" if residual else "--", linewidth=1.5,
-                     label=f"{'ResNet' if residual else 'plain'}-{depth}")
-        x = np.arange(1, len(v) + 1)
-        axes[0].plot(x, v, **style)
-        axes[1].plot(x, np.sort(v)[::-1], **style)
-    axes[0].set_xlabel("layer index (original)")
-    axes[1].set_xlabel("layer index (sorted by magnitude)")
-    for ax in axes:
-        ax.set_ylabel("std")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    colours = dict(zip(depths, matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85,
+                                                                         len(depths)))))
+    with figure(path, title, 2, 1, figsize=(9, 7)) as axes:
+        for name, v in sorted(nets.items()):
+            residual, depth = name.startswith("resnet"), int(name.strip("plainresnet"))
+            style = dict(color=colours[depth], linestyle="-" if residual else "--",
+                         linewidth=1.5, label=f"{'ResNet' if residual else 'plain'}-{depth}")
+            x = np.arange(1, len(v) + 1)
+            axes[0].plot(x, v, **style)
+            axes[1].plot(x, np.sort(v)[::-1], **style)
+        axes[0].set_xlabel("layer index (original)")
+        axes[1].set_xlabel("layer index (sorted by magnitude)")
+        for ax in axes:
+            ax.set_ylabel("std")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, ncol=2)
 
 
 # ------------------------------------------------------------------ the nets
-def gather_nets(args, preset_name: str, preset: Preset, out: Path, runs: Path) -> list[dict]:
+def gather_nets(ctx: Context) -> list[dict]:
     """Every net of the preset and seed with where it comes from (`origin`) and its
     run folder or weights file (`source`), trained where needed."""
-    wanted = [(f"plain{d}", d, False) for d in preset.plain] + \
-             [(f"resnet{d}", d, True) for d in preset.residual]
+    args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
+    wanted = [Net(False, d) for d in preset.plain] + [Net(True, d) for d in preset.residual]
     if not preset.steps:  # the main experiment's nets, trained there if missing
-        main_preset = main_experiment.PRESETS[preset_name]
-        main_args = argparse.Namespace(depths=None, seeds=args.seeds, data=args.data,
-                                       data_dir=args.data_dir, val=False, dtype="float32",
-                                       workers=args.workers, command=args.command)
-        guard_out(runs, main_experiment.recipe_for(preset_name, main_preset, main_args))
-        origin = (f"the main experiment's `{preset_name}` preset ({main_preset.steps} "
+        runs = Path(args.runs or f"runs/plain_vs_resnet-{ctx.preset_name}")
+        main_preset = main_experiment.PRESETS[ctx.preset_name]
+        origin = (f"the main experiment's `{ctx.preset_name}` preset ({main_preset.steps} "
                   f"iterations at batch {main_preset.batch})")
+        trained = main_experiment.trained_nets(
+            wanted, ctx.preset_name, runs, ctx.command, seeds=seeds, data=args.data,
+            data_dir=args.data_dir, workers=args.workers, processes=args.processes)
         return [{"name": t["name"], "depth": t["depth"], "residual": t["residual"],
-                 "seed": t["seed"], "source": t["run_dir"], "origin": origin}
-                for t in main_experiment.sweep(main_args, preset_name, main_preset, runs, wanted)]
+                 "seed": t["seed"], "source": t["run_dir"], "origin": origin} for t in trained]
     nets, todo = [], []
-    for name, depth, residual in wanted:
-        weights = released_weights(name) if preset.released and residual else None
+    for net in wanted:
+        weights = released_weights(net.name) if preset.released and net.residual else None
         if weights is not None:  # one released net per depth: it stands for every seed
-            nets.append({"name": name, "depth": depth, "residual": residual, "seed": 0,
+            nets.append({"name": net.name, "depth": net.depth, "residual": True, "seed": 0,
                          "source": str(weights),
                          "origin": f"released weights, trained 200 epochs on the lossless "
                                    f"CIFAR-10 (`{weights.name}`)"})
             continue
-        for seed in range(args.seeds):
-            cfg = here_config(name, preset, seed, args, out / "nets" / f"{name}-seed{seed}")
-            todo.append(cfg)
-            nets.append({"name": name, "depth": depth, "residual": residual, "seed": seed,
-                         "source": cfg.out,
+        for seed in range(seeds):
+            cfg = here_config(net, preset, seed, args, ctx.out / "nets" / f"{net.name}-seed{seed}")
+            todo.append((net.depth, cfg))
+            nets.append({"name": net.name, "depth": net.depth, "residual": net.residual,
+                         "seed": seed, "source": cfg.out,
                          "origin": f"trained here: {preset.steps:,} iterations at batch "
                                    f"{preset.batch}, lr {preset.lr} cosine to 0, crop + mirror"})
-    deepest_first = sorted(todo, key=lambda c: -int(c.model.strip("plainresnet")))
-    run_all(deepest_first, args.command, processes=args.processes)
+    run_all([cfg for _, cfg in sorted(todo, key=lambda t: -t[0])], ctx.command,
+            processes=args.processes)  # the deepest first
     return nets
 
 
-# ------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.layer_responses",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
-    p.add_argument("--runs", default=None,
-                   help="paper preset: the main experiment's --out (default "
-                        "runs/plain_vs_resnet-paper); nets missing there are trained there")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--images", type=int, default=None, help="test images (default per preset)")
-    p.add_argument("--out", default=None, help="default runs/layer_responses-<preset>")
-    p.add_argument("--data", default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--processes", type=int, default=None,
-                   help="nets trained at once (default: one per core on a CPU)")
-    args = p.parse_args(argv)
-    args.command = " ".join(["python -m experiments.layer_responses",
-                             *(sys.argv[1:] if argv is None else argv)])
-    if args.seeds < 1:
-        p.error("--seeds must be at least 1")
-
-    preset_name, why = choose_preset(args.preset)
-    print(f"preset {preset_name} ({why})", file=sys.stderr)
-    preset = PRESETS[preset_name]
-    if args.images:
-        preset = dataclasses.replace(preset, images=args.images)
-    runs = Path(args.runs or f"runs/plain_vs_resnet-{preset_name}")
-    out = Path(args.out or f"runs/layer_responses-{preset_name}")
-    data = args.data or preset.data
-    try:
-        search_dirs(args.data_dir)
-        guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset),
-                        "seeds": args.seeds, "data": data})
-        records = []
-        for net in gather_nets(args, preset_name, preset, out, runs):
-            records.append({**net, **layer_responses(net["source"], preset.images, data,
-                                                     args.data_dir)})
-    except (DataError, ConfigMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    claims = check_claims(records)
+# ------------------------------------------------------------------ the method
+def run(ctx: Context) -> Report:
+    preset, data = ctx.preset, ctx.args.data or ctx.preset.data
+    records = [{**net, **layer_responses(net["source"], preset.images, data, ctx.args.data_dir)}
+               for net in gather_nets(ctx)]
     note = (f"Std of each 3x3 layer's response after BN (before ReLU/addition), per channel "
             f"over {preset.images:,} test images of {data} and positions, averaged over "
             f"channels (and seeds). Test error: on the same images, single view. "
-            f"Command: `{args.command}`.")
-    words = claims_in_words(claims, "Fig. 7's claims, on the mean std over layers:")
-    (out / "results.json").write_text(json.dumps({
-        "preset": preset_name, "preset_reason": why, "command": args.command,
-        "images": preset.images, "versions": versions(), "hardware": hardware(),
-        "claims": claims, "nets": records}, indent=1))
-    (out / "table.md").write_text(table(records, note) + "\n\n" + words + "\n")
-    plot(records, out / "responses.png",
-         f"std of 3x3 layer responses, preset {preset_name}, {preset.images:,} test images")
-    print(table(records, note))
-    print()
-    print(words)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'responses.png'}")
-    return 0
+            f"Command: `{ctx.command}`.")
+    return Report(
+        results={"images": preset.images, "nets": records}, table=table(records, note),
+        claims=check_claims(records), heading="Fig. 7's claims, on the mean std over layers:",
+        plot=lambda path: plot(records, path, f"std of 3x3 layer responses, preset "
+                                              f"{ctx.preset_name}, {preset.images:,} test images"))
 
+
+def add_arguments(p) -> None:
+    p.add_argument("--runs", default=None,
+                   help="paper preset: the main experiment's --out (default "
+                        "runs/plain_vs_resnet-paper); nets missing there are trained there")
+
+
+EXPERIMENT = Experiment("layer_responses", __doc__, PRESETS, run, figure="responses.png",
+                        add_arguments=add_arguments)
+main = EXPERIMENT.main
 
 if __name__ == "__main__":
     sys.exit(main())

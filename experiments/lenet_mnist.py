@@ -22,20 +22,23 @@ nets on a 2-core CPU),
 Evidence: docs/results.md records the default run.
 
     python -m experiments.lenet_mnist [--preset default|paper|smoke] [--variants ...]
-        [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
+        [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from cnn_jax.train.sweep import add_seeds_together, curve, guard_out, mean_std, run_all
+from cnn_jax import data as data_lib
+from cnn_jax.cost import profile
+from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std
+from cnn_jax.models import create_model
+from cnn_jax.train import TrainConfig
+from cnn_jax.train.sweep import curve, run_all
 
 # ------------------------------------------------------------------ configuration
 PAPER_ERROR = {"lenet5_classic": 0.95}  # Sec. III.C, no distortions
@@ -67,6 +70,7 @@ class Preset:
     evals_per_epoch: int = 1
     logs_per_epoch: int = 5
     steps: int = 0          # >0: this many iterations whatever the epochs (smoke)
+    seeds: int = 1
     data: str = "mnist"
 
 
@@ -78,7 +82,6 @@ PRESETS = {
 
 
 def run_config(variant: str, preset: Preset, seed: int, args, out: Path, n_train: int):
-    from cnn_jax.train import TrainConfig
     recipe = RECIPES[variant]
     steps_per_epoch = max(1, round(n_train / preset.batch))
     steps = preset.steps or max(1, round((preset.epochs or recipe.passes) * steps_per_epoch))
@@ -96,13 +99,10 @@ def run_config(variant: str, preset: Preset, seed: int, args, out: Path, n_train
 
 
 def count_train(data: str, data_dir) -> int:
-    from cnn_jax import data as data_lib
     return len(data_lib.load(data, "train", data_dir=data_dir).labels)
 
 
 def macs(variant: str) -> int:
-    from cnn_jax.cost import profile
-    from cnn_jax.models import create_model
     return profile(create_model(variant), (32, 32, 1)).macs
 
 
@@ -122,115 +122,90 @@ def table(runs: list[dict], note: str) -> str:
 
 def plot(runs: list[dict], path: Path, steps_per_epoch: float, title: str) -> None:
     """Test error (solid) and training error (dashed) against passes, log scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r, colour in zip(runs, ("tab:blue", "tab:orange", "tab:green")):
-        c = r["seeds"][0]["curve"]
-        train = 100 * np.mean([s["curve"]["train_error"] for s in r["seeds"]], axis=0)
-        test = 100 * np.mean([s["curve"]["test_error"] for s in r["seeds"]], axis=0)
-        ax.plot(np.array(c["step"]) / steps_per_epoch, train, "--", color=colour, linewidth=1)
-        ax.plot(np.array(c["eval_step"]) / steps_per_epoch, test, "-o", color=colour,
-                markersize=3, label=f"{r['name']} (test)")
-    if any(r["name"] in PAPER_ERROR for r in runs):
-        ax.axhline(PAPER_ERROR["lenet5_classic"], color="grey", linestyle=":",
-                   label="paper, LeNet-5: 0.95 %")
-    ax.set_yscale("log")
-    ax.set_xlabel("passes through the training set")
-    ax.set_ylabel("error (%)  -- dashed: training, solid: test")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, figsize=(7, 4.5)) as ax:
+        for r, colour in zip(runs, ("tab:blue", "tab:orange", "tab:green")):
+            c = r["seeds"][0]["curve"]
+            train = 100 * np.mean([s["curve"]["train_error"] for s in r["seeds"]], axis=0)
+            test = 100 * np.mean([s["curve"]["test_error"] for s in r["seeds"]], axis=0)
+            ax.plot(np.array(c["step"]) / steps_per_epoch, train, "--", color=colour,
+                    linewidth=1)
+            ax.plot(np.array(c["eval_step"]) / steps_per_epoch, test, "-o", color=colour,
+                    markersize=3, label=f"{r['name']} (test)")
+        if any(r["name"] in PAPER_ERROR for r in runs):
+            ax.axhline(PAPER_ERROR["lenet5_classic"], color="grey", linestyle=":",
+                       label="paper, LeNet-5: 0.95 %")
+        ax.set_yscale("log")
+        ax.set_xlabel("passes through the training set")
+        ax.set_ylabel("error (%)  -- dashed: training, solid: test")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
 
 
-# ------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.lenet_mnist",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), default="default")
-    p.add_argument("--variants", nargs="+", choices=list(RECIPES), default=list(RECIPES))
-    p.add_argument("--seeds", type=int, default=1)
-    add_seeds_together(p)
-    p.add_argument("--out", default=None, help="default runs/lenet_mnist-<preset>")
-    p.add_argument("--data", default=None, help="dataset (default mnist)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    args = p.parse_args(argv)
-    args.command = " ".join([
-        "python -m experiments.lenet_mnist", *(sys.argv[1:] if argv is None else argv)])
-    if args.seeds < 1:
-        p.error("--seeds must be at least 1")
-    preset = PRESETS[args.preset]
+# ------------------------------------------------------------------ the method
+def run(ctx: Context) -> Report:
+    args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
     data = args.data or preset.data
-    out = Path(args.out or f"runs/lenet_mnist-{args.preset}")
-    recipe = {"preset": args.preset, **dataclasses.asdict(preset), "data": data,
-              "recipes": {v: dataclasses.asdict(RECIPES[v]) for v in args.variants}}
-
-    from cnn_jax.data import DataError
-    from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, versions
-    try:
-        guard_out(out, recipe)
-        n_train = count_train(data, args.data_dir)
-        jobs = [(v, seed) for seed in range(args.seeds) for v in args.variants]
-        configs = [run_config(v, preset, seed, args, out / "nets" / f"{v}-seed{seed}", n_train)
-                   for v, seed in jobs]
-        results = run_all(configs, args.command, [f"{v} seed {s}" for v, s in jobs],
-                          together=args.seeds_together)
-    except (DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    n_train = count_train(data, args.data_dir)
+    jobs = [(v, seed) for seed in range(seeds) for v in args.variants]
+    configs = [run_config(v, preset, seed, args, ctx.out / "nets" / f"{v}-seed{seed}", n_train)
+               for v, seed in jobs]
+    results = run_all(configs, ctx.command, [f"{v} seed {s}" for v, s in jobs],
+                      together=args.seeds_together, processes=args.processes)
     runs = []
     for variant in args.variants:
-        seeds = [{"seed": seed, "final_test_error": res["final_test_error"],
-                  "final_train_error": res["final_train_error"], "wall_s": res["wall_s"],
-                  "img_per_s": res["img_per_s"], "curve": curve(Path(cfg.out)),
-                  "run_dir": cfg.out}
-                 for (v, seed), cfg, res in zip(jobs, configs, results) if v == variant]
+        per_seed = [{"seed": seed, "final_test_error": res["final_test_error"],
+                     "final_train_error": res["final_train_error"], "wall_s": res["wall_s"],
+                     "img_per_s": res["img_per_s"], "curve": curve(Path(cfg.out)),
+                     "run_dir": cfg.out}
+                    for (v, seed), cfg, res in zip(jobs, configs, results) if v == variant]
         params = next(res["params"] for (v, _), res in zip(jobs, results) if v == variant)
-        errs = [s["final_test_error"] for s in seeds]
+        errs = [s["final_test_error"] for s in per_seed]
         runs.append({"name": variant, "params": params, "macs": macs(variant),
                      "final_test_error": float(np.mean(errs)),
                      "final_test_error_std": float(np.std(errs, ddof=1)) if len(errs) > 1 else None,
                      "paper_test_error": (PAPER_ERROR[variant] / 100
                                           if variant in PAPER_ERROR else None),
-                     "img_per_s": float(np.median([s["img_per_s"] for s in seeds])),
-                     "recipe": dataclasses.asdict(RECIPES[variant]), "seeds": seeds})
-
+                     "img_per_s": float(np.median([s["img_per_s"] for s in per_seed])),
+                     "recipe": dataclasses.asdict(RECIPES[variant]), "seeds": per_seed})
     steps_per_epoch = n_train / preset.batch
     passes = (f"{preset.steps} iterations" if preset.steps else f"{preset.epochs:g} passes"
               if preset.epochs else ", ".join(f"{v} {RECIPES[v].passes:g} passes"
                                              for v in args.variants))
     note = (f"Data: {data} ({n_train:,} training images), 28x28 padded to 32x32, no "
-            f"distortions. Preset `{args.preset}`: {passes} at batch "
-            f"{preset.batch}, SGD momentum 0.9, cosine schedule; seeds 0..{args.seeds - 1}. "
+            f"distortions. Preset `{ctx.preset_name}`: {passes} at batch "
+            f"{preset.batch}, SGD momentum 0.9, cosine schedule; seeds 0..{seeds - 1}. "
             f"Test error after the last pass. Hardware: {results[0]['hardware']['device']} "
-            f"({results[0]['hardware']['backend']}). Command: `{args.command}`.")
-    claims = {}
+            f"({results[0]['hardware']['backend']}). Command: `{ctx.command}`.")
+    claims = []
     if "lenet5" in args.variants:
-        claims["lenet5_at_most_1_percent"] = bool(
-            100 * next(r for r in runs if r["name"] == "lenet5")["final_test_error"]
-            <= TARGET_ERROR)
-    out_results = {"preset": args.preset, "recipe": recipe, "command": args.command,
-                   "versions": versions(), "hardware": results[0]["hardware"],
-                   "claims": claims, "runs": runs}
-    (out / "results.json").write_text(json.dumps(out_results, indent=1))
-    (out / "table.md").write_text(table(runs, note) + "\n")
-    plot(runs, out / "curves.png", steps_per_epoch,
-         f"LeNet-5 on {data}: {passes}, batch {preset.batch}, "
-         f"{args.seeds} seed(s)")
-    print(table(runs, note))
-    for claim, value in claims.items():
-        print(f"{claim}: {'yes' if value else 'NO'}")
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'curves.png'}")
-    return 0
+        errs = [100 * s["final_test_error"] for s in next(r for r in runs
+                                                           if r["name"] == "lenet5")["seeds"]]
+        claims.append(claim("lenet5_at_most_1_percent",
+                            "the textbook LeNet-5 reaches 1 % test error or less on MNIST",
+                            {"lenet5 test error (%)": round(float(np.mean(errs)), 2)},
+                            f"<= {TARGET_ERROR:g} %", np.mean(errs) <= TARGET_ERROR, seeds))
+    return Report(
+        results={"recipes": {v: dataclasses.asdict(RECIPES[v]) for v in args.variants},
+                 "runs": runs},
+        table=table(runs, note), claims=claims, heading="LeNet-5's claim:",
+        plot=lambda path: plot(runs, path, steps_per_epoch,
+                               f"LeNet-5 on {data}: {passes}, batch {preset.batch}, "
+                               f"{seeds} seed(s)"))
 
+
+def add_arguments(p) -> None:
+    p.add_argument("--variants", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+
+
+def recipe(ctx: Context) -> dict:
+    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
+            "data": ctx.args.data or ctx.preset.data,
+            "recipes": {v: dataclasses.asdict(RECIPES[v]) for v in ctx.args.variants}}
+
+
+EXPERIMENT = Experiment("lenet_mnist", __doc__, PRESETS, run, figure="curves.png", auto=None,
+                        add_arguments=add_arguments, recipe=recipe)
+main = EXPERIMENT.main
 
 if __name__ == "__main__":
     sys.exit(main())

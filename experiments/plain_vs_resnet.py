@@ -8,7 +8,8 @@ Method (Sec. 4.2, the `paper` preset). Inputs 32x32 with the per-pixel mean
 subtracted. 6n+2 weighted layers: a 3x3 conv, then 2n layers on each of the 32x32,
 16x16 and 8x8 maps with 16, 32, 64 filters, global average pooling, a 10-way fc.
 Weight decay 1e-4, momentum 0.9, He initialisation, BatchNorm, no dropout. Batch
-128, learning rate 0.1, divided by 10 at 32k and 48k iterations, stop at 64k.
+128 on two GPUs, so BatchNorm's statistics over 64 images (`bn_group=64`; `--set
+bn_group=0` for the whole batch), learning rate 0.1, divided by 10 at 32k and 48k iterations, stop at 64k.
 Training augmentation: 4 pixels padded on each side, a random 32x32 crop of the
 padded image or its mirror. Test: the single 32x32 view. ResNet-110 warms up at 0.01
 until the training error is below 80 %. Train on all 50k images (`--val` holds out
@@ -39,21 +40,23 @@ Our CIFAR-10 copy is a JPEG re-encoding: compare with the paper's errors only as
 
     python -m experiments.plain_vs_resnet [--preset auto|paper|quick|smoke]
         [--depths 20 32 44 56 110] [--seeds N [--seeds-together]] [--out DIR]
-        [--data-dir DIR] [--val]
+        [--data-dir DIR] [--val] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
 import numpy as np
 
-from cnn_jax.train.sweep import (add_seeds_together, choose_preset, claim, claims_in_words,
-                                 curve, guard_out, mean_std, run_all)
+from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, guard_out,
+                                mean_std)
+from cnn_jax.models.resnet import cifar_blocks_per_stage
+from cnn_jax.train import TrainConfig
+from cnn_jax.train.sweep import curve, run_all
 
 # ------------------------------------------------------------------ configuration
 PAPER_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}  # Table 6
@@ -77,12 +80,14 @@ class Preset:
     checkpoint_every: int = 2_000
     eval_batch: int = 1_000
     steps_per_call: int = 1
+    bn_group: int = 0           # >0: BatchNorm statistics per group of this many images
     data: str = "cifar10"
 
 
 PRESETS = {
+    # Batch 128 "on two GPUs": BatchNorm saw 64 images per GPU (docs/deviations.md)
     "paper": Preset(plain=(20, 32, 44, 56), residual=(20, 32, 44, 56, 110), steps=64_000,
-                    batch=128, steps_per_call=10),
+                    batch=128, steps_per_call=10, bn_group=64),
     # The optimisation claim at CPU scale (module docstring): fit 1,000 images.
     "quick": Preset(plain=(20, 56), residual=(20, 56), steps=600, batch=32, seeds=2,
                     lr=0.01, milestones=(450,), augment=False, train_subset=1_000,
@@ -103,9 +108,29 @@ CLAIMS = (
 )
 
 
-def nets_for(preset: Preset, depths: Optional[list[int]]) -> list[tuple[str, int, bool]]:
-    """(name, depth, residual) for every net of the sweep."""
-    from cnn_jax.models.resnet import cifar_blocks_per_stage
+@dataclasses.dataclass(frozen=True)
+class Net:
+    """A CIFAR net of the zoo: 6n+2 layers, with option A shortcuts or plain."""
+    residual: bool
+    depth: int
+
+    @property
+    def name(self) -> str:     # its folder and label: resnet56, plain56
+        return f"{'resnet' if self.residual else 'plain'}{self.depth}"
+
+    @property
+    def label(self) -> str:
+        return f"{'ResNet' if self.residual else 'plain'}-{self.depth}"
+
+    def model(self) -> tuple[str, dict]:
+        """The architecture as data (never a name parsed back: CIFAR ResNet-50 is not
+        the ImageNet resnet50)."""
+        return ("cifar_resnet" if self.residual else "cifar_plain"), {"depth": self.depth}
+
+
+def nets_for(preset: Preset, depths: Optional[list[int]] = None) -> list[Net]:
+    """Every net of the sweep: the preset's, or both families at `depths` (plain nets up
+    to 110)."""
     if depths:
         for d in depths:
             try:
@@ -115,66 +140,52 @@ def nets_for(preset: Preset, depths: Optional[list[int]]) -> list[tuple[str, int
         plain, residual = [d for d in depths if d <= 110], list(depths)
     else:
         plain, residual = preset.plain, preset.residual
-    return ([(f"plain{d}", d, False) for d in sorted(plain)] +
-            [(f"resnet{d}", d, True) for d in sorted(residual)])
+    return [Net(False, d) for d in sorted(plain)] + [Net(True, d) for d in sorted(residual)]
 
 
-def run_config(name: str, depth: int, preset: Preset, seed: int, args, out: Path):
-    from cnn_jax.train import TrainConfig
+def run_config(net: Net, preset: Preset, seed: int, out: Path, *, data=None, data_dir=None,
+               workers=None, val: bool = False, dtype: str = "float32") -> TrainConfig:
+    model, options = net.model()
     return TrainConfig(
-        model=name, data=args.data or preset.data, data_dir=args.data_dir,
-        holdout=5_000 if args.val else 0, train_subset=preset.train_subset,
+        model=model, model_options=options, data=data or preset.data, data_dir=data_dir,
+        holdout=5_000 if val else 0, train_subset=preset.train_subset,
         eval_subset=preset.eval_subset, steps=preset.steps, batch=preset.batch, seed=seed,
         lr=preset.lr, momentum=0.9, weight_decay=1e-4, schedule="paper",
         milestones=preset.milestones,
-        warmup_lr=0.01 if depth >= 110 and preset.warmup_110 else 0.0,
+        warmup_lr=0.01 if net.depth >= 110 and preset.warmup_110 else 0.0,
         crop_pad=4 if preset.augment else 0, flip=preset.augment, normalise="per_pixel",
-        dtype=args.dtype,
-        steps_per_call=preset.steps_per_call, log_every=preset.log_every,
+        dtype=dtype, steps_per_call=preset.steps_per_call, log_every=preset.log_every,
         eval_every=preset.eval_every, checkpoint_every=preset.checkpoint_every,
         eval_batch=preset.eval_batch, eval_train_set=bool(preset.train_subset),
-        workers=args.workers, out=str(out), progress=False)
+        bn_group=preset.bn_group, workers=workers, out=str(out), progress=False)
 
 
 # ------------------------------------------------------------------ the sweep
-def seeds_of(args, preset: Preset) -> int:
-    return args.seeds or preset.seeds
-
-
-def recipe_for(preset_name: str, preset: Preset, args) -> dict:
-    """What an output folder's nets were trained with (guarded by `guard_out`)."""
-    return {"preset": preset_name, **dataclasses.asdict(preset),
-            "data": args.data or preset.data, "val": args.val, "dtype": args.dtype}
-
-
-def sweep(args, preset_name: str, preset: Preset, out: Path,
-          nets: Optional[list] = None, together: bool = False) -> list[dict]:
-    """Train (or re-read) every net of the sweep, or only `nets` [(name, depth,
-    residual)], for the preset's (or --seeds) seeds (`together`: each net's seeds at
-    once); one record per net and seed."""
-
-    nets = nets or nets_for(preset, args.depths)
-    jobs = [(name, depth, residual, seed) for seed in range(seeds_of(args, preset))
-            for name, depth, residual in nets]
-    configs = [run_config(name, depth, preset, seed, args, out / "nets" / f"{name}-seed{seed}")
-               for name, depth, residual, seed in jobs]
-    deepest_first = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])
-    results = run_all([configs[i] for i in deepest_first], args.command,
-                      [f"{jobs[i][0]} seed {jobs[i][3]}" for i in deepest_first],
-                      together=together, processes=getattr(args, "processes", None))
+def sweep(nets: list[Net], preset: Preset, seeds: int, out: Path, command: str, *,
+          together: bool = False, processes: Optional[int] = None, **recipe) -> list[dict]:
+    """Train (or re-read) every net for `seeds` seeds into out/nets/<net>-seed<k>, the
+    deepest first (`together`: each net's seeds at once; `recipe`: run_config's data,
+    data_dir, workers, val, dtype); one record per net and seed."""
+    jobs = [(net, seed) for seed in range(seeds) for net in nets]
+    configs = [run_config(net, preset, seed, out / "nets" / f"{net.name}-seed{seed}", **recipe)
+               for net, seed in jobs]
+    deepest_first = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].depth)
+    results = run_all([configs[i] for i in deepest_first], command,
+                      [f"{jobs[i][0].name} seed {jobs[i][1]}" for i in deepest_first],
+                      together=together, processes=processes)
     results = [results[deepest_first.index(i)] for i in range(len(jobs))]
-    split = "val" if args.val else "test"
+    split = "val" if recipe.get("val") else "test"
     return [{
-        "name": name, "depth": depth, "residual": residual, "params": res["params"],
+        "name": net.name, "depth": net.depth, "residual": net.residual, "params": res["params"],
         "seed": seed, "steps": res["steps"], "final_train_error": res["final_train_error"],
         "final_train_set_error": res.get("final_train_set_error"),
         "final_test_error": res["final_test_error"],
-        **({"final_val_error": res["final_val_error"]} if args.val else {}),
+        **({"final_val_error": res["final_val_error"]} if split == "val" else {}),
         "curve": curve(Path(cfg.out), split),
         "wall_s": res["wall_s"], "img_per_s": res["img_per_s"],
         "hardware": res["hardware"], "conv_kernels": res.get("conv_kernels"),
         "run_dir": str(Path(cfg.out)),
-    } for (name, depth, residual, seed), cfg, res in zip(jobs, configs, results)]
+    } for (net, seed), cfg, res in zip(jobs, configs, results)]
 
 
 # ------------------------------------------------------------------ the claims
@@ -224,7 +235,7 @@ def check_claims(runs: list[dict]) -> list[dict]:
 
 
 def label(residual: bool, depth: int) -> str:
-    return f"{'ResNet' if residual else 'plain'}-{depth}"
+    return Net(residual, depth).label
 
 
 # ------------------------------------------------------------------ outputs
@@ -254,96 +265,51 @@ def plot(runs: list[dict], path: Path, title: str, test_curves: bool = True,
     """Fig. 6: plain nets left, ResNets right; training error dashed (the mean over
     seeds, each seed faint), test error solid; the final error on a training subset as
     a star; learning-rate drops dotted."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     depths = sorted({r["depth"] for r in runs})
-    colours = dict(zip(depths, plt.cm.viridis(np.linspace(0.0, 0.85, len(depths)))))
-    for ax, residual in zip(axes, (False, True)):
-        for depth in depths:
-            rs = [r for r in runs if r["residual"] == residual and r["depth"] == depth]
-            if not rs:
-                continue
-            c, name = colours[depth], label(residual, depth)
-            steps = np.array(rs[0]["curve"]["step"])
-            train = 100 * np.array([r["curve"]["train_error"] for r in rs])
-            for seed_curve in train if len(rs) > 1 else ():
-                ax.plot(steps, seed_curve, "--", color=c, linewidth=0.6, alpha=0.35)
-            ax.plot(steps, train.mean(0), "--", color=c, linewidth=1.5,
-                    label=f"{name} training" if not test_curves else None)
-            if rs[0].get("final_train_set_error") is not None:
-                ax.plot(steps[-1], np.mean([training_error(r) for r in rs]), "*", color=c,
-                        markersize=11, markeredgecolor="k",
-                        label=f"{name}: final, whole subset")
-            if test_curves:
-                key = "val_error" if "val_error" in rs[0]["curve"] else "test_error"
-                evals = 100 * np.mean([r["curve"][key] for r in rs], axis=0)
-                ax.plot(rs[0]["curve"]["eval_step"], evals, "-o" if len(evals) < 4 else "-",
-                        color=c, linewidth=2, markersize=4, label=name)
-        for m in milestones:
-            if m < max(r["curve"]["step"][-1] for r in runs):
-                ax.axvline(m, color="grey", linestyle=":", linewidth=1)
-        ax.set_title("plain networks" if not residual else "ResNets (option A)")
-        ax.set_xlabel("iterations")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel("error (%)  -- dashed: training, solid: test" if test_curves
-                       else "training error (%)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    colours = dict(zip(depths, matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85,
+                                                                         len(depths)))))
+    with figure(path, title, 1, 2, figsize=(12, 4.5), sharey=True) as axes:
+        for ax, residual in zip(axes, (False, True)):
+            for depth in depths:
+                rs = [r for r in runs if r["residual"] == residual and r["depth"] == depth]
+                if rs:
+                    curves(ax, rs, colours[depth], label(residual, depth), test_curves)
+            for m in milestones:
+                if m < max(r["curve"]["step"][-1] for r in runs):
+                    ax.axvline(m, color="grey", linestyle=":", linewidth=1)
+            ax.set_title("plain networks" if not residual else "ResNets (option A)")
+            ax.set_xlabel("iterations")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        axes[0].set_ylabel("error (%)  -- dashed: training, solid: test" if test_curves
+                           else "training error (%)")
 
 
-# ------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.plain_vs_resnet",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
-    p.add_argument("--depths", type=int, nargs="+", default=None,
-                   help="6n+2 depths for both families (plain nets up to 110)")
-    p.add_argument("--seeds", type=int, default=None, help="default per preset")
-    add_seeds_together(p)
-    p.add_argument("--out", default=None, help="default runs/plain_vs_resnet-<preset>")
-    p.add_argument("--data", default=None, help="dataset (default cifar10)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--val", action="store_true",
-                   help="hold out 5k training images for model selection")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--processes", type=int, default=None,
-                   help="nets trained at once in parallel processes (default: one per core "
-                        "on a CPU, one on a GPU/TPU)")
-    args = p.parse_args(argv)
-    args.command = " ".join([
-        "python -m experiments.plain_vs_resnet", *(sys.argv[1:] if argv is None else argv)])
-    if args.seeds is not None and args.seeds < 1:
-        p.error("--seeds must be at least 1")
+def curves(ax, rs: list[dict], colour, name: str, test_curves: bool) -> None:
+    """One net's curves over its seeds."""
+    steps = np.array(rs[0]["curve"]["step"])
+    train = 100 * np.array([r["curve"]["train_error"] for r in rs])
+    for seed_curve in train if len(rs) > 1 else ():
+        ax.plot(steps, seed_curve, "--", color=colour, linewidth=0.6, alpha=0.35)
+    ax.plot(steps, train.mean(0), "--", color=colour, linewidth=1.5,
+            label=f"{name} training" if not test_curves else None)
+    if rs[0].get("final_train_set_error") is not None:
+        ax.plot(steps[-1], np.mean([training_error(r) for r in rs]), "*", color=colour,
+                markersize=11, markeredgecolor="k", label=f"{name}: final, whole subset")
+    if test_curves:
+        key = "val_error" if "val_error" in rs[0]["curve"] else "test_error"
+        evals = 100 * np.mean([r["curve"][key] for r in rs], axis=0)
+        ax.plot(rs[0]["curve"]["eval_step"], evals, "-o" if len(evals) < 4 else "-",
+                color=colour, linewidth=2, markersize=4, label=name)
 
-    preset_name, why = choose_preset(args.preset)
-    preset = PRESETS[preset_name]
-    print(f"preset {preset_name} ({why})", file=sys.stderr)
-    out = Path(args.out or f"runs/plain_vs_resnet-{preset_name}")
-    recipe = recipe_for(preset_name, preset, args)
-    from cnn_jax.data import DataError, search_dirs
-    try:
-        nets_for(preset, args.depths)
-        search_dirs(args.data_dir)  # a mistyped --data-dir is refused before anything is written
-        guard_out(out, recipe)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
-    from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, versions
-    try:
-        runs = sweep(args, preset_name, preset, out, together=args.seeds_together)
-    except (DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+# ------------------------------------------------------------------ the method
+def run(ctx: Context) -> Report:
+    args, preset = ctx.args, ctx.preset
+    seeds = ctx.seeds
+    runs = sweep(nets_for(preset, args.depths), preset, seeds, ctx.out, ctx.command,
+                 together=args.seeds_together, processes=args.processes, data=args.data,
+                 data_dir=args.data_dir, workers=args.workers, val=args.val, dtype=args.dtype)
     data = args.data or preset.data
     subset = (f"training error: the error on the whole fixed {preset.train_subset:,}-image "
               f"training subset with the final weights (no augmentation: an optimisation "
@@ -353,37 +319,60 @@ def main(argv=None) -> int:
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy: errors are not comparable "
                                 "one to one with the paper's lossless CIFAR-10)"
                                 if data == "cifar10" else "") +
-            f". Preset `{preset_name}`: {preset.steps} iterations at batch {preset.batch}, "
+            f". Preset `{ctx.preset_name}`: {preset.steps} iterations at batch {preset.batch}, "
             f"lr {preset.lr} (the paper: 64k at 128, lr 0.1)" + (f"; {subset}" if subset else "") +
             ". Final errors after the last iteration" + (
                 "" if preset.train_subset else
                 f" (training: the last {preset.log_every} iterations' batches)") +
-            f", single view; mean ± std over seeds "
-            f"0..{seeds_of(args, preset) - 1}. Command: `{args.command}`.")
-    claims = check_claims(runs)
+            f", single view; mean ± std over seeds 0..{seeds - 1}. Command: `{ctx.command}`.")
     what = "training errors" + (f" on the {preset.train_subset:,}-image subset"
                                 if preset.train_subset else "")
-    results = {"preset": preset_name, "preset_reason": why, "recipe": recipe,
-               "command": args.command, "versions": versions(),
-               "hardware": runs[0]["hardware"] if runs else None,
-               "claims": claims, "runs": runs}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    words = claims_in_words(claims, f"Fig. 6's claims, on the final {what} (mean of "
-                                    f"{seeds_of(args, preset)} seed(s)):")
-    (out / "table.md").write_text(table(runs, note, paper_column=not preset.train_subset) +
-                                  "\n\n" + words.replace("\n  ", "\n- ") + "\n")
-    plot(runs, out / "curves.png",
-         f"{data}, preset {preset_name}: {preset.steps} iterations, batch {preset.batch}, "
-         f"lr {preset.lr}, seeds {seeds_of(args, preset)}" +
-         (f"; training error on a fixed {preset.train_subset:,}-image subset"
-          if preset.train_subset else ""), test_curves=not preset.train_subset,
-         milestones=preset.milestones)
-    print(table(runs, note, paper_column=not preset.train_subset))
-    print()
-    print(words)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'curves.png'}")
-    return 0
+    title = (f"{data}, preset {ctx.preset_name}: {preset.steps} iterations, batch "
+             f"{preset.batch}, lr {preset.lr}, seeds {seeds}" +
+             (f"; training error on a fixed {preset.train_subset:,}-image subset"
+              if preset.train_subset else ""))
+    return Report(
+        results={"runs": runs},
+        table=table(runs, note, paper_column=not preset.train_subset),
+        claims=check_claims(runs),
+        heading=f"Fig. 6's claims, on the final {what} (mean of {seeds} seed(s)):",
+        plot=lambda path: plot(runs, path, title, test_curves=not preset.train_subset,
+                               milestones=preset.milestones))
 
+
+def add_arguments(p) -> None:
+    p.add_argument("--depths", type=int, nargs="+", default=None,
+                   help="6n+2 depths for both families (plain nets up to 110)")
+    p.add_argument("--val", action="store_true",
+                   help="hold out 5k training images for model selection")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def recipe(ctx: Context) -> dict:
+    """What an output folder's nets were trained with (its guard)."""
+    nets_for(ctx.preset, ctx.args.depths)  # bad --depths: refused before the folder
+    return recipe_of(ctx.preset_name, ctx.preset, ctx.args.data, ctx.args.val, ctx.args.dtype)
+
+
+def recipe_of(preset_name: str, preset: Preset, data=None, val: bool = False,
+              dtype: str = "float32") -> dict:
+    return {"preset": preset_name, **dataclasses.asdict(preset), "data": data or preset.data,
+            "val": val, "dtype": dtype}
+
+
+def trained_nets(nets: list[Net], preset_name: str, out: Path, command: str, *,
+                 seeds: int = 1, data=None, **recipe) -> list[dict]:
+    """Other experiments' way to this one's nets: `nets` of preset `preset_name`
+    trained (or re-read) in this experiment's output folder `out`, guarded as its own
+    command guards it (`recipe`: data_dir, workers, processes)."""
+    preset = PRESETS[preset_name]
+    guard_out(out, recipe_of(preset_name, preset, data))
+    return sweep(nets, preset, seeds, out, command, data=data, **recipe)
+
+
+EXPERIMENT = Experiment("plain_vs_resnet", __doc__, PRESETS, run, figure="curves.png",
+                        add_arguments=add_arguments, recipe=recipe)
+main = EXPERIMENT.main
 
 if __name__ == "__main__":
     sys.exit(main())

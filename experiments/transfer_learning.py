@@ -38,6 +38,8 @@ googlenet):
         --mode {frozen,finetune,full} --out DIR [--seeds N] [--stages K] [--steps N] [--lr LR]
     python -m experiments.transfer_learning --predict IMAGES --out DIR [--mode M]
 
+The demonstration's own dataset is --data NAME (default cifar10) without --backbone.
+
 Every mode run into one --out lands in DIR/<mode>/seed<k>/; the table and the plot
 compare all of them (mean ± std over seeds) with the accuracy of always answering the
 most common training class. DIR/data.json says which images were used, per class and
@@ -54,7 +56,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import jax
 import numpy as np
+
+from cnn_jax.data import DataError
+from cnn_jax.experiment import (BAD_INPUT, Context, Experiment, Report, figure, guard_out,
+                                mean_std)
+from cnn_jax.train import TrainConfig
+from cnn_jax.train.inputs import source_normaliser, split_arrays, subset, training_arrays
+from cnn_jax.train.checkpoint import load_variables
+from cnn_jax.train.steps import is_trainable
+from cnn_jax.train.sweep import run_all
+from cnn_jax.trained import MODEL_FILE
+from cnn_jax.transfer import (MODES, cached_features, head_of, load_backbone, predict,
+                              save_classifier, train_softmax, trainable_for, with_head)
 
 PRETRAIN_CLASSES = "0,1,2,3,4"   # airplane, automobile, bird, cat, deer
 TARGET_CLASSES = "5,6,7,8,9"     # dog, frog, horse, ship, truck
@@ -92,14 +107,13 @@ def engine_config(mode: str, base, backbone, lr: float, steps: int, batch: int,
                   stages: int, out: Path, n_train: int, augment: bool = True, seed: int = 0):
     """The TrainConfig of a finetune / full / scratch run on `base`'s data (`n_train`
     training images: the batch is at most that)."""
-    from cnn_jax.transfer import trainable_for
     pretrained = mode != "scratch"
     return dataclasses.replace(
-        base, model=backbone.model, model_options=dict(backbone.options), seed=seed,
+        base, model=backbone.model_name, model_options=dict(backbone.options), seed=seed,
         init_from=backbone.source if pretrained else "",
-        init_skip=backbone.head if pretrained else "",
+        init_skip=head_of(backbone) if pretrained else "",
         trainable=trainable_for(backbone, stages) if mode == "finetune" else "",
-        normalise=backbone.normalise if pretrained else "per_pixel",
+        normalise="source" if pretrained else "per_pixel",
         resize=backbone.resize, steps=steps, batch=min(batch, n_train), lr=lr,
         momentum=0.9, weight_decay=5e-4, schedule="cosine",
         crop_pad=max(1, backbone.input_size // 8) if augment else 0, flip=augment,
@@ -108,8 +122,6 @@ def engine_config(mode: str, base, backbone, lr: float, steps: int, batch: int,
 
 
 def trained_params(variables: dict, trainable: str) -> int:
-    import jax
-    from cnn_jax.train.steps import is_trainable
     names = tuple(t for t in trainable.split(",") if t)
     return int(sum(np.size(leaf) for k, tree in variables["params"].items()
                    if is_trainable(k, names) for leaf in jax.tree_util.tree_leaves(tree)))
@@ -120,9 +132,6 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str, seed: in
     """Mode 1: cached penultimate features (in `features`, default out/features: the
     seeds of a study share them) + a new softmax. A finished one (its result.json
     beside model.json) is re-read, not retrained."""
-    from cnn_jax.train.inputs import split_arrays, subset, training_arrays
-    from cnn_jax.transfer import (MODEL_FILE, cached_features, save_classifier,
-                                  train_softmax, with_head)
     done = out / "result.json"
     if done.exists() and (out / MODEL_FILE).exists():
         return json.loads(done.read_text())
@@ -137,9 +146,9 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str, seed: in
     logits = np.asarray(f_val) @ head["kernel"] + head["bias"]
     accuracy = float(np.mean(logits.argmax(-1) == val.labels))
     variables = with_head(backbone, head)
-    save_classifier(out, model=backbone.model, options=backbone.options, classes=train.classes,
-                    image_size=backbone.image_size, resize=backbone.resize,
-                    normaliser=backbone.normaliser(), variables=variables)
+    save_classifier(out, model=backbone.model_name, options=backbone.options,
+                    classes=train.classes, image_size=backbone.image_shape[0],
+                    resize=backbone.resize, normaliser=backbone.normaliser, variables=variables)
     extract = info["extract_s"]
     row = {"mode": "frozen", "seed": seed, "val_accuracy": accuracy,
            "wall_s": time.perf_counter() - start,
@@ -159,15 +168,11 @@ def run_engine(mode: str, cfg, backbone, command: str, eval_split: str, out: Pat
                train) -> dict:
     """Modes 2 and 3 (and training from scratch): a run of the training engine in
     `cfg.out`, a folder inside `out` (where model.json goes); `train`: its images."""
-    from cnn_jax.train.checkpoint import load_variables
-    from cnn_jax.train.inputs import source_normaliser
-    from cnn_jax.train.sweep import run_all
-    from cnn_jax.transfer import save_classifier
     res = run_all([cfg], command, [mode])[0]
     run = Path(cfg.out)
     normaliser = source_normaliser(str(run))  # the run saved what it used
     save_classifier(out, model=cfg.model, options=cfg.model_options, classes=train.classes,
-                    image_size=backbone.image_size, resize=cfg.resize, normaliser=normaliser,
+                    image_size=backbone.image_shape[0], resize=cfg.resize, normaliser=normaliser,
                     run=str(run.relative_to(out)))
     row = {"mode": mode, "seed": cfg.seed, "val_accuracy": 1 - res[f"final_{eval_split}_error"],
            "wall_s": res["wall_s"],
@@ -183,7 +188,6 @@ def run_mode(mode: str, base, backbone, study: Path, seed: int, eval_split: str,
              command: str, settings: dict) -> dict:
     """One mode and seed of a study in study/<mode>/seed<seed>/ (a finished one is
     re-read); the mode's settings guard study/<mode>/ (another setting: another --out)."""
-    from cnn_jax.train.sweep import guard_out
     guard_out(study / mode, settings)
     out = study / mode / f"seed{seed}"
     if mode == "frozen":
@@ -249,7 +253,6 @@ WHAT = {"frozen": "new softmax on cached features", "finetune": "last stage(s) +
 
 
 def table(rows: list[dict], report: dict, note: str) -> str:
-    from cnn_jax.train.sweep import mean_std
     lines = ["| mode | what trains | accuracy (%) | seeds | wall time per seed (s) | "
              "trained params |", "|---|---|---:|---:|---:|---:|"]
     for mode, rs in by_mode(rows).items():
@@ -271,70 +274,52 @@ def table(rows: list[dict], report: dict, note: str) -> str:
 def plot(rows: list[dict], report: dict, path: Path, title: str) -> None:
     """Accuracy per mode (mean, ± std over seeds, each seed a dot) against the
     majority-class baseline; wall time per mode."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     modes = by_mode(rows)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
     x = np.arange(len(modes))
     colours = [f"C{i}" for i in range(len(modes))]
     acc = [100 * np.array([r["val_accuracy"] for r in rs]) for rs in modes.values()]
-    ax.bar(x, [a.mean() for a in acc], color=colours, capsize=4,
-           yerr=[a.std(ddof=1) if len(a) > 1 else 0 for a in acc])
-    for i, a in enumerate(acc):
-        ax.plot(np.full(len(a), i), a, "k.", markersize=4)
-    ax.axhline(100 * report["majority_accuracy"], color="k", linestyle="--", linewidth=1,
-               label=f"always '{report['majority_class']}'")
-    ax.set_xticks(x, list(modes))
-    ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
-    bx.bar(x, [np.mean([r["wall_s"] for r in rs]) for rs in modes.values()], color=colours)
-    bx.set_xticks(x, list(modes))
-    bx.set_ylabel("wall time per seed (s)")
-    bx.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, 1, 2, figsize=(10, 3.8)) as (ax, bx):
+        ax.bar(x, [a.mean() for a in acc], color=colours, capsize=4,
+               yerr=[a.std(ddof=1) if len(a) > 1 else 0 for a in acc])
+        for i, a in enumerate(acc):
+            ax.plot(np.full(len(a), i), a, "k.", markersize=4)
+        ax.axhline(100 * report["majority_accuracy"], color="k", linestyle="--", linewidth=1,
+                   label=f"always '{report['majority_class']}'")
+        ax.set_xticks(x, list(modes))
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(axis="y", alpha=0.3)
+        bx.bar(x, [np.mean([r["wall_s"] for r in rs]) for rs in modes.values()], color=colours)
+        bx.set_xticks(x, list(modes))
+        bx.set_ylabel("wall time per seed (s)")
+        bx.grid(axis="y", alpha=0.3)
 
 
-def write(out: Path, payload: dict, report: dict, note: str, title: str) -> None:
-    """results.json, table.md and transfer.png over every mode and seed in `out`."""
+def report_of(out: Path, payload: dict, data: dict, note: str, title: str) -> Report:
+    """What the study in `out` has to say: every mode and seed run in it, the data
+    report (also kept as data.json), the table and the plot."""
     rows = study_rows(out)
-    (out / "data.json").write_text(json.dumps(report, indent=1))
-    (out / "results.json").write_text(json.dumps({**payload, "data": report,
-                                                  "runs": rows}, indent=1))
-    (out / "table.md").write_text(table(rows, report, note) + "\n")
-    plot(rows, report, out / "transfer.png", title)
-    print(table(rows, report, note))
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'transfer.png'}, "
-          f"{out / 'data.json'}")
+    (out / "data.json").write_text(json.dumps(data, indent=1))
+    return Report(results={**payload, "data": data, "runs": rows}, table=table(rows, data, note),
+                  plot=lambda path: plot(rows, data, path, title))
 
 
 # ------------------------------------------------------------------ the demonstration
-def demonstration(args, preset_name: str, preset: Preset, why: str) -> int:
-    from cnn_jax.train import TrainConfig
-    from cnn_jax.train.inputs import split_arrays, subset, training_arrays
-    from cnn_jax.train.loop import hardware, versions
-    from cnn_jax.train.sweep import guard_out, run_all
-    from cnn_jax.transfer import load_backbone
-
-    out = Path(args.out or f"runs/transfer_learning-{preset_name}")
-    data = args.data_name or preset.data
-    seeds = args.seeds or preset.seeds
-    guard_out(out, {"preset": preset_name, **dataclasses.asdict(preset), "data": data})
+def demonstration(ctx: Context) -> Report:
+    args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
+    out, data = ctx.out, args.data or ctx.preset.data
     common = dict(data=data, data_dir=args.data_dir, workers=args.workers, progress=False)
     pretrain = TrainConfig(
         model=preset.model, classes=PRETRAIN_CLASSES, train_subset=preset.pretrain_subset,
         eval_subset=preset.test_subset, steps=preset.pretrain_steps, batch=preset.pretrain_batch,
         lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", crop_pad=4, flip=True,
         normalise="per_pixel", log_every=max(1, preset.pretrain_steps // 20),
-        eval_every=preset.pretrain_steps, checkpoint_every=max(1, min(2_000, preset.pretrain_steps // 2)),
+        eval_every=preset.pretrain_steps,
+        checkpoint_every=max(1, min(2_000, preset.pretrain_steps // 2)),
         eval_batch=500, out=str(out / "pretrain"), **common)
     print(f"pretraining {preset.model} on classes {PRETRAIN_CLASSES} into {out / 'pretrain'} "
           f"(the backbone)", file=sys.stderr)
-    pre = run_all([pretrain], args.command, ["pretrain"])[0]
+    pre = run_all([pretrain], ctx.command, ["pretrain"])[0]
     backbone = load_backbone(out / "pretrain")
     target = TrainConfig(model=preset.model, classes=TARGET_CLASSES,
                          train_subset=5 * preset.per_class, eval_subset=preset.test_subset,
@@ -350,7 +335,7 @@ def demonstration(args, preset_name: str, preset: Preset, why: str) -> int:
             settings = {"epochs": preset.softmax_epochs} if mode == "frozen" else {
                 "lr": LR[mode], "steps": preset.steps, "batch": preset.batch, "stages": 1,
                 "augment": True}
-            run_mode(mode, target, backbone, out, seed, "test", train, args.command, settings)
+            run_mode(mode, target, backbone, out, seed, "test", train, ctx.command, settings)
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "") +
             f". Backbone: {preset.model} pretrained on classes {PRETRAIN_CLASSES} (airplane, "
             f"automobile, bird, cat, deer) for {preset.pretrain_steps} iterations at batch "
@@ -359,22 +344,19 @@ def demonstration(args, preset_name: str, preset: Preset, why: str) -> int:
             f"classes {TARGET_CLASSES} (dog, frog, horse, ship, truck) from "
             f"{preset.per_class} training images per class (a fixed stratified subset); "
             f"accuracy after the last step (no selection on the test images); seeds "
-            f"0..{seeds - 1} of each mode (the backbone is one). Command: `{args.command}`.")
-    write(out, {"preset": preset_name, "preset_reason": why, "command": args.command,
-                "versions": versions(), "hardware": hardware(),
-                "pretrain": {"test_accuracy": 1 - pre["final_test_error"], "wall_s": pre["wall_s"],
-                             "classes": PRETRAIN_CLASSES, "run": str(out / "pretrain")}},
-          report, note, f"{preset.model}: transfer to 5 new CIFAR-10 classes with "
-                        f"{preset.per_class} images each (preset {preset_name}, {seeds} seeds)")
-    return 0
+            f"0..{seeds - 1} of each mode (the backbone is one). Command: `{ctx.command}`.")
+    return report_of(out, {"pretrain": {"test_accuracy": 1 - pre["final_test_error"],
+                                        "wall_s": pre["wall_s"], "classes": PRETRAIN_CLASSES,
+                                        "run": str(out / "pretrain")}},
+                     report, note, f"{preset.model}: transfer to 5 new CIFAR-10 classes with "
+                                   f"{preset.per_class} images each (preset {ctx.preset_name}, "
+                                   f"{seeds} seeds)")
 
 
 # ------------------------------------------------------------------ the user's own data
 def evaluation_split(base):
     """(config, split, what it is in words): the data's own test/ or val/ folder, else a
     fixed stratified 20 % of train/."""
-    from cnn_jax.data import DataError
-    from cnn_jax.train.inputs import split_arrays, training_arrays
     try:
         held = split_arrays(base, "test")  # test/, or val/ where there is no test/
         folder = held.path.name.split("_")[0] if held.path else "test"
@@ -387,48 +369,42 @@ def evaluation_split(base):
                 f"val/ or test/ folder)")
 
 
-def users_run(args) -> int:
-    from cnn_jax.train import TrainConfig
-    from cnn_jax.train.inputs import split_arrays, training_arrays
-    from cnn_jax.train.loop import hardware, versions
-    from cnn_jax.train.sweep import guard_out
-    from cnn_jax.transfer import load_backbone
+def mode_settings(args) -> dict:
+    """What the user's mode trains with (its folder's guard)."""
+    if args.mode == "frozen":
+        return {"epochs": args.epochs}
+    return {"lr": args.lr or LR[args.mode], "steps": args.steps, "batch": args.batch,
+            "stages": args.stages, "augment": args.augment is not False}
 
-    if not args.backbone:
-        raise ValueError("--data needs --backbone (a run folder of this project or a "
-                         "torchvision/timm .pth/.safetensors file)")
+
+def users_run(ctx: Context) -> Report:
+    args = ctx.args
     backbone = load_backbone(args.backbone, args.arch)
     data = f"imagefolder:{Path(args.data).expanduser()}"
-    base = TrainConfig(model=backbone.model, data=data, image_size=backbone.image_size,
+    base = TrainConfig(model=backbone.model_name, data=data, image_size=backbone.image_shape[0],
                        workers=args.workers, out="", progress=False)
     base, eval_split, scored = evaluation_split(base)
     train = training_arrays(base)
     report = data_report(train, split_arrays(base, eval_split), scored)
-    out = Path(args.out)
-    guard_out(out, {"backbone": str(args.backbone), "data": data})
-    print(f"{backbone.model} from {backbone.source}: {len(train.classes)} classes, "
+    print(f"{backbone.model_name} from {backbone.source}: {len(train.classes)} classes, "
           f"{len(train)} training images", file=sys.stderr)
     print_report(report)
     if args.mode == "frozen":
         print("frozen mode: the features are computed once and cached, so augmentation "
               "is off" + (" (--augment ignored; " if args.augment else " (") +
               "use --mode finetune or full to augment)", file=sys.stderr)
-        settings = {"epochs": args.epochs}
-    else:
-        settings = {"lr": args.lr or LR[args.mode], "steps": args.steps, "batch": args.batch,
-                    "stages": args.stages, "augment": args.augment is not False}
     for seed in range(args.seeds or 1):
-        run_mode(args.mode, base, backbone, out, seed, eval_split, train, args.command, settings)
-    note = (f"Data: {args.data}; backbone {backbone.model} from {backbone.source}. Every mode "
-            f"run into `{out}` is listed. Command of the last: `{args.command}`.")
-    write(out, {"command": args.command, "versions": versions(), "hardware": hardware(),
-                "classes": train.classes}, report, note,
-          f"{backbone.model} -> {Path(args.data).name}")
-    return 0
+        run_mode(args.mode, base, backbone, ctx.out, seed, eval_split, train, ctx.command,
+                 mode_settings(args))
+    note = (f"Data: {args.data}; backbone {backbone.model_name} from {backbone.source}. Every "
+            f"mode run into `{ctx.out}` is listed. Command of the last: `{ctx.command}`.")
+    return report_of(ctx.out, {"config": {"backbone": str(args.backbone), "data": data,
+                                          args.mode: mode_settings(args)},
+                               "classes": train.classes}, report, note,
+                     f"{backbone.model_name} -> {Path(args.data).name}")
 
 
 def predictions(args) -> int:
-    from cnn_jax.transfer import MODEL_FILE, predict
     study = Path(args.out)
     if (study / MODEL_FILE).exists():     # a classifier folder itself
         chosen = study
@@ -456,33 +432,21 @@ def predictions(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    from cnn_jax.data import DataError
-    from cnn_jax.models.convert import WeightsMismatch
-    from cnn_jax.train.loop import ConfigMismatch
-    from cnn_jax.train.sweep import choose_preset
-    from cnn_jax.transfer import MODES
+# ------------------------------------------------------------------ the command line
+def run(ctx: Context) -> Report:
+    return users_run(ctx) if ctx.args.backbone else demonstration(ctx)
 
-    p = argparse.ArgumentParser(prog="python -m experiments.transfer_learning",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="the demonstration's size (without --data)")
+
+def add_arguments(p) -> None:
     p.add_argument("--modes", nargs="+", choices=DEMO_MODES, default=list(DEMO_MODES),
                    help="the demonstration's modes")
-    p.add_argument("--per-class", type=int, default=None,
-                   help="the demonstration's labelled images per new class (default per preset)")
-    p.add_argument("--data", default=None, help="your ImageFolder (dir or archive)")
     p.add_argument("--backbone", default=None,
-                   help="a run folder of this project, or torchvision/timm weights")
+                   help="with --data PATH (your ImageFolder): a run folder of this project, "
+                        "or torchvision/timm weights")
     p.add_argument("--arch", default=None, help="the weights' architecture (default: detected)")
     p.add_argument("--mode", choices=MODES, default=None,
-                   help="with --data: the mode to run (default frozen); with --predict: the "
-                        "mode to predict with (default: the most accurate in --out)")
-    p.add_argument("--seeds", type=int, default=None,
-                   help="seeds per mode (default: 1 on your data, the preset's in the "
-                        "demonstration)")
+                   help="with --backbone: the mode to run (default frozen); with --predict: "
+                        "the mode to predict with (default: the most accurate in --out)")
     p.add_argument("--stages", type=int, default=1, help="finetune: stages that train")
     p.add_argument("--steps", type=int, default=300, help="finetune/full steps")
     p.add_argument("--batch", type=int, default=32)
@@ -492,35 +456,43 @@ def main(argv=None) -> int:
                    help="crop + mirror (finetune/full: on by default; frozen: impossible)")
     p.add_argument("--predict", default=None, metavar="DIR",
                    help="label every image in DIR with the model trained in --out")
-    p.add_argument("--out", default=None)
-    p.add_argument("--data-name", default=None, help="the demonstration's dataset")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    args = p.parse_args(argv)
-    args.command = " ".join(["python -m experiments.transfer_learning",
-                             *(sys.argv[1:] if argv is None else argv)])
-    if (args.data or args.predict) and not args.out:
-        p.error("--data and --predict need --out")
-    if min(args.steps, args.epochs, args.stages, args.batch, args.per_class or 1,
-           args.seeds or 1) < 1:
-        p.error("--steps, --epochs, --stages, --batch, --per-class and --seeds must be "
-                "positive")
-    if args.data and args.mode is None:
-        args.mode = "frozen"
-    try:
-        if args.predict:
-            return predictions(args)
-        if args.data:
-            return users_run(args)
-        preset_name, why = choose_preset(args.preset)
-        print(f"preset {preset_name} ({why})", file=sys.stderr)
-        preset = PRESETS[preset_name]
-        if args.per_class:
-            preset = dataclasses.replace(preset, per_class=args.per_class)
-        return demonstration(args, preset_name, preset, why)
-    except (DataError, ConfigMismatch, WeightsMismatch, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+
+def recipe(ctx: Context) -> dict:
+    """The study's guard: your data and backbone, or the demonstration's preset; and the
+    checks of the flags that only some paths use."""
+    args = ctx.args
+    if min(args.steps, args.epochs, args.stages, args.batch) < 1:
+        raise ValueError("--steps, --epochs, --stages and --batch must be positive")
+    if args.backbone:
+        if not args.data or not args.out:
+            raise ValueError("--backbone trains on your data: it needs --data PATH and --out")
+        args.mode = args.mode or "frozen"
+        return {"backbone": str(args.backbone), "data": f"imagefolder:{Path(args.data).expanduser()}"}
+    if args.data and Path(args.data).expanduser().exists():
+        raise ValueError(f"--data {args.data}: a folder of your images needs --backbone (a run "
+                         f"folder of this project or a torchvision/timm weights file)")
+    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
+            "data": args.data or ctx.preset.data}
+
+
+EXPERIMENT = Experiment("transfer_learning", __doc__, PRESETS, run, figure="transfer.png",
+                        add_arguments=add_arguments, recipe=recipe)
+
+
+def main(argv=None) -> int:
+    ctx = EXPERIMENT.context(argv)
+    if ctx.args.predict:  # labels a folder with a trained study: nothing else runs
+        if not ctx.args.out:
+            print("error: --predict needs --out (the folder of a transfer_learning run)",
+                  file=sys.stderr)
+            return 2
+        try:
+            return predictions(ctx.args)
+        except BAD_INPUT as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return EXPERIMENT.main(argv)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,26 @@ only show how far each net gets on the same few thousand images), `smoke` (tests
 `auto` (full on an accelerator, quick on a CPU). Evidence: docs/results.md.
 
     python -m experiments.zoo_cifar [--preset auto|full|quick|smoke] [--nets ...]
-        [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR]
+        [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR] [--set KEY=VALUE ...]
+
+Its nets train one at a time unless `--processes N`: the images/s column compares the
+nets each on the whole machine.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from cnn_jax.train.sweep import add_seeds_together, choose_preset, guard_out, mean_std, run_all
+from cnn_jax import data as data_lib
+from cnn_jax.cost import profile
+from cnn_jax.experiment import Context, Experiment, Report, figure, mean_std
+from cnn_jax.models import create_model
+from cnn_jax.train import TrainConfig
+from cnn_jax.train.inputs import model_input_shape
+from cnn_jax.train.sweep import run_all
 
 # ------------------------------------------------------------------ configuration
 
@@ -76,6 +83,7 @@ class Preset:
     checkpoint_every: int
     eval_batch: int = 1_000
     test_subset: int = 0     # >0: a fixed stratified subset of the test set (CPU presets)
+    seeds: int = 1
     data: str = "cifar10"
 
 
@@ -92,7 +100,6 @@ PRESETS = {
 
 
 def run_config(key: str, preset: Preset, seed: int, args, out: Path):
-    from cnn_jax.train import TrainConfig
     net = ZOO[key]
     return TrainConfig(
         model=net.model, model_options=dict(net.options), data=args.data or preset.data,
@@ -107,9 +114,6 @@ def run_config(key: str, preset: Preset, seed: int, args, out: Path):
 
 def cost(key: str, image_shape: tuple, num_classes: int) -> dict:
     """Parameters and multiply-accumulates per image at the size the net is fed."""
-    from cnn_jax.cost import profile
-    from cnn_jax.models import create_model
-    from cnn_jax.train.inputs import model_input_shape
     net = ZOO[key]
     shape = model_input_shape(image_shape, net.resize)
     c = profile(create_model(net.model, num_classes=num_classes, **net.options), shape)
@@ -130,108 +134,74 @@ def table(runs: list[dict], note: str) -> str:
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
     """Test error against multiply-accumulates per image (log), one point per net."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in runs:
-        err = 100 * r["final_test_error"]
-        for ax, x in zip(axes, (r["macs"], r["params"])):
-            ax.scatter(x, err, s=40)
-            ax.annotate(r["name"], (x, err), textcoords="offset points", xytext=(5, 4),
-                        fontsize=9)
-    axes[0].set_xlabel("multiply-accumulates per image")
-    axes[1].set_xlabel("parameters")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_ylabel("test error (%)")
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, title, 1, 2, figsize=(12, 4.5)) as axes:
+        for r in runs:
+            err = 100 * r["final_test_error"]
+            for ax, x in zip(axes, (r["macs"], r["params"])):
+                ax.scatter(x, err, s=40)
+                ax.annotate(r["name"], (x, err), textcoords="offset points", xytext=(5, 4),
+                            fontsize=9)
+        axes[0].set_xlabel("multiply-accumulates per image")
+        axes[1].set_xlabel("parameters")
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_ylabel("test error (%)")
+            ax.grid(alpha=0.3, which="both")
 
 
-# ------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.zoo_cifar",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
-    p.add_argument("--nets", nargs="+", choices=list(ZOO), default=list(ZOO))
-    p.add_argument("--seeds", type=int, default=1)
-    add_seeds_together(p)
-    p.add_argument("--out", default=None, help="default runs/zoo_cifar-<preset>")
-    p.add_argument("--data", default=None, help="dataset (default cifar10)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--processes", type=int, default=1,
-                   help="nets trained at once in parallel processes (default 1: the "
-                        "images/s column compares the nets each on the whole machine)")
-    args = p.parse_args(argv)
-    args.command = " ".join([
-        "python -m experiments.zoo_cifar", *(sys.argv[1:] if argv is None else argv)])
-    if args.seeds < 1:
-        p.error("--seeds must be at least 1")
-    preset_name, why = choose_preset(args.preset, accelerator="full")
-    preset = PRESETS[preset_name]
-    print(f"preset {preset_name} ({why})", file=sys.stderr)
+# ------------------------------------------------------------------ the method
+def run(ctx: Context) -> Report:
+    args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
     data = args.data or preset.data
-    out = Path(args.out or f"runs/zoo_cifar-{preset_name}")
-    recipe = {"preset": preset_name, **dataclasses.asdict(preset), "data": data,
-              "nets": {k: {f: getattr(ZOO[k], f) for f in ("model", "lr", "options", "resize")}
-                       for k in args.nets}}
-
-    from cnn_jax import data as data_lib
-    from cnn_jax.data import DataError
-    from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, versions
-    try:
-        data_lib.search_dirs(args.data_dir)
-        guard_out(out, recipe)
-        train = data_lib.load(data, "train", data_dir=args.data_dir)
-        image_shape, num_classes = train.images.shape[1:], len(train.classes)
-        jobs = [(k, seed) for seed in range(args.seeds) for k in args.nets]
-        configs = [run_config(k, preset, seed, args, out / "nets" / f"{k}-seed{seed}")
-                   for k, seed in jobs]
-        results = run_all(configs, args.command, [f"{k} seed {s}" for k, s in jobs],
-                          together=args.seeds_together, processes=args.processes)
-    except (DataError, ConfigMismatch, NonFiniteLoss, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    train = data_lib.load(data, "train", data_dir=args.data_dir)
+    image_shape, num_classes = train.images.shape[1:], len(train.classes)
+    jobs = [(k, seed) for seed in range(seeds) for k in args.nets]
+    configs = [run_config(k, preset, seed, args, ctx.out / "nets" / f"{k}-seed{seed}")
+               for k, seed in jobs]
+    results = run_all(configs, ctx.command, [f"{k} seed {s}" for k, s in jobs],
+                      together=args.seeds_together, processes=args.processes or 1)
     runs = []
     for key in args.nets:
-        seeds = [{"seed": s, "final_test_error": res["final_test_error"],
-                  "final_train_error": res["final_train_error"], "wall_s": res["wall_s"],
-                  "img_per_s": res["img_per_s"], "run_dir": cfg.out}
-                 for (k, s), cfg, res in zip(jobs, configs, results) if k == key]
+        per_seed = [{"seed": s, "final_test_error": res["final_test_error"],
+                     "final_train_error": res["final_train_error"], "wall_s": res["wall_s"],
+                     "img_per_s": res["img_per_s"], "run_dir": cfg.out}
+                    for (k, s), cfg, res in zip(jobs, configs, results) if k == key]
         net = ZOO[key]
         runs.append({"name": key, "model": net.model, "options": net.options,
                      "paper": net.paper, "adaptation": net.adaptation, "lr": net.lr,
                      **cost(key, image_shape, num_classes),
-                     "final_test_error": float(np.mean([s["final_test_error"] for s in seeds])),
-                     "img_per_s": float(np.median([s["img_per_s"] for s in seeds])),
-                     "seeds": seeds})
+                     "final_test_error": float(np.mean([s["final_test_error"] for s in per_seed])),
+                     "img_per_s": float(np.median([s["img_per_s"] for s in per_seed])),
+                     "seeds": per_seed})
     hw = results[0]["hardware"]
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "")
-            + f". Preset `{preset_name}`: {preset.steps} iterations at batch {preset.batch} for "
-            f"every net (SGD momentum 0.9, weight decay 5e-4, cosine schedule, crop + flip); "
-            f"seeds 0..{args.seeds - 1}; single-view test error after the last iteration on "
+            + f". Preset `{ctx.preset_name}`: {preset.steps} iterations at batch {preset.batch} "
+            f"for every net (SGD momentum 0.9, weight decay 5e-4, cosine schedule, crop + "
+            f"flip); seeds 0..{seeds - 1}; single-view test error after the last iteration on "
             + (f"a fixed stratified subset of {preset.test_subset:,} test images. "
                if preset.test_subset else "the whole test set. ") +
             f"Training images/s on {hw['device']} ({hw['backend']}), median over logging "
-            f"windows. Command: `{args.command}`.")
-    summary = {"preset": preset_name, "preset_reason": why, "recipe": recipe,
-               "command": args.command, "versions": versions(), "hardware": hw, "runs": runs}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    (out / "table.md").write_text(table(runs, note) + "\n")
-    plot(runs, out / "zoo.png", f"{data}, preset {preset_name}: {preset.steps} iterations at "
-                                f"batch {preset.batch}")
-    print(table(runs, note))
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'zoo.png'}")
-    return 0
+            f"windows. Command: `{ctx.command}`.")
+    return Report(results={"runs": runs}, table=table(runs, note),
+                  plot=lambda path: plot(runs, path, f"{data}, preset {ctx.preset_name}: "
+                                                     f"{preset.steps} iterations at batch "
+                                                     f"{preset.batch}"))
 
+
+def add_arguments(p) -> None:
+    p.add_argument("--nets", nargs="+", choices=list(ZOO), default=list(ZOO))
+
+
+def recipe(ctx: Context) -> dict:
+    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
+            "data": ctx.args.data or ctx.preset.data,
+            "nets": {k: {f: getattr(ZOO[k], f) for f in ("model", "lr", "options", "resize")}
+                     for k in ctx.args.nets}}
+
+
+EXPERIMENT = Experiment("zoo_cifar", __doc__, PRESETS, run, figure="zoo.png",
+                        auto=("full", "quick"), add_arguments=add_arguments, recipe=recipe)
+main = EXPERIMENT.main
 
 if __name__ == "__main__":
     sys.exit(main())

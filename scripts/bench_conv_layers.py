@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from cnn_jax.train.loop import hardware, versions  # importing cnn_jax picks the CPU convolutions
+from cnn_jax.provenance import hardware, versions  # importing cnn_jax picks the CPU convolutions
 
 SHAPES = ((32, 16), (16, 32), (8, 64))  # (height = width, channels) of ResNet's stages
 

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
     from cnn_jax.models import create_model, input_shape
-    from cnn_jax.train.loop import cpu_name
+    from cnn_jax.provenance import cpu_name
 
     model = create_model(args.model)
     shape = input_shape(args.model)

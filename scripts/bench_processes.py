@@ -82,7 +82,7 @@ def main() -> None:
                       f"pinned processes {sum(per_core):.1f} ({row['speedup']:.2f}x)",
                       file=sys.stderr)
     import jax
-    from cnn_jax.train.loop import hardware, versions
+    from cnn_jax.provenance import hardware, versions
     print(json.dumps({"rows": rows, "backend": jax.default_backend(), "hardware": hardware(),
                       "versions": versions(), "command": "python " + " ".join(sys.argv)}))
 

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     import jax
-    from cnn_jax.train.loop import hardware, versions
+    from cnn_jax.provenance import hardware, versions
     ours, timers = [], []  # every variant built first, then timed round by round
     for model in a.model:
         for batch in a.batch:

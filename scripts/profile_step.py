@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     import jax
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_train import make_step
-    from cnn_jax.train.loop import hardware, versions
+    from cnn_jax.provenance import hardware, versions
 
     fn, state, data, conv_grad = make_step(a.model, a.batch, a.dtype, a.steps_per_call,
                                            a.conv_grad, a.seeds)

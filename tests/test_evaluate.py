@@ -71,6 +71,20 @@ def test_single_view_equals_the_training_loops_evaluation(runs):
     assert (onednn.TARGETS["forward"] in hlo) == (trained["conv_kernels"] == "onednn")
 
 
+def test_a_fine_tuned_run_normalised_as_its_source_is_evaluated(runs, tmp_path):
+    """A run that fine-tunes another (--init-from, --normalise source) feeds its net as
+    the source was fed; evaluation reads that from the run (it once failed looking for
+    the source's config in the current folder)."""
+    cfg = TrainConfig(model="resnet8", data=DATA, steps=2, batch=16, lr=0.01, log_every=1,
+                      eval_every=2, checkpoint_every=2, progress=False, workers=0,
+                      init_from=str(runs[0]), init_skip="fc", trainable="stage3,fc",
+                      normalise="source", out=str(tmp_path / "finetuned"))
+    trained = train(cfg)
+    r = evaluate([tmp_path / "finetuned"], views=1, batch=16)
+    assert r["n_examples"] == 37
+    assert r["error"] == pytest.approx(trained["final_test_error"], abs=1e-6)
+
+
 def test_ensemble_average_is_the_mean_of_the_members_softmaxes(runs):
     test = data_lib.load(DATA, "test")
     members = [load_member(r) for r in runs]

@@ -118,8 +118,47 @@ def test_nets_in_parallel_processes_compute_what_a_one_core_process_computes(tmp
         assert par["final_params_digest"] == one["final_params_digest"], net
 
 
+def test_cifar_depths_never_become_imagenet_nets():
+    """--depths 50 and 152 are 6n+2: they build CIFAR nets (resnet50 and resnet152 are
+    the ImageNet nets' names); CIFAR ResNet-50 has 755,802 parameters, by hand: a
+    16-filter stem (464), 8 blocks per stage (37,376 + 143,872 + 573,440) and the fc
+    (650)."""
+    import jax
+    import jax.numpy as jnp
+    from cnn_jax.models import create_model
+    from cnn_jax.models.resnet import CifarResNet
+    from experiments.plain_vs_resnet import PRESETS, nets_for, run_config
+    preset = PRESETS["smoke"]
+    nets = nets_for(preset, [50, 152])
+    assert [n.name for n in nets] == ["plain50", "resnet50", "resnet152"]  # plain: up to 110
+    for net in nets:
+        cfg = run_config(net, preset, 0, Path("unused"))
+        model = create_model(cfg.model, **cfg.model_options)
+        assert isinstance(model, CifarResNet) and model.depth == net.depth, cfg.model
+        assert (model.shortcut is None) != net.residual
+    cfg = run_config(nets[1], preset, 0, Path("unused"))
+    v = jax.eval_shape(create_model(cfg.model, **cfg.model_options).init, jax.random.key(0),
+                       jnp.zeros((1, 32, 32, 3)))
+    assert sum(x.size for x in jax.tree.leaves(v["params"])) == 755_802
+
+
+def test_the_paper_preset_normalises_per_gpu_as_the_paper_did():
+    """Batch 128 on two GPUs: BatchNorm statistics over 64 images in the `paper` preset
+    (docs/deviations.md), the whole batch elsewhere; `--set bn_group=...` overrides it,
+    and the runs' configs carry it."""
+    from cnn_jax.experiment import override
+    from experiments.plain_vs_resnet import PRESETS, Net, run_config
+    net = Net(True, 20)
+    assert run_config(net, PRESETS["paper"], 0, Path("unused")).bn_group == 64
+    assert run_config(net, PRESETS["quick"], 0, Path("unused")).bn_group == 0
+    whole = override(PRESETS["paper"], ["bn_group=0"])
+    assert run_config(net, whole, 0, Path("unused")).bn_group == 0
+    with pytest.raises(ValueError, match="bn-group: 48 does not divide the batch 128"):
+        run_config(net, override(PRESETS["paper"], ["bn_group=48"]), 0, Path("unused")).validate()
+
+
 def test_claims_are_decided_on_the_mean_training_errors_over_seeds():
-    from cnn_jax.train.sweep import claims_in_words
+    from cnn_jax.experiment import claims_in_words
     from experiments.plain_vs_resnet import check_claims
 
     def runs(errors):  # {(residual, depth): [error per seed]}

@@ -16,8 +16,8 @@ import pytest
 from cnn_jax.models import create_model
 from cnn_jax.train import TrainConfig, schedules
 from cnn_jax.train.checkpoint import load_variables
-from cnn_jax.train.loop import (ConfigMismatch, NonFiniteLoss, cpu_features, finite_runs,
-                                train)
+from cnn_jax.provenance import cpu_features
+from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, finite_runs, train
 from cnn_jax.train.steps import make_optimizer, make_train_step
 from cnn_jax.train.state import TrainState
 

@@ -38,7 +38,7 @@ def run(*args):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("transfer") / "demo"
-    r = run("--preset", "smoke", "--out", out, "--data-name", CIFAR_LIKE)
+    r = run("--preset", "smoke", "--out", out, "--data", CIFAR_LIKE)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -99,13 +99,13 @@ def test_frozen_model_on_disk_matches_the_cached_features(demo):
     softmax on their cached features did."""
     from cnn_jax.train import TrainConfig
     from cnn_jax.train.inputs import split_arrays, subset
-    from cnn_jax.transfer import accuracy, load_classifier
-    model, variables, meta = load_classifier(demo / "frozen" / "seed0")
-    assert meta["classes"] == ["5", "6", "7", "8", "9"]
+    from cnn_jax.trained import load_trained
+    from cnn_jax.transfer import accuracy
+    net = load_trained(demo / "frozen" / "seed0")
+    assert net.classes == ("5", "6", "7", "8", "9") and net.config is None
     cfg = TrainConfig(data=CIFAR_LIKE, classes="5,6,7,8,9", eval_subset=100)
     val = subset(split_arrays(cfg, "test"), 100)
-    backbone = load_backbone(demo / "pretrain")
-    acc = accuracy(model, variables, val, backbone.to_input())
+    acc = accuracy(net, net.variables, val)
     reported = json.loads((demo / "results.json").read_text())["runs"][0]["val_accuracy"]
     assert abs(acc - reported) <= 1 / len(val)
 

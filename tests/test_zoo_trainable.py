@@ -20,6 +20,8 @@ CHEAP = {
     "lenet5_classic": ({}, 0.01, 15, 4),
     "resnet20": ({}, 0.1, 10, 4),
     "plain20": ({}, 0.1, 10, 4),
+    "cifar_resnet": ({"depth": 14}, 0.1, 10, 4),   # the families behind resnet20, plain20
+    "cifar_plain": ({"depth": 14}, 0.1, 10, 4),
     "nin": ({}, 0.01, 120, 4),  # no BN, ReLU on the class maps: slow to start
 }
 HEAVY = {

@@ -13,11 +13,16 @@ the global array over the mesh's data axis.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import queue
+import threading
 from typing import Iterator, Optional
 
+import grain
 import numpy as np
+from absl import flags
 
 from cnn_jax.data.augment import Augment
 from cnn_jax.data.sources import Arrays
@@ -36,7 +41,6 @@ def default_workers() -> int:
 def _ensure_absl_flags():
     # grain reads absl flags in its worker processes; scripts that do not use absl
     # would otherwise fail with UnparsedFlagAccessError.
-    from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -96,7 +100,6 @@ def train_dataset(arrays: Arrays, batch_size: int, seed: int,
     rows. Batches run across epoch boundaries (iterations, not epochs, are the unit,
     as in He et al.); each example's epoch is passed to the augmentation.
     """
-    import grain
 
     if batch_size % process_count:
         raise ValueError(f"global batch {batch_size} is not divisible by the "
@@ -152,7 +155,7 @@ def eval_batches(arrays: Arrays, batch_size: int, process_index: int = 0,
 # ------------------------------------------------------------------ devices
 def to_global_array(batch: dict, sharding) -> dict:
     """This process's rows -> global jax arrays sharded along the mesh's data axis."""
-    import jax
+    import jax  # here, not at the top: grain's worker processes import this module
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
 
@@ -167,7 +170,6 @@ def stack_batches(batches: list[dict], keys: tuple = ("image", "label")) -> dict
 def prefetch_to_device(batches: Iterator[dict], sharding, size: int = 2,
                        keys: tuple = ("image", "label", "mask")) -> Iterator[dict]:
     """Keep `size` batches in flight to the devices (transfers are asynchronous)."""
-    import collections
     queue: collections.deque = collections.deque()
     for batch in batches:
         queue.append(to_global_array({k: v for k, v in batch.items() if k in keys}, sharding))
@@ -195,8 +197,6 @@ class ChunkPrefetcher:
     _END = object()
 
     def __init__(self, it, sizes, put, ahead: int = 2):
-        import queue
-        import threading
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(it, list(sizes), put),
@@ -216,7 +216,6 @@ class ChunkPrefetcher:
         self._offer(self._END)
 
     def _offer(self, item) -> bool:
-        import queue
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)

@@ -25,9 +25,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cnn_jax.cache import PROJECT_ROOT, cache_dir
+
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
 # what PIL reads (the first frame of an animated GIF); other files in a class folder
@@ -60,10 +61,6 @@ class Arrays:
 
 
 # ------------------------------------------------------------------ locations
-def cache_dir() -> Path:
-    return Path(os.environ.get("CNN_JAX_CACHE_DIR", PROJECT_ROOT / ".cache"))
-
-
 def search_dirs(data_dir: Optional[str] = None) -> list[Path]:
     """The data-directory flag, then $CNN_JAX_DATA_DIR, then ../shared/data. A folder
     named by the flag or the variable that does not exist is an error (a typo would
@@ -177,6 +174,22 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
     if not root.exists():
         raise DataError(f"{root}: no such file or directory (expected an ImageFolder "
                         f"directory or a .tar/.tar.gz/.tar.xz archive)")
+    per_split, skipped = _decode_files(root, channels, skip_bad, size, crop)
+    for split, files in skipped.items():
+        if files:
+            log.warning("%s: skipped %d file(s) of '%s', e.g. %s: %s", root, len(files),
+                        split, files[0][0], files[0][1])
+    classes = _check_classes(root, per_split)
+    index = {c: i for i, c in enumerate(classes)}
+    return {split: Arrays(np.stack([img for _, img in items]),
+                          np.array([index[c] for c, _ in items], np.int32), classes,
+                          skipped=tuple(skipped.get(split, ())))
+            for split, items in per_split.items()}
+
+
+def _decode_files(root: Path, channels, skip_bad, size, crop):
+    """Every image of the folder or archive as (class, array) per split, and the files
+    skipped per split as (path, reason). Files outside any split folder count as train."""
     per_split: dict[str, list] = {}
     skipped: dict[str, list] = {}
     first_shape: dict = {}
@@ -219,10 +232,12 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
     for parts in (per_split, skipped):
         if None in parts:
             parts.setdefault("train", []).extend(parts.pop(None))
-    for split, files in skipped.items():
-        if files:
-            log.warning("%s: skipped %d file(s) of '%s', e.g. %s: %s", root, len(files),
-                        split, files[0][0], files[0][1])
+    return per_split, skipped
+
+
+def _check_classes(root: Path, per_split) -> list[str]:
+    """The class names (sorted folder names), refusing empty class folders, fewer than
+    two classes, and splits whose class folders differ."""
     class_sets = {s: sorted({c for c, _ in items}) for s, items in per_split.items()}
     for split in per_split:
         empty = _empty_class_dirs(root, split)
@@ -243,13 +258,7 @@ def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool 
             raise DataError(
                 f"{root}: split '{split}' has classes {cs} but '{reference_split}' has "
                 f"{classes}; every split must have the same class folders")
-    index = {c: i for i, c in enumerate(classes)}
-    out = {}
-    for split, items in per_split.items():
-        out[split] = Arrays(np.stack([img for _, img in items]),
-                            np.array([index[c] for c, _ in items], np.int32), classes,
-                            skipped=tuple(skipped.get(split, ())))
-    return out
+    return classes
 
 
 # ------------------------------------------------------------------ cache

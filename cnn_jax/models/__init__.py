@@ -50,20 +50,34 @@ for _d in (18, 34):
     _REGISTRY[f"plain{_d}"] = ModelSpec(
         lambda d=_d, **kw: ImageNetResNet(depth=d, shortcut=None, **kw), IMAGENET, 1000)
 
-# CIFAR nets of any depth 6n+2 are built on request; these are the ones listed.
-CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)
+# The CIFAR families, their architecture as data: create_model("cifar_resnet", depth=56,
+# shortcut="A"). Their depths 6n+2 also have names, resnet20 ... plain110, wherever a
+# name does not already mean an ImageNet net: CIFAR ResNet-50 and ResNet-152 exist only
+# as cifar_resnet with depth 50 or 152.
+_REGISTRY["cifar_resnet"] = ModelSpec(CifarResNet, CIFAR, 10)
+_REGISTRY["cifar_plain"] = ModelSpec(lambda **kw: CifarResNet(shortcut=None, **kw), CIFAR, 10)
+CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)  # the names listed by available()
 CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)
 
 
 def _cifar_spec(name: str) -> Optional[ModelSpec]:
+    """resnetN / plainN (N = 6n+2) for the CIFAR families (the ImageNet names are in the
+    registry and never reach here)."""
     m = re.fullmatch(r"(resnet|plain)(\d+)", name)
     if not m:
         return None
-    kind, depth = m.group(1), int(m.group(2))
+    family, depth = _REGISTRY[f"cifar_{m.group(1)}"], int(m.group(2))
     cifar_blocks_per_stage(depth)  # raises for depths that are not 6n+2
-    if kind == "plain":
-        return ModelSpec(lambda **kw: CifarResNet(depth=depth, shortcut=None, **kw), CIFAR, 10)
-    return ModelSpec(lambda **kw: CifarResNet(depth=depth, **kw), CIFAR, 10)
+    return ModelSpec(lambda **kw: family.build(depth=depth, **kw), CIFAR, 10)
+
+
+def canonical(name: str, options: dict) -> tuple[str, dict]:
+    """The shortest spelling of an architecture: cifar_resnet with depth 56 is resnet56
+    (not where the name is an ImageNet net's), so runs named either way are one recipe."""
+    family = {"cifar_resnet": "resnet", "cifar_plain": "plain"}.get(name)
+    if family and "depth" in options and f"{family}{options['depth']}" not in _REGISTRY:
+        return f"{family}{options['depth']}", {k: v for k, v in options.items() if k != "depth"}
+    return name, options
 
 
 def available() -> list[str]:
@@ -102,6 +116,6 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-__all__ = ["create_model", "available", "input_shape", "spec", "ModelSpec", "AlexNet",
+__all__ = ["create_model", "available", "canonical", "input_shape", "spec", "ModelSpec", "AlexNet",
            "AlexNetTorchvision", "GoogLeNet", "GoogLeNetTorchvision", "InceptionBlock", "BasicBlock", "Bottleneck", "LocalResponseNorm",
            "LeNet5", "LeNet5Classic", "NiN", "CifarResNet", "ImageNetResNet", "VGG"]

@@ -29,6 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file
+
+from cnn_jax.models import create_model
+from cnn_jax.models.resnet import IMAGENET_STAGES
+from cnn_jax.models.vgg import CONFIGS, M
 
 # (torch module prefix, (C, H, W) of a flattened input or None)
 KeyFn = Callable[[str], tuple[str, Optional[tuple]]]
@@ -49,7 +54,6 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
         try:
             state = load_file(str(path))
         except Exception as e:
@@ -91,7 +95,6 @@ def detect_arch(state: dict) -> tuple[str, dict]:
         bottleneck = "layer1.0.conv3.weight" in keys
         blocks = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{s}.")})
                        for s in (1, 2, 3, 4))
-        from cnn_jax.models.resnet import IMAGENET_STAGES
         for depth, (block, stages) in IMAGENET_STAGES.items():
             if tuple(stages) == blocks and (block.__name__ == "Bottleneck") == bottleneck:
                 return f"resnet{depth}", {}
@@ -105,7 +108,6 @@ def detect_arch(state: dict) -> tuple[str, dict]:
                     if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4)
         depth = convs + 3
         batch_norm = any(k.startswith("features.") and k.endswith(".running_mean") for k in keys)
-        from cnn_jax.models.vgg import CONFIGS
         if depth in CONFIGS:
             return f"vgg{depth}", ({"batch_norm": True} if batch_norm else {})
     raise WeightsMismatch(
@@ -184,7 +186,6 @@ def _reorder_cifar_channels(variables: dict) -> dict:
 
 
 def _vgg_key(depth: int, batch_norm: bool, timm: bool) -> KeyFn:
-    from cnn_jax.models.vgg import CONFIGS, M
     index, i, n = {}, 0, 0
     for layer in CONFIGS[depth]:
         if layer == M:
@@ -294,7 +295,6 @@ def from_torch(state: dict, model, name: str, options: Optional[dict] = None,
 def load_torch_weights(path, name: Optional[str] = None, options: Optional[dict] = None):
     """(name, options, variables) from a weights file; the architecture is detected
     from the keys unless `name` is given."""
-    from cnn_jax.models import create_model
     state = read_state_dict(path)
     detected, detected_options = detect_arch(state)
     if name is None:

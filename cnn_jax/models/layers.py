@@ -61,7 +61,11 @@ class LocalResponseNorm(nn.Module):
 
 
 class ConvBN(nn.Module):
-    """Convolution (no bias) -> BatchNorm -> optional ReLU: the unit of every ResNet."""
+    """Convolution (no bias) -> BatchNorm -> optional ReLU: the unit of every ResNet.
+
+    Inside the training loop's steps and every inference path the convolution may run
+    on other kernels (oneDNN's, or XLA's with a product-based kernel gradient): the
+    same function, other rounding; cnn_jax.train.conv_grad says which, and when."""
 
     features: int
     kernel: int = 3

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax.cache import cache_dir
+
 HERE = Path(__file__).parent
 SOURCES = (HERE / "conv.cc", HERE / "dnnl_v3.h")
 WHEELS = ("onednn-cpu-gomp", "onednn-cpu-iomp", "onednn-cpu-tbb")  # CPU-only builds of oneDNN 3
@@ -90,7 +92,6 @@ def _compiler() -> str:
 def build(cache: Path | None = None) -> Path:
     """The compiled custom calls, built now if the cache has none for these sources,
     this jaxlib, this oneDNN library and this compiler."""
-    from cnn_jax.data.sources import cache_dir
     lib, cxx = dnnl_library(), _compiler()
     key = hashlib.sha256()
     for part in [*(p.read_bytes() for p in SOURCES), jax.ffi.include_dir().encode(),

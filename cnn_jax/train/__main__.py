@@ -12,7 +12,11 @@ import ast
 import dataclasses
 import sys
 
+import jax
+
+from cnn_jax.data import DataError
 from cnn_jax.train.config import TrainConfig
+from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +53,6 @@ def init_distributed(args) -> None:
     --process-id when the coordinator is given explicitly)."""
     if not (args.distributed or args.coordinator_address):
         return
-    import jax
     # CPU hosts exchange collectives over gloo; accelerators use their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
@@ -80,8 +83,6 @@ def main(argv=None) -> int:
     values["model_options"] = parse_options(values["model_options"])
     values["milestones"] = tuple(values["milestones"])
     cfg = TrainConfig(**values)
-    from cnn_jax.data import DataError
-    from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, train
     try:
         results = train(cfg, command="python -m cnn_jax.train " + " ".join(
             sys.argv[1:] if argv is None else argv))

@@ -12,6 +12,11 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from flax import traverse_util
+
+from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
+from cnn_jax.train.config import covers, module_names
 
 
 class Checkpointer:
@@ -78,7 +83,6 @@ def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
     checkpointer = ocp.StandardCheckpointer()
     # reading one item of a composite checkpoint directly: orbax warns that the
     # composite's own metadata file is not in the item's folder, which is expected
-    from absl import logging as absl_logging
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
@@ -97,7 +101,6 @@ def load_pretrained(source: str, model: str, options: dict) -> dict:
     checkpoint, or a PyTorch weights file converted to our layout. A file converts into
     the architecture it holds (detected from its keys, e.g. resnet20), whose variables
     the run then takes by name: a grown net (extra_blocks) keeps its new blocks' own."""
-    from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
     path = Path(source)
     if path.suffix not in WEIGHT_SUFFIXES:
         return load_variables(path)
@@ -110,7 +113,6 @@ def load_pretrained(source: str, model: str, options: dict) -> dict:
 def drop_modules(variables: dict, names: str) -> dict:
     """`variables` without the top-level modules in the comma-separated `names` (a
     name covers its numbered parts: 'conv5' drops 'conv5_1', 'conv5_2', ...)."""
-    from cnn_jax.train.config import covers, module_names
     skip = module_names(names)
     return {col: {k: v for k, v in tree.items() if not covers(skip, k)}
             for col, tree in variables.items()}
@@ -120,7 +122,6 @@ def merge_variables(fresh: dict, loaded: dict, source: str) -> dict:
     """`fresh` (a model's initial variables) with every array that `loaded` holds under
     the same name taken from `loaded`: a trained net's variables inside a grown one.
     A name present in both with different shapes is an error, as is no name shared."""
-    from flax import traverse_util
     flat_fresh = traverse_util.flatten_dict(fresh, sep="/")
     flat_loaded = traverse_util.flatten_dict(
         {k: v for k, v in loaded.items() if k in fresh}, sep="/")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Optional
 
 CONV_GRADS = ("auto", "xla", "matmul", "onednn")  # cnn_jax.train.conv_grad; "auto" first
+NORMALISATIONS = ("per_pixel", "per_channel", "standard", "lecun", "imagenet", "inception",
+                  "source", "none")  # cnn_jax.train.inputs.make_normaliser
 
 
 @dataclasses.dataclass
@@ -77,9 +80,13 @@ class TrainConfig:
                          "workers", "out", "progress")
 
     def result_fields(self) -> dict:
+        # imported here, not at the top: `from cnn_jax.train import TrainConfig` stays
+        # free of flax and jax
+        from cnn_jax.models import canonical
         d = dataclasses.asdict(self)
         for k in self.NON_RESULT_FIELDS:
             d.pop(k, None)
+        d["model"], d["model_options"] = canonical(self.model, self.model_options)
         if self.schedule in ("paper", "constant"):
             d.pop("steps")  # these schedules do not depend on the run's length
         d["milestones"] = list(d["milestones"])
@@ -107,7 +114,6 @@ class TrainConfig:
     @classmethod
     def of_run(cls, run_dir) -> "TrainConfig":
         """The configuration a run's --out folder was trained with."""
-        from pathlib import Path
         try:
             saved = json.loads((Path(run_dir) / "config.json").read_text())
             return cls.from_json(saved["config"])
@@ -132,7 +138,6 @@ class TrainConfig:
             bad("batch", f"must be positive, got {self.batch}")
         if self.schedule not in ("paper", "constant", "cosine", "onecycle"):
             bad("schedule", f"must be paper, constant, cosine or onecycle; got {self.schedule!r}")
-        from cnn_jax.train.inputs import NORMALISATIONS
         if self.normalise not in NORMALISATIONS:
             bad("normalise", f"must be one of {', '.join(NORMALISATIONS)}; "
                              f"got {self.normalise!r}")

@@ -30,9 +30,9 @@ oneDNN's kernels (cnn_jax.onednn), which "auto" picks wherever they can be built
 have kernels for the step's dtype (ResNet-20's float32 CPU step 1.6x faster than with
 the chunks, docs/benchmarks.md CPU step 17).
 
-It is applied inside the train step by a method interceptor on `flax.linen.Conv`, so
-models stay as written; grouped, dilated and unusually padded convolutions fall back
-to XLA's path.
+It is applied by a method interceptor on `flax.linen.Conv`, so models stay as written;
+`training_convolutions` and `inference_convolutions` below are where a step or an
+inference pass enters it, and the table above them says what a Conv then computes.
 """
 from __future__ import annotations
 
@@ -200,9 +200,34 @@ def backend_form() -> int | str:
     return CHUNK if jax.default_backend() == "cpu" else "patches"
 
 
-def convolutions(kernels: str):
-    """Context for a forward pass alone (evaluation) with a step's kernel choice
-    (`resolve`): oneDNN's convolutions for "onednn"; the other choices change only
+# ------------------------------------------------------------------ what a Conv computes
+# The one place a step's kernel choice (`resolve`) is applied. Inside these contexts a
+# plain 2-D nn.Conv computes the same function as written, on other kernels:
+#
+#   kernels     forward pass       input gradient     kernel gradient
+#   "xla"       XLA's              XLA's              XLA's
+#   "matmul"    XLA's              XLA's              products: chunks of 8 images (CPU),
+#                                                     patches (accelerators)
+#   "seedwise"  XLA's              XLA's              XLA's, one convolution per seed (vmap)
+#   "onednn"    oneDNN's           oneDNN's           oneDNN's (CPU)
+#
+# Grouped, dilated and unusually padded convolutions keep XLA's path. The train step
+# (cnn_jax.train.steps) enters `training_convolutions`, evaluation and every inference
+# path (cnn_jax.trained.Trained.apply) `inference_convolutions`; results.json records
+# the choice as `conv_kernels`.
+
+def training_convolutions(kernels: str):
+    """Context for a training step's forward and backward pass with `kernels`."""
+    if kernels == "matmul":
+        return kernel_grads()  # chunks on CPUs, patches elsewhere
+    if kernels in ("seedwise", "onednn"):
+        return kernel_grads(kernels)
+    return contextlib.nullcontext()
+
+
+def inference_convolutions(kernels: str):
+    """Context for a forward pass alone (evaluation, inference) with a step's kernel
+    choice: oneDNN's convolutions for "onednn"; the other choices change only
     gradients, so XLA's."""
     return kernel_grads("onednn") if kernels == "onednn" else contextlib.nullcontext()
 

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax.data.augment import Augment, Normalizer, cached_pca_basis, pad
-from cnn_jax.data.sources import Arrays
+from cnn_jax.data.sources import Arrays, load, stratified_holdout
+from cnn_jax.models.convert import WEIGHT_SUFFIXES, detect_arch, read_state_dict
+from cnn_jax.train.config import TrainConfig
 
 # Sec. II.B: "the background level (white) corresponds to a value of -0.1 and the
 # foreground (black) corresponds to 1.175": x / 255 * 1.275 - 0.1 = (x - 20) / 200.
@@ -27,9 +29,6 @@ IMAGENET = Normalizer(np.array([0.485, 0.456, 0.406], np.float32) * 255,
                       np.array([0.229, 0.224, 0.225], np.float32) * 255)
 # torchvision's GoogLeNet weights (transform_input=True): x / 255 mapped to [-1, 1].
 INCEPTION = Normalizer(np.full(3, 127.5, np.float32), np.full(3, 127.5, np.float32))
-
-NORMALISATIONS = ("per_pixel", "per_channel", "standard", "lecun", "imagenet", "inception",
-                  "source", "none")
 
 
 def prepare_arrays(arrays: Arrays, input_pad: int) -> Arrays:
@@ -45,7 +44,6 @@ def subset(arrays: Arrays, size: int) -> Arrays:
     not smaller than the split)."""
     if not size or size >= len(arrays):
         return arrays
-    from cnn_jax.data.sources import stratified_holdout
     keep = stratified_holdout(arrays.labels, size, seed=0)
     return dataclasses.replace(arrays, images=np.asarray(arrays.images[keep]),
                                labels=arrays.labels[keep], path=None, indices=None)
@@ -77,7 +75,6 @@ def select_classes(arrays: Arrays, spec: str) -> Arrays:
 def split_arrays(cfg, split: str, data_dir=None) -> Arrays:
     """One split as a run of `cfg` sees it: resized, held out and class-selected
     (not yet subset or padded)."""
-    from cnn_jax.data import load
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
     arrays = load(cfg.data, split, data_dir=data_dir or cfg.data_dir, holdout=cfg.holdout,
                   size=size, crop=size is not None)
@@ -102,7 +99,8 @@ def make_augment(cfg, train_arrays: Arrays) -> Augment:
     return Augment(crop_pad=cfg.crop_pad, flip=cfg.flip, colour_shift=cfg.colour_shift, pca=pca)
 
 
-def make_normaliser(kind: str, train_images: np.ndarray, source: str = "") -> Normalizer | None:
+def make_normaliser(kind: str, train_images: np.ndarray, source: str = "",
+                    model: str = "") -> Normalizer | None:
     """per_pixel / per_channel: the training set's mean subtracted (He et al.);
     standard: per-channel mean and standard deviation; lecun: the 1998 paper's scale;
     imagenet / inception: torchvision's for its ImageNet weights; source: the one the
@@ -114,7 +112,7 @@ def make_normaliser(kind: str, train_images: np.ndarray, source: str = "") -> No
     if kind in fixed:
         return fixed[kind]
     if kind == "source":
-        return source_normaliser(source)
+        return source_normaliser(source, model)
     return Normalizer.from_data(train_images, per_pixel=kind == "per_pixel",
                                 scale=kind == "standard")
 
@@ -156,21 +154,26 @@ def training_image_shape(source) -> tuple:
         with np.load(saved) as f:
             if "image_shape" in f:
                 return tuple(int(v) for v in f["image_shape"])
-    from cnn_jax.train.config import TrainConfig
     return tuple(training_arrays(TrainConfig.of_run(source)).images.shape[1:])
 
 
-def source_normaliser(source: str) -> Normalizer | None:
+def weights_normaliser(model: str) -> Normalizer:
+    """What released PyTorch weights of `model` were trained on: torchvision's
+    GoogLeNet weights expect its transform_input=True ([-1, 1] inputs); every other
+    file (torchvision, timm, the CIFAR reproduction) ImageNet's normalisation of x / 255."""
+    return INCEPTION if model == "googlenet_torchvision" else IMAGENET
+
+
+def source_normaliser(source: str, model: str = "") -> Normalizer | None:
     """The normaliser of the run at `source`: its saved one, else recomputed from its
-    config and training data; torchvision/timm weight files: ImageNet's."""
-    from cnn_jax.models.convert import WEIGHT_SUFFIXES
+    config and training data; a weights file: `weights_normaliser` of `model` (the
+    architecture it is loaded into; detected from the file when not given)."""
     source = Path(source)
     if source.suffix in WEIGHT_SUFFIXES:
-        return IMAGENET
+        return weights_normaliser(model or detect_arch(read_state_dict(source))[0])
     saved = source / NORMALISER_FILE
     if saved.exists():
         with np.load(saved) as f:
             return None if "none" in f else Normalizer(f["mean"], f["std"])
-    from cnn_jax.train.config import TrainConfig
     cfg = TrainConfig.of_run(source)  # a run from before normalisers were saved
-    return make_normaliser(cfg.normalise, training_arrays(cfg).images, cfg.init_from)
+    return make_normaliser(cfg.normalise, training_arrays(cfg).images, cfg.init_from, cfg.model)

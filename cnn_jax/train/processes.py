@@ -16,6 +16,7 @@ as a single run would, with 128 + the signal.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import multiprocessing as mp
@@ -68,6 +69,29 @@ def _worker(cores: list[int], tasks, messages, command: str) -> None:
         messages.put(("done", cfg.out, result))
 
 
+@contextlib.contextmanager
+def _born_pinned(cores: list[int]):
+    """Processes started inside are pinned to `cores` from birth. A spawned process
+    imports its parent's main module (an experiment, which imports JAX) before
+    `_worker` runs, so pinning there alone would come after JAX and OpenMP had sized
+    their thread pools for every core. The affinity is this thread's (what a child
+    inherits); both are restored on leaving."""
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = os.environ.get("OMP_NUM_THREADS")
+    try:
+        if affinity is not None:
+            os.sched_setaffinity(0, cores)
+        os.environ["OMP_NUM_THREADS"] = str(len(cores))
+        yield
+    finally:
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
+
+
 def _die_with_parent() -> None:
     """Linux: this process is killed with its parent (kill -9 of the sweep kills its
     runs, as it would kill them in-process; they resume from their checkpoints)."""
@@ -99,8 +123,9 @@ class ProcessPool:
             tasks.put(cfg)
         self.workers = [self.ctx.Process(target=_worker, args=(c, tasks, messages, command),
                                          daemon=True) for c in self.cores]
-        for w in self.workers:
-            w.start()
+        for w, cores in zip(self.workers, self.cores):
+            with _born_pinned(cores):
+                w.start()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         results, failure, stopped = {}, None, None
         try:

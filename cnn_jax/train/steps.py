@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
 from cnn_jax.train.config import covers
-from cnn_jax.train.conv_grad import convolutions, kernel_grads, resolve
+from cnn_jax.train.conv_grad import inference_convolutions, resolve, training_convolutions
 from cnn_jax.train.schedules import NEVER
 from cnn_jax.train.state import TrainState
 
@@ -94,24 +94,20 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
     """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}.
     `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
     is computed for it, its BatchNorms run in inference mode); empty: all learn.
-    `conv_grad="matmul"`: convolution kernel gradients by matrix products (faster on
-    CPUs, the same function: cnn_jax.train.conv_grad); "onednn": convolutions on
-    oneDNN (CPUs); "auto": onednn on CPUs where it runs, else matmul for float32 on
-    CPUs, else XLA's; "seedwise": XLA's own, one convolution per seed when the step is
-    vmapped."""
+    `conv_grad`: the kernels every nn.Conv of the step runs on, the same function
+    either way (the table in cnn_jax.train.conv_grad: "xla", "matmul", "seedwise",
+    "onednn"; "auto" resolves to oneDNN on CPUs where it runs, else matmul for float32
+    on CPUs, else XLA's)."""
     conv_grad = resolve(conv_grad, dtype=getattr(model, "dtype", None) or "float32")
 
     def forward(params, batch_stats, images, rng):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
-        with contextlib.ExitStack() as stack:
-            if trainable:
-                stack.enter_context(frozen_batchnorm(trainable))
-            if conv_grad == "matmul":  # chunks on CPUs, patches elsewhere
-                stack.enter_context(kernel_grads())
-            elif conv_grad in ("seedwise", "onednn"):
-                stack.enter_context(kernel_grads(conv_grad))
+        # the two module overrides of a step: what every nn.Conv computes (the kernel
+        # choice, cnn_jax.train.conv_grad) and, when fine-tuning, what a frozen BatchNorm does
+        with training_convolutions(conv_grad), \
+                frozen_batchnorm(trainable) if trainable else contextlib.nullcontext():
             return model.apply(variables, images, train=True, rngs={"dropout": rng},
                                mutable=["batch_stats", "intermediates"])
 
@@ -165,7 +161,7 @@ def make_eval_step(model, normalise: Callable, conv_grad: str = "xla"):
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        with convolutions(conv_grad):
+        with inference_convolutions(conv_grad):
             logits = model.apply(variables, normalise(batch["image"]), train=False)
         mask = batch["mask"]
         loss = cross_entropy(logits, batch["label"])

@@ -1,0 +1,317 @@
+"""What every experiment shares, written once: its command line, presets that any field
+can override from it, the output folder (one recipe per folder; re-running resumes),
+results.json / table.md / a PNG, and its claims checked and said in words.
+
+An experiment file holds its method, its presets and its analysis:
+
+    @dataclasses.dataclass(frozen=True)
+    class Preset: ...                       # the recipe, as data
+    PRESETS = {"paper": Preset(...), "quick": Preset(...), "smoke": Preset(...)}
+
+    def run(ctx: Context) -> Report: ...    # the method: train, measure, compare
+
+    EXPERIMENT = Experiment("plain_vs_resnet", __doc__, PRESETS, run, figure="curves.png")
+    main = EXPERIMENT.main                  # python -m experiments.plain_vs_resnet
+
+and the command line then takes, besides the experiment's own flags:
+
+    --preset auto|NAME       auto: the accelerator preset on a GPU/TPU, the CPU one otherwise
+    --set KEY=VALUE ...      any field of the preset, e.g. --set steps=1000 lr=0.05
+    --out DIR                default runs/<name>-<preset>[-<overrides>]
+    --data NAME --data-dir DIR --workers N --processes N
+    --seeds N --seeds-together   (experiments that train several seeds)
+
+Bad input (a flag, a preset field, the data, the output folder) is an error naming it,
+exit status 2, and a refused command leaves no folder behind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+
+from cnn_jax.data import DataError, search_dirs
+from cnn_jax.models.convert import WeightsMismatch
+from cnn_jax.provenance import hardware, versions
+from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss
+
+BAD_INPUT = (DataError, ConfigMismatch, NonFiniteLoss, WeightsMismatch, ValueError,
+             FileNotFoundError)
+
+
+# ------------------------------------------------------------------ presets
+def choose_preset(name: str, accelerator: str = "paper", cpu: str = "quick") -> tuple[str, str]:
+    """'auto' -> the `accelerator` preset on a GPU/TPU, the `cpu` one otherwise; with
+    the reason, for the experiment to print."""
+    if name != "auto":
+        return name, f"--preset {name}"
+    backend = jax.default_backend()
+    if backend in ("gpu", "tpu"):
+        return accelerator, f"auto: found a {backend.upper()} ({jax.devices()[0].device_kind})"
+    return cpu, (f"auto: no GPU or TPU found, so the CPU-sized `{cpu}` preset "
+                 f"(use --preset {accelerator} to run the full recipe anyway)")
+
+
+def override(preset, assignments: list[str]):
+    """The preset with `KEY=VALUE` assignments applied, each value read as the field's
+    own type (int, float, bool, str, a tuple as comma-separated values)."""
+    fields = {f.name: f for f in dataclasses.fields(preset)}
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(fields)}")
+        try:
+            changes[key] = _parse(text, getattr(preset, key))
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {text!r} is not a "
+                             f"{type(getattr(preset, key)).__name__}") from None
+    return dataclasses.replace(preset, **changes)
+
+
+def _parse(text: str, like: Any):
+    if isinstance(like, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    if isinstance(like, tuple):
+        items = [t for t in text.split(",") if t.strip()]
+        kind = type(like[0]) if like else (int if all(t.strip().isdigit() for t in items) else str)
+        return tuple(_parse(t.strip(), kind()) for t in items)
+    if like is None:
+        return None if text.lower() == "none" else text
+    return type(like)(text)
+
+
+def slug(assignments: list[str]) -> str:
+    """A folder-name suffix for overrides: ['steps=1000', 'lr=0.05'] -> 'steps1000-lr0.05'."""
+    return "-".join(a.replace("=", "").replace(",", "_").replace("/", "_") for a in assignments)
+
+
+# ------------------------------------------------------------------ the output folder
+class OutputInUse(ValueError):
+    pass
+
+
+def guard_out(out: Path, recipe: dict) -> None:
+    """Create `out` (or check it is writable) and record `recipe` in out/config.json,
+    refusing a folder whose config.json holds a different recipe."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_text("")
+        (out / ".write_test").unlink()
+    except OSError as e:
+        raise OutputInUse(f"--out {out}: not writable ({e.strerror})") from None
+    recipe = json.loads(json.dumps(recipe))
+    saved_file = out / "config.json"
+    if saved_file.exists():
+        try:
+            old = json.loads(saved_file.read_text())
+        except ValueError:
+            raise OutputInUse(f"--out {out}: config.json is not JSON; nothing was changed. "
+                              f"Use another --out.") from None
+        if old != recipe:
+            diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
+            raise OutputInUse(
+                f"--out {out} holds results of a different configuration (differs in: "
+                f"{', '.join(diff)}); nothing was changed. Use another --out.")
+    saved_file.write_text(json.dumps(recipe, indent=1))
+
+
+@contextlib.contextmanager
+def removed_if_refused(out: Path):
+    """A folder this command creates is removed again if bad input stops it before
+    anything but its config.json was written."""
+    existed = out.exists()
+    try:
+        yield
+    except BAD_INPUT:
+        if not existed and out.is_dir() and {p.name for p in out.iterdir()} <= {"config.json"}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------ claims
+def claim(name: str, statement: str, measured: dict, required: str, holds: bool,
+          seeds: int, **extra) -> dict:
+    """One checked claim of an experiment, as results.json `claims` holds it: what is
+    claimed, the numbers it was decided on, what they had to satisfy, and whether they
+    did."""
+    return {"claim": name, "statement": statement, "measured": measured,
+            "required": required, "seeds": seeds, "pass": bool(holds), **extra}
+
+
+def claims_in_words(claims: list[dict], heading: str) -> str:
+    """The checks as a newcomer reads them, one line each, and a plain word when any
+    fails."""
+    if not claims:
+        return ""
+    lines = [heading]
+    for c in claims:
+        numbers = ", ".join(f"{k} {v:.4g}{c.get('unit', '')}" for k, v in c["measured"].items())
+        lines.append(f"  {'HOLDS ' if c['pass'] else 'FAILS '} {c['statement']}: {numbers} "
+                     f"(needed: {c['required']})")
+    if not all(c["pass"] for c in claims):
+        lines.append("  Not every claim holds in this run: docs/results.md says what this "
+                     "preset shows over seeds, and why.")
+    return "\n".join(lines)
+
+
+def mean_std(values) -> str:
+    """'1.23 ± 0.04' over seeds, or '1.23' for one; values in percent."""
+    v = np.asarray(values, np.float64)
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+
+# ------------------------------------------------------------------ plots
+@contextlib.contextmanager
+def figure(path: Path, title: str, rows: int = 1, cols: int = 1, **kwargs):
+    """The axes of a matplotlib figure (`Figure.subplots(rows, cols, **kwargs)`; figsize
+    among kwargs), titled, laid out and written to `path` as PNG when the block ends.
+    No pyplot, so no GUI backend is chosen or changed (notebooks keep theirs)."""
+    fig = Figure(figsize=kwargs.pop("figsize", (10, 4)))
+    axes = fig.subplots(rows, cols, **kwargs)
+    yield axes
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------ one experiment
+@dataclasses.dataclass
+class Context:
+    """What a run of an experiment gets: the parsed flags, the chosen preset (with its
+    overrides), where to write, and the command that asked."""
+    args: argparse.Namespace
+    preset_name: str
+    preset: Any
+    why: str
+    out: Path
+    command: str
+
+    @property
+    def seeds(self) -> int:
+        """--seeds, else the preset's own count (1 if it has none)."""
+        return getattr(self.args, "seeds", None) or getattr(self.preset, "seeds", 1)
+
+
+@dataclasses.dataclass
+class Report:
+    """What an experiment's method returns: the payload of results.json (beside the
+    common keys), its table, its claims, and how to draw its figure."""
+    results: dict
+    table: str
+    claims: list = dataclasses.field(default_factory=list)
+    heading: str = "Claims:"          # the claims' first line, in words
+    words: str = ""                   # anything more to say after the claims
+    plot: Optional[Callable[[Path], None]] = None
+
+
+@dataclasses.dataclass
+class Experiment:
+    name: str
+    doc: str
+    presets: dict
+    run: Callable[[Context], Report]
+    figure: str = "results.png"                 # the PNG's file name in --out
+    auto: Optional[tuple] = ("paper", "quick")  # (accelerator, cpu) presets for auto; None: no auto
+    seeds: bool = True                          # --seeds and --seeds-together
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    recipe: Optional[Callable[[Context], dict]] = None  # what --out is guarded with
+
+    def parser(self) -> argparse.ArgumentParser:
+        fields = dataclasses.fields(next(iter(self.presets.values())))
+        p = argparse.ArgumentParser(
+            prog=f"python -m experiments.{self.name}", description=self.doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="--set takes any field of the presets: " + ", ".join(f.name for f in fields))
+        choices = ([] if self.auto is None else ["auto"]) + list(self.presets)
+        p.add_argument("--preset", choices=choices, default=choices[0])
+        p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override fields of the preset, e.g. --set steps=1000 lr=0.05")
+        p.add_argument("--out", default=None,
+                       help=f"default runs/{self.name}-<preset>[-<overrides>]")
+        p.add_argument("--data", default=None, help="the dataset (default: the preset's)")
+        p.add_argument("--data-dir", default=None)
+        p.add_argument("--workers", type=int, default=None, help="grain worker processes")
+        p.add_argument("--processes", type=int, default=None,
+                       help="runs trained at once in parallel processes (default: one per "
+                            "core on a CPU, one on a GPU/TPU)")
+        if self.seeds:
+            p.add_argument("--seeds", type=int, default=None, help="default: the preset's")
+            p.add_argument("--seeds-together", action="store_true",
+                           help="train the seeds of each configuration at once, in one "
+                                "vmapped step: faster on GPUs, slower on CPUs "
+                                "(docs/benchmarks.md)")
+        if self.add_arguments:
+            self.add_arguments(p)
+        return p
+
+    def context(self, argv=None) -> Context:
+        """Parse the command line into a Context (exits 2 on bad flags)."""
+        p = self.parser()
+        args = p.parse_args(argv)
+        if getattr(args, "seeds", None) is not None and args.seeds < 1:
+            p.error("--seeds must be at least 1")
+        if args.processes is not None and args.processes < 1:
+            p.error("--processes must be at least 1")
+        command = " ".join([f"python -m experiments.{self.name}",
+                            *(sys.argv[1:] if argv is None else argv)])
+        if self.auto is None:
+            name, why = args.preset, f"--preset {args.preset}"
+        else:
+            name, why = choose_preset(args.preset, *self.auto)
+        try:
+            preset = override(self.presets[name], args.set)
+        except ValueError as e:
+            p.error(str(e))
+        suffix = f"-{slug(args.set)}" if args.set else ""
+        out = Path(args.out or f"runs/{self.name}-{name}{suffix}")
+        return Context(args, name, preset, why, out, command)
+
+    def main(self, argv=None) -> int:
+        ctx = self.context(argv)
+        print(f"preset {ctx.preset_name} ({ctx.why})" +
+              (f", with {' '.join(ctx.args.set)}" if ctx.args.set else ""), file=sys.stderr)
+        try:
+            with removed_if_refused(ctx.out):
+                search_dirs(ctx.args.data_dir)  # a mistyped --data-dir: refused before anything
+                guard_out(ctx.out, self.recipe(ctx) if self.recipe else {
+                    "preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
+                    "data": ctx.args.data or getattr(ctx.preset, "data", None)})
+                report = self.run(ctx)
+        except BAD_INPUT as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        self.write(ctx, report)
+        return 0
+
+    def write(self, ctx: Context, report: Report) -> None:
+        """results.json, table.md (with the claims in words) and the figure."""
+        words = "\n".join(filter(None, [claims_in_words(report.claims, report.heading),
+                                        report.words]))
+        results = {"experiment": self.name, "preset": ctx.preset_name, "preset_reason": ctx.why,
+                   "overrides": ctx.args.set, "config": dataclasses.asdict(ctx.preset),
+                   "command": ctx.command, "versions": versions(), "hardware": hardware(),
+                   "claims": report.claims, **report.results}
+        (ctx.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (ctx.out / "table.md").write_text(report.table + ("\n\n" + words if words else "") + "\n")
+        written = [ctx.out / "results.json", ctx.out / "table.md"]
+        if report.plot is not None:
+            report.plot(ctx.out / self.figure)
+            written.append(ctx.out / self.figure)
+        print(report.table)
+        if words:
+            print()
+            print(words)
+        print(f"wrote {', '.join(map(str, written))}")

@@ -1,0 +1,136 @@
+"""What a training job builds before its first step, once: the mesh, the input, the
+model and its compiled steps, as one frozen `Setup` (the loop's phases 1-3).
+
+    setup = build(cfgs)       # cfgs: one run, or runs of one recipe differing in seed
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cnn_jax.data.augment import Normalizer
+from cnn_jax.data.pipeline import default_workers, train_dataset
+from cnn_jax.data.sources import Arrays
+from cnn_jax.models import create_model
+from cnn_jax.train import schedules
+from cnn_jax.train.config import TrainConfig, covers, module_names
+from cnn_jax.train.conv_grad import resolve
+from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
+                                  model_input_shape, prepare_arrays, split_arrays, subset,
+                                  training_arrays)
+from cnn_jax.train.steps import (compile_steps, freeze, make_eval_step, make_optimizer,
+                                 make_train_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    cfg: TrainConfig             # the recipe all runs share (the first run's config)
+    seeds: int                   # runs trained at once (1: a single run)
+    mesh: Mesh
+    # input
+    train_arrays: Arrays
+    eval_arrays: Arrays          # the evaluation split, padded as the model sees it
+    eval_split: str              # "val" (a holdout) or "test"
+    eval_batch: int              # a multiple of the device count
+    normaliser: Optional[Normalizer]
+    input_shape: tuple           # (H, W, C) the model sees
+    datasets: tuple              # one grain dataset per run (its own seed)
+    # model and compiled steps
+    model: Any
+    tx: Any                      # the optimizer's direction (the step applies the lr)
+    conv_kernels: str            # cnn_jax.train.conv_grad: recorded, they change rounding
+    step_one: Callable           # (state, batch) -> (state, metrics)
+    step_many: Callable          # (state, [k] batches) -> (state, [k] metrics)
+    eval_step: Callable          # (state, batch) -> sums of loss, errors, count
+    n_params: int
+
+    @property
+    def together(self) -> bool:
+        return self.seeds > 1
+
+    def sharding(self, *spec) -> NamedSharding:
+        return NamedSharding(self.mesh, P(*spec))
+
+
+def build(cfgs: list[TrainConfig]) -> Setup:
+    """Phases 1-3 for runs of one recipe (validated and checked by the caller)."""
+    cfg = cfgs[0]
+    mesh = make_mesh(cfg)
+    inputs = build_input(cfgs, mesh)
+    return Setup(cfg=cfg, seeds=len(cfgs), mesh=mesh, **inputs,
+                 **build_model(cfg, len(cfgs), mesh, inputs["train_arrays"],
+                               inputs["normaliser"], inputs["input_shape"]))
+
+
+def make_mesh(cfg: TrainConfig) -> Mesh:
+    """Phase 1: one `data` axis over every device (batch sharded, state replicated)."""
+    if cfg.batch % jax.device_count():
+        raise ValueError(f"--batch {cfg.batch} is not divisible by the "
+                         f"{jax.device_count()} devices")
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def build_input(cfgs: list[TrainConfig], mesh: Mesh) -> dict:
+    """Phase 2: the training and evaluation arrays, the normaliser (from the training
+    images, or --init-from's), the augmentation and one grain dataset per run; the
+    runs share the host's worker processes."""
+    cfg, seeds = cfgs[0], len(cfgs)
+    train_arrays = training_arrays(cfg)
+    eval_split = "val" if cfg.holdout else "test"
+    eval_arrays = subset(split_arrays(cfg, eval_split), cfg.eval_subset)
+    n_dev = mesh.devices.size
+    eval_batch = -(-min(cfg.eval_batch, len(eval_arrays)) // n_dev) * n_dev
+    normaliser = make_normaliser(cfg.normalise, train_arrays.images, cfg.init_from, cfg.model)
+    augment = make_augment(cfg, train_arrays)
+    workers = cfg.workers if seeds == 1 else \
+        (cfg.workers if cfg.workers is not None else default_workers()) // seeds
+    datasets = tuple(train_dataset(train_arrays, cfg.batch, c.seed, augment, workers,
+                                   jax.process_index(), jax.process_count()) for c in cfgs)
+    return {"train_arrays": train_arrays, "eval_arrays": prepare_arrays(eval_arrays, cfg.input_pad),
+            "eval_split": eval_split, "eval_batch": eval_batch, "normaliser": normaliser,
+            "input_shape": model_input_shape(train_arrays.images.shape[1:], cfg.resize),
+            "datasets": datasets}
+
+
+def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Arrays,
+                normaliser: Optional[Normalizer], input_shape: tuple) -> dict:
+    """Phase 3: the model, the optimizer and schedule, the convolution kernels, and the
+    train and eval steps compiled over the mesh (`seeds` runs vmapped into one)."""
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    model = create_model(cfg.model, num_classes=len(train_arrays.classes), dtype=dtype,
+                         **cfg.model_options)
+    tx = make_optimizer(cfg.momentum, cfg.weight_decay, cfg.nesterov, cfg.decay_norm_and_bias)
+    lr_fn = schedules.with_warmup(schedules.linear_warmup(
+        schedules.make_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.milestones),
+        cfg.warmup_steps), cfg.warmup_lr)
+    trainable = module_names(cfg.trainable)
+    if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
+        tx = freeze(tx, trainable)
+    conv_kernels = resolve(cfg.conv_grad, seeds, cfg.dtype)
+    normalise = make_input_fn(normaliser, cfg.resize)
+    train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
+                                 warmup_until_error=cfg.warmup_until_error,
+                                 label_smoothing=cfg.label_smoothing, trainable=trainable,
+                                 conv_grad=conv_kernels)
+    step_one, step_many, eval_step = compile_steps(
+        train_step, make_eval_step(model, normalise, conv_kernels), mesh, seeds)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
+    check_module_names(cfg, list(abstract["params"]))
+    return {"model": model, "tx": tx, "conv_kernels": conv_kernels, "step_one": step_one,
+            "step_many": step_many, "eval_step": eval_step,
+            "n_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))}
+
+
+def check_module_names(cfg: TrainConfig, modules: list[str]) -> None:
+    """--trainable and --init-skip must name modules the model has."""
+    for flag, names in (("trainable", module_names(cfg.trainable)),
+                        ("init_skip", module_names(cfg.init_skip))):
+        for name in names:
+            if not any(covers((name,), m) for m in modules):
+                raise ValueError(f"--{flag.replace('_', '-')}: {name!r} names no module of "
+                                 f"{cfg.model}; its modules: {', '.join(modules)}")
