@@ -1,8 +1,9 @@
 """A sweep's runs in parallel processes on a CPU, each on its own cores.
 
-A small CIFAR net's step does not keep two cores busy: on a 2-core CPU, ResNet-56 at
-batch 32 trains at 111 images/s in one process with both cores, and at 2 x 87 in two
-processes with one core each (docs/benchmarks.md): 1.58x the sweep's throughput. So on
+A small CIFAR net's step does not keep two cores busy: on a 2-core CPU at batch 32,
+ResNet-20 trains at 316 images/s in one process with both cores and at 247 + 255 in
+two processes with one core each, ResNet-56 at 120 and 78 + 80 (docs/benchmarks.md):
+1.59x and 1.31x the sweep's throughput. So on
 a CPU `run_all` hands its runs to one process per core, in the order given (pass the
 longest first); each process is pinned to its cores (affinity, OMP_NUM_THREADS) before
 JAX starts and trains one run after another with `train`, exactly as the sweep would
