@@ -159,7 +159,7 @@ def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
     members = [load_member(r) for r in run_dirs]
     first = members[0]
     arrays = first.arrays(split, data, data_dir)
-    data = data or first.config.data
+    data = data or first.data
     groups = build_groups(members)
     ordered = [m for g in groups for m in g.members]
     mean_probs, labels, order, seen = [], [], [], 0

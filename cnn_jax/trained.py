@@ -54,6 +54,12 @@ class Trained:
     dtype: str = "float32"
     kernels: str = "xla"             # the convolutions (cnn_jax.train.conv_grad.resolve)
     classes: Optional[tuple] = None  # the class names, where the source says them
+    dataset: Optional[str] = None    # weights files: the dataset they were trained on, if known
+
+    @property
+    def data(self) -> Optional[str]:
+        """The dataset it was trained on: a run's own; for weights files, where known."""
+        return self.config.data if self.config is not None else self.dataset
 
     @property
     def input_size(self) -> int:
@@ -90,6 +96,7 @@ class Trained:
         """`split` as this network sees it: the run's dataset (or `data`), with its
         holdout, classes, image size and padding."""
         if self.config is None:
+            data = data or self.dataset
             if not data:
                 raise ValueError(f"{self.source}: a weights file does not say which dataset "
                                  f"it was trained on; name it (e.g. --data cifar10)")
@@ -146,9 +153,12 @@ def load_trained(source, arch: Optional[str] = None) -> Trained:
     if path.suffix in WEIGHT_SUFFIXES:
         name, options, variables = load_torch_weights(path, arch)
         shape = input_shape(name)
+        classes = classes_of(name, options, variables, shape)
+        # a 10-way net of the CIFAR layout (the reproduction's ResNets) is a CIFAR-10 net
+        cifar10 = shape[:2] == (32, 32) and classes == 10
         return Trained(str(path), name, options, jax.device_get(variables),
-                       weights_normaliser(name), shape,
-                       classes_of(name, options, variables, shape), kernels=resolve("auto"))
+                       weights_normaliser(name), shape, classes, kernels=resolve("auto"),
+                       dataset="cifar10" if cifar10 else None)
     try:
         cfg = TrainConfig.of_run(path)
     except ValueError as e:

@@ -202,7 +202,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def run(ctx: Context) -> Report:
     args, preset = ctx.args, ctx.preset
     members = [load_member(r) for r in member_sources(args, preset, ctx.out, ctx.command)]
-    data = args.data or (members[0].config.data if members[0].config else preset.data)
+    data = args.data or members[0].data or preset.data
     test = subset(members[0].arrays("test", data, args.data_dir), preset.test_subset)
     groups = build_groups(members)
     names = [Path(m.source).name for g in groups for m in g.members]

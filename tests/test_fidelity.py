@@ -231,7 +231,7 @@ def torch_predictions(weights: Path, depth: int, images: np.ndarray) -> np.ndarr
 
 def score_released(depth: int) -> dict:
     weights = released(depth)
-    ours = evaluate([weights], views=1, data="cifar10", predictions=True)
+    ours = evaluate([weights], views=1, predictions=True)  # a CIFAR-10 net: no --data needed
     test = load("cifar10", "test")
     theirs = torch_predictions(weights, depth, np.asarray(test.images))
     predicted = np.asarray(ours["predicted"])
