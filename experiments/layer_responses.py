@@ -41,8 +41,8 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import matplotlib
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 
 from cnn_jax.data.pipeline import eval_batches
