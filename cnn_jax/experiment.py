@@ -204,6 +204,12 @@ class Context:
         """--seeds, else the preset's own count (1 if it has none)."""
         return getattr(self.args, "seeds", None) or getattr(self.preset, "seeds", 1)
 
+    def recipe(self, **extra) -> dict:
+        """What the output folder is guarded with: the preset by name and value and the
+        data, plus an experiment's `extra` fields (which may replace these)."""
+        return {"preset": self.preset_name, **dataclasses.asdict(self.preset),
+                "data": self.args.data or getattr(self.preset, "data", None), **extra}
+
 
 @dataclasses.dataclass
 class Report:
@@ -286,9 +292,7 @@ class Experiment:
         try:
             with removed_if_refused(ctx.out):
                 search_dirs(ctx.args.data_dir)  # a mistyped --data-dir: refused before anything
-                guard_out(ctx.out, self.recipe(ctx) if self.recipe else {
-                    "preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
-                    "data": ctx.args.data or getattr(ctx.preset, "data", None)})
+                guard_out(ctx.out, self.recipe(ctx) if self.recipe else ctx.recipe())
                 report = self.run(ctx)
         except BAD_INPUT as e:
             print(f"error: {e}", file=sys.stderr)

@@ -253,8 +253,7 @@ def recipe(ctx: Context) -> dict:
         raise ValueError(f"--members must be at least 2, got {args.members}")
     if not re.fullmatch(r"resnet\d+|plain\d+", args.model):
         raise ValueError(f"--model must be a CIFAR resnetN or plainN, got {args.model!r}")
-    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset), "model": args.model,
-            "members": args.members, "runs": args.runs, "data": args.data}
+    return ctx.recipe(model=args.model, members=args.members, runs=args.runs, data=args.data)
 
 
 EXPERIMENT = Experiment("ensembles", __doc__, PRESETS, run, figure="ensembles.png",

@@ -353,8 +353,7 @@ def add_arguments(p) -> None:
 
 
 def recipe(ctx: Context) -> dict:
-    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
-            "base": ctx.args.base, "data": ctx.args.data}
+    return ctx.recipe(base=ctx.args.base, data=ctx.args.data)
 
 
 EXPERIMENT = Experiment("identity_blocks", __doc__, PRESETS, run, figure="identity_blocks.png",

@@ -198,9 +198,7 @@ def add_arguments(p) -> None:
 
 
 def recipe(ctx: Context) -> dict:
-    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
-            "data": ctx.args.data or ctx.preset.data,
-            "recipes": {v: dataclasses.asdict(RECIPES[v]) for v in ctx.args.variants}}
+    return ctx.recipe(recipes={v: dataclasses.asdict(RECIPES[v]) for v in ctx.args.variants})
 
 
 EXPERIMENT = Experiment("lenet_mnist", __doc__, PRESETS, run, figure="curves.png", auto=None,

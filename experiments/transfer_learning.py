@@ -472,8 +472,7 @@ def recipe(ctx: Context) -> dict:
     if args.data and Path(args.data).expanduser().exists():
         raise ValueError(f"--data {args.data}: a folder of your images needs --backbone (a run "
                          f"folder of this project or a torchvision/timm weights file)")
-    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
-            "data": args.data or ctx.preset.data}
+    return ctx.recipe()
 
 
 EXPERIMENT = Experiment("transfer_learning", __doc__, PRESETS, run, figure="transfer.png",

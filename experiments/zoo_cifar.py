@@ -195,10 +195,8 @@ def add_arguments(p) -> None:
 
 
 def recipe(ctx: Context) -> dict:
-    return {"preset": ctx.preset_name, **dataclasses.asdict(ctx.preset),
-            "data": ctx.args.data or ctx.preset.data,
-            "nets": {k: {f: getattr(ZOO[k], f) for f in ("model", "lr", "options", "resize")}
-                     for k in ctx.args.nets}}
+    fields = ("model", "lr", "options", "resize")
+    return ctx.recipe(nets={k: {f: getattr(ZOO[k], f) for f in fields} for k in ctx.args.nets})
 
 
 EXPERIMENT = Experiment("zoo_cifar", __doc__, PRESETS, run, figure="zoo.png",
