@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnn_jax import data as data_lib
 from cnn_jax.data.augment import ten_crop
-from cnn_jax.data.pipeline import eval_batches
+from cnn_jax.data.pipeline import IMAGE, INDEX, LABEL, MASK, eval_batches
+from cnn_jax.errors import BadInput, exit_on_bad_input
+from cnn_jax.train.metrics import METRICS, in_words
 from cnn_jax.trained import Trained, load_trained
 
 VIEW_COUNTS = (1, 2, 10)
@@ -49,7 +50,7 @@ def pick(views_10: np.ndarray, n: int) -> np.ndarray:
     """The first-n-views subset of a [B, 10, ...] ten-crop stack: centre, its mirror,
     or all ten."""
     if n not in VIEW_COUNTS:
-        raise ValueError(f"--views must be one of {VIEW_COUNTS}; got {n}")
+        raise BadInput(f"--views must be one of {VIEW_COUNTS}; got {n}")
     return {1: views_10[:, [CENTRE]], 2: views_10[:, [CENTRE, CENTRE_MIRRORED]],
             10: views_10}[n]
 
@@ -69,7 +70,7 @@ def make_views(images: np.ndarray, n: int, crop: int, pad: int = 4) -> np.ndarra
     if (h, w) == (crop, crop):
         return pick(ten_crop(images, crop, pad_by=pad), n)
     if min(h, w) < crop:
-        raise ValueError(f"images of {h}x{w} are smaller than the {crop}x{crop} views")
+        raise BadInput(f"images of {h}x{w} are smaller than the {crop}x{crop} views")
     resized = resize_shorter_side(images, round(crop * IMAGENET_RESIZE))
     return pick(ten_crop(resized, crop), n)
 
@@ -78,8 +79,8 @@ def make_views(images: np.ndarray, n: int, crop: int, pad: int = 4) -> np.ndarra
 def load_member(source) -> Trained:
     try:
         return load_trained(source)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"--checkpoint {e}") from None
+    except BadInput as e:
+        raise BadInput(f"--checkpoint {e}") from None
 
 
 def _group_key(m: Trained) -> str:
@@ -108,8 +109,8 @@ def build_groups(members: list[Trained]) -> list[Group]:
     for ms in groups.values():
         shapes = {jax.tree.structure(m.variables) for m in ms}
         if len(shapes) != 1:
-            raise ValueError("runs of the same architecture hold differently shaped "
-                             "variables: " + ", ".join(m.source for m in ms))
+            raise BadInput("runs of the same architecture hold differently shaped "
+                           "variables: " + ", ".join(m.source for m in ms))
         stacked = jax.tree.map(lambda *v: jnp.stack([jnp.asarray(x) for x in v]),
                                *[m.variables for m in ms])
         # lax.map, not vmap: vmapping a convolution over M kernels makes an M-group
@@ -130,21 +131,28 @@ def view_probabilities(groups: list[Group], arrays, views: int, batch: int = 250
         per_group = []
         for g in groups:
             size = crop or g.train_shape[0]
-            v = make_views(b["image"], views, size, g.crop_pad)        # [B, V, h, w, C]
+            v = make_views(b[IMAGE], views, size, g.crop_pad)          # [B, V, h, w, C]
             flat = v.reshape(-1, *v.shape[2:])
             p = np.asarray(g.forward(g.stacked, flat))                  # [M, B*V, K]
             per_group.append(p.reshape(p.shape[0], *v.shape[:2], p.shape[-1]))
-        yield {"label": b["label"], "mask": b["mask"], "index": b["index"],
+        yield {LABEL: b[LABEL], MASK: b[MASK], INDEX: b[INDEX],
                "probs": np.concatenate(per_group, axis=0)}
 
 
 def summarise(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """Error and per-class error of averaged probabilities [N, K]."""
-    wrong = np.argmax(probs, -1) != labels
-    per_class = [float(wrong[labels == k].mean()) if np.any(labels == k) else None
-                 for k in range(num_classes)]
-    return {"error": float(wrong.mean()), "per_class_error": per_class,
-            "n_examples": int(len(labels))}
+    """Every declared metric (cnn_jax.train.metrics) of averaged probabilities [N, K],
+    their logarithms standing for the logits (the same softmax), and each rate's value
+    per class (`per_class_<metric>`, None for a class without examples)."""
+    logits = jnp.log(jnp.maximum(jnp.asarray(probs, jnp.float32), np.finfo(np.float32).tiny))
+    out = {}
+    for m in METRICS:
+        values = np.asarray(m.per_example(logits, jnp.asarray(labels)), np.float64)
+        out[m.name] = float(values.mean())
+        if m.rate:
+            out[f"per_class_{m.name}"] = [float(values[labels == k].mean())
+                                          if np.any(labels == k) else None
+                                          for k in range(num_classes)]
+    return {**out, "n_examples": int(len(labels))}
 
 
 def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
@@ -155,7 +163,7 @@ def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
     files) with `views` views per image; `predictions`: also each image's predicted
     class (`predicted`, in the split's order)."""
     if views not in VIEW_COUNTS:
-        raise ValueError(f"--views must be one of {VIEW_COUNTS}; got {views}")
+        raise BadInput(f"--views must be one of {VIEW_COUNTS}; got {views}")
     members = [load_member(r) for r in run_dirs]
     first = members[0]
     arrays = first.arrays(split, data, data_dir)
@@ -166,10 +174,10 @@ def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
     start = time.perf_counter()
     bar = tqdm(total=len(arrays), unit="img", disable=not progress, desc="evaluating")
     for out in view_probabilities(groups, arrays, views, batch, crop):
-        keep = out["mask"] > 0
+        keep = out[MASK] > 0
         mean_probs.append(out["probs"][:, keep].mean(axis=(0, 2)))   # over models, views
-        labels.append(out["label"][keep])
-        order.append(out["index"][keep])
+        labels.append(out[LABEL][keep])
+        order.append(out[INDEX][keep])
         seen += int(keep.sum())
         bar.update(int(keep.sum()))
     bar.close()
@@ -189,15 +197,20 @@ def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
 
 
 # ------------------------------------------------------------------ CLI
+WEIGHTS_OUTPUT = Path("runs") / "evaluate"  # under the working directory
+
+
 def default_output(r: dict) -> Path:
-    """evaluate_<split>_<v>views_<m>models_<members' hash>.json in the first run (beside
-    the first weights file, for released weights)."""
+    """evaluate_<split>_<v>views_<m>models_<members' hash>.json in the first run's
+    folder; for released weights under runs/evaluate/ of the working directory, never
+    beside the weights file (a folder of downloads, maybe shared or read-only)."""
     tag = hashlib.sha256("\n".join(r["checkpoints"]).encode()).hexdigest()[:8]
     first = Path(r["checkpoints"][0])
-    folder = first if first.is_dir() else first.parent
+    folder = first if first.is_dir() else WEIGHTS_OUTPUT
     return folder / (f"evaluate_{r['split']}_{r['views']}views_{r['models']}models_{tag}.json")
 
 
+@exit_on_bad_input
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cnn_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,26 +226,28 @@ def main(argv=None) -> int:
                    help="view size (default: the training images' size)")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--out", default=None, help="JSON file (default: evaluate_<split>_"
-                   "<views>views_<models>models_<hash>.json in the first checkpoint's folder)")
+                   "<views>views_<models>models_<hash>.json in the first checkpoint's folder, "
+                   "or in runs/evaluate/ for a weights file)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be positive")
-    try:
-        r = evaluate(args.checkpoint, args.views, args.data, args.data_dir, args.split,
-                     args.batch, args.crop, progress=not args.json)
-    except (ValueError, data_lib.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    r = evaluate(args.checkpoint, args.views, args.data, args.data_dir, args.split,
+                 args.batch, args.crop, progress=not args.json)
     print(f"{r['models']} model(s), {r['views']} view(s), {r['n_examples']:,} {r['split']} "
-          f"images: error {100 * r['error']:.2f} %  ({r['images_per_s']:,.0f} images/s)",
-          file=sys.stderr)
+          f"images: {in_words(r, '')}  ({r['images_per_s']:,.0f} images/s)", file=sys.stderr)
     width = max(len(c) for c in r["classes"])
-    for name, e in zip(r["classes"], r["per_class_error"]):
-        if e is not None:
-            print(f"  {name:<{width}}  {100 * e:6.2f} %", file=sys.stderr)
+    rates = [m.name for m in METRICS if m.rate]
+    print(f"  {'per class':<{width}}  " + "  ".join(f"{name:>8}" for name in rates),
+          file=sys.stderr)
+    for k, name in enumerate(r["classes"]):
+        values = [r[f"per_class_{m}"][k] for m in rates]
+        if values[0] is not None:
+            print(f"  {name:<{width}}  " + "  ".join(f"{100 * v:7.2f}%" for v in values),
+                  file=sys.stderr)
     out = Path(args.out) if args.out else default_output(r)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(r, indent=1))
         print(f"wrote {out}", file=sys.stderr)
     except OSError as e:

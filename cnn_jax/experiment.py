@@ -5,8 +5,10 @@ results.json / table.md / a PNG, and its claims checked and said in words.
 An experiment file holds its method, its presets and its analysis:
 
     @dataclasses.dataclass(frozen=True)
-    class Preset: ...                       # the recipe, as data
-    PRESETS = {"paper": Preset(...), "quick": Preset(...), "smoke": Preset(...)}
+    class Preset:                           # the recipe, as data: the experiment's own
+        depths: tuple                       # knobs, and the training fields it sets
+        train: dict = dataclasses.field(default_factory=dict)   # (TrainConfig's)
+    PRESETS = {"paper": Preset(..., train=dict(steps=64_000, lr=0.1)), "smoke": ...}
 
     def run(ctx: Context) -> Report: ...    # the method: train, measure, compare
 
@@ -16,13 +18,22 @@ An experiment file holds its method, its presets and its analysis:
 and the command line then takes, besides the experiment's own flags:
 
     --preset auto|NAME       auto: the accelerator preset on a GPU/TPU, the CPU one otherwise
-    --set KEY=VALUE ...      any field of the preset, e.g. --set steps=1000 lr=0.05
+    --set KEY=VALUE ...      a knob of the preset, or any training field (TrainConfig's),
+                             e.g. --set steps=1000 lr=0.05 label_smoothing=0.1
     --out DIR                default runs/<name>-<preset>[-<overrides>]
     --data NAME --data-dir DIR --workers N --processes N
     --seeds N --seeds-together   (experiments that train several seeds)
 
-Bad input (a flag, a preset field, the data, the output folder) is an error naming it,
-exit status 2, and a refused command leaves no folder behind.
+Every run an experiment trains is `train_config(preset, ...)`: what the experiment
+sets for that run, with the preset's training fields (its own, and --set's) on top,
+so a training field set from the command line reaches every run's config.json. The
+output folder is guarded with the preset's knobs and training fields as one flat
+recipe (`recipe_of`): a folder trained with `--set label_smoothing=0.1` refuses the
+same command without it, naming the key.
+
+Bad input (a flag, a preset field, the data, the output folder) is a BadInput naming
+it, exit status 2, and a refused command leaves no folder behind; any other error is
+a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -39,13 +50,17 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from cnn_jax.data import DataError, search_dirs
-from cnn_jax.models.convert import WeightsMismatch
+from cnn_jax.data import search_dirs
+from cnn_jax.errors import BadInput, exit_on_bad_input
 from cnn_jax.provenance import hardware, versions
-from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss
+from cnn_jax.train.config import TrainConfig
 
-BAD_INPUT = (DataError, ConfigMismatch, NonFiniteLoss, WeightsMismatch, ValueError,
-             FileNotFoundError)
+# TrainConfig fields an experiment sets for each of its runs, and what sets them
+PER_RUN = {"model": "the experiment's nets", "model_options": "the experiment's nets",
+           "seed": "--seeds", "out": "--out", "data": "--data", "data_dir": "--data-dir",
+           "workers": "--workers", "progress": "the experiment's progress bar"}
+# ... and the rest: what a preset's `train` and --set may set
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN)
 
 
 # ------------------------------------------------------------------ presets
@@ -61,22 +76,59 @@ def choose_preset(name: str, accelerator: str = "paper", cpu: str = "quick") -> 
                  f"(use --preset {accelerator} to run the full recipe anyway)")
 
 
+def knobs(preset) -> dict:
+    """The experiment's own fields of a preset (all but `train`)."""
+    return {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)
+            if f.name != "train"}
+
+
+def check_presets(name: str, presets: dict) -> None:
+    """An experiment's presets: each with a `train` mapping of training fields. A knob
+    may share a training field's name (plain_vs_resnet's `augment`: crop and mirror on
+    or off): it then shadows it, `--set` reaches the knob, and the experiment derives
+    the field from it, so `train` must not hold it too."""
+    for preset_name, preset in presets.items():
+        train = getattr(preset, "train", None)
+        if not isinstance(train, dict):
+            raise TypeError(f"{name} preset {preset_name!r}: needs a `train` dict of "
+                            f"TrainConfig fields")
+        shadowed = sorted(set(knobs(preset)) & set(train))
+        wrong = sorted(set(train) - set(TRAIN_FIELDS))
+        if shadowed or wrong:
+            raise TypeError(f"{name} preset {preset_name!r}: `train` sets fields its knobs "
+                            f"shadow {shadowed}, or keys that are no training field {wrong}")
+
+
 def override(preset, assignments: list[str]):
-    """The preset with `KEY=VALUE` assignments applied, each value read as the field's
-    own type (int, float, bool, str, a tuple as comma-separated values)."""
-    fields = {f.name: f for f in dataclasses.fields(preset)}
+    """The preset with `KEY=VALUE` assignments applied: KEY one of its knobs, or a
+    training field (set in its `train`); each value read as that field's own type
+    (int, float, bool, str, a tuple as comma-separated values)."""
+    own, train = knobs(preset), dict(preset.train)
     changes = {}
     for item in assignments:
         key, sep, text = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join(fields)}")
+        if not sep:
+            raise BadInput(f"--set {item!r}: expected KEY=VALUE")
+        if key in PER_RUN and key not in own:
+            raise BadInput(f"--set {key}: set for each run by {PER_RUN[key]}, not by --set")
+        if key not in own and key not in TRAIN_FIELDS:
+            raise BadInput(f"--set {item!r}: {key!r} is neither a field of this experiment's "
+                           f"presets ({', '.join(own)}) nor a training field "
+                           f"({', '.join(TRAIN_FIELDS)})")
+        like = own[key] if key in own else getattr(TrainConfig(), key)
         try:
-            changes[key] = _parse(text, getattr(preset, key))
+            value = _parse(text, like)
         except ValueError:
-            raise ValueError(f"--set {item!r}: {text!r} is not a "
-                             f"{type(getattr(preset, key)).__name__}") from None
-    return dataclasses.replace(preset, **changes)
+            raise BadInput(f"--set {item!r}: {text!r} is not a {type(like).__name__}") from None
+        (changes if key in own else train)[key] = value
+    return dataclasses.replace(preset, **changes, train=train)
+
+
+def train_config(preset, base: Optional[TrainConfig] = None, **fields) -> TrainConfig:
+    """A run's TrainConfig: `base` (default TrainConfig's defaults) with what the
+    experiment sets for this run (`fields`), then the preset's training fields (its own
+    and --set's) over them."""
+    return dataclasses.replace(base or TrainConfig(), **{**fields, **preset.train})
 
 
 def _parse(text: str, like: Any):
@@ -99,8 +151,16 @@ def slug(assignments: list[str]) -> str:
 
 
 # ------------------------------------------------------------------ the output folder
-class OutputInUse(ValueError):
-    pass
+class OutputInUse(BadInput):
+    """An --out folder that cannot be written or holds another recipe's results."""
+
+
+def recipe_of(preset_name: str, preset, data: Optional[str] = None, **extra) -> dict:
+    """What an output folder is guarded with: the preset by name, its knobs and its
+    training fields as one flat dict, the data (default: the preset's), and `extra`
+    fields."""
+    return {"preset": preset_name, **knobs(preset), **preset.train,
+            "data": data or getattr(preset, "data", None), **extra}
 
 
 def guard_out(out: Path, recipe: dict) -> None:
@@ -135,7 +195,7 @@ def removed_if_refused(out: Path):
     existed = out.exists()
     try:
         yield
-    except BAD_INPUT:
+    except BadInput:
         if not existed and out.is_dir() and {p.name for p in out.iterdir()} <= {"config.json"}:
             shutil.rmtree(out, ignore_errors=True)
         raise
@@ -204,11 +264,17 @@ class Context:
         """--seeds, else the preset's own count (1 if it has none)."""
         return getattr(self.args, "seeds", None) or getattr(self.preset, "seeds", 1)
 
+    @property
+    def training_overrides(self) -> dict:
+        """The training fields --set assigned: what runs made from another experiment's
+        presets (the main experiment's nets) must be trained with too."""
+        keys = {item.partition("=")[0] for item in self.args.set}
+        return {k: v for k, v in self.preset.train.items() if k in keys}
+
     def recipe(self, **extra) -> dict:
-        """What the output folder is guarded with: the preset by name and value and the
-        data, plus an experiment's `extra` fields (which may replace these)."""
-        return {"preset": self.preset_name, **dataclasses.asdict(self.preset),
-                "data": self.args.data or getattr(self.preset, "data", None), **extra}
+        """What the output folder is guarded with (`recipe_of`), plus an experiment's
+        `extra` fields."""
+        return {**recipe_of(self.preset_name, self.preset, self.args.data), **extra}
 
 
 @dataclasses.dataclass
@@ -235,16 +301,22 @@ class Experiment:
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     recipe: Optional[Callable[[Context], dict]] = None  # what --out is guarded with
 
+    def __post_init__(self):
+        check_presets(self.name, self.presets)
+
     def parser(self) -> argparse.ArgumentParser:
-        fields = dataclasses.fields(next(iter(self.presets.values())))
+        own = knobs(next(iter(self.presets.values())))
         p = argparse.ArgumentParser(
             prog=f"python -m experiments.{self.name}", description=self.doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="--set takes any field of the presets: " + ", ".join(f.name for f in fields))
+            epilog="--set takes the presets' own fields (" + ", ".join(own) + ") and any "
+                   "training field (" + ", ".join(TRAIN_FIELDS) + "; python -m "
+                   "cnn_jax.train --help says what each does)")
         choices = ([] if self.auto is None else ["auto"]) + list(self.presets)
         p.add_argument("--preset", choices=choices, default=choices[0])
         p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                       help="override fields of the preset, e.g. --set steps=1000 lr=0.05")
+                       help="override fields of the preset or training fields, e.g. --set "
+                            "steps=1000 lr=0.05 label_smoothing=0.1")
         p.add_argument("--out", default=None,
                        help=f"default runs/{self.name}-<preset>[-<overrides>]")
         p.add_argument("--data", default=None, help="the dataset (default: the preset's)")
@@ -279,24 +351,23 @@ class Experiment:
             name, why = choose_preset(args.preset, *self.auto)
         try:
             preset = override(self.presets[name], args.set)
-        except ValueError as e:
+        except BadInput as e:
             p.error(str(e))
         suffix = f"-{slug(args.set)}" if args.set else ""
         out = Path(args.out or f"runs/{self.name}-{name}{suffix}")
         return Context(args, name, preset, why, out, command)
 
     def main(self, argv=None) -> int:
+        return exit_on_bad_input(self._main)(argv)
+
+    def _main(self, argv=None) -> int:
         ctx = self.context(argv)
         print(f"preset {ctx.preset_name} ({ctx.why})" +
               (f", with {' '.join(ctx.args.set)}" if ctx.args.set else ""), file=sys.stderr)
-        try:
-            with removed_if_refused(ctx.out):
-                search_dirs(ctx.args.data_dir)  # a mistyped --data-dir: refused before anything
-                guard_out(ctx.out, self.recipe(ctx) if self.recipe else ctx.recipe())
-                report = self.run(ctx)
-        except BAD_INPUT as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        with removed_if_refused(ctx.out):
+            search_dirs(ctx.args.data_dir)  # a mistyped --data-dir: refused before anything
+            guard_out(ctx.out, self.recipe(ctx) if self.recipe else ctx.recipe())
+            report = self.run(ctx)
         self.write(ctx, report)
         return 0
 
@@ -305,7 +376,8 @@ class Experiment:
         words = "\n".join(filter(None, [claims_in_words(report.claims, report.heading),
                                         report.words]))
         results = {"experiment": self.name, "preset": ctx.preset_name, "preset_reason": ctx.why,
-                   "overrides": ctx.args.set, "config": dataclasses.asdict(ctx.preset),
+                   "overrides": ctx.args.set, "config": {**knobs(ctx.preset),
+                                                         **ctx.preset.train},
                    "command": ctx.command, "versions": versions(), "hardware": hardware(),
                    "claims": report.claims, **report.results}
         (ctx.out / "results.json").write_text(json.dumps(results, indent=1, default=str))

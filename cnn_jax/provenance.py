@@ -1,5 +1,6 @@
-"""Where a number came from: the versions, hardware and CPU kernels a run used, as every
-results.json, benchmark and experiment records them."""
+"""Where a number came from: the versions, hardware, cores and CPU kernels a run used,
+as every results.json, benchmark and experiment records them. It sits below training
+(docs/architecture.md): nothing here imports cnn_jax.train."""
 from __future__ import annotations
 
 import os
@@ -12,19 +13,26 @@ import numpy as np
 import optax
 
 from cnn_jax import onednn
-from cnn_jax.train.processes import available_cores
 
 
 def versions() -> dict:
     out = {"python": platform.python_version(), "jax": jax.__version__,
            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
-    # the CPU kernels (cnn_jax.cpu_kernels, cnn_jax.train.conv_grad, cnn_jax.onednn)
+    # the CPU kernels (cnn_jax.cpu_kernels, cnn_jax.train.conv_kernels, cnn_jax.onednn)
     # change rounding
-    out.update({k.lower(): os.environ[k] for k in ("XLA_FLAGS", "CNN_JAX_CONV_GRAD")
-                if os.environ.get(k)})
+    out.update({k.lower(): os.environ[k] for k in ("XLA_FLAGS", "CNN_JAX_CONV_KERNELS",
+                                                   "CNN_JAX_CONV_GRAD") if os.environ.get(k)})
     if jax.default_backend() == "cpu" and onednn.library_version():
         out["onednn"] = onednn.library_version()
     return out
+
+
+def available_cores() -> list[int]:
+    """The cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
 
 
 def _cpuinfo(text: str | None = None) -> dict:

@@ -11,6 +11,7 @@ import json
 import sys
 
 from cnn_jax import cost
+from cnn_jax.errors import exit_on_bad_input
 from cnn_jax.models import available, create_model, input_shape
 
 
@@ -35,6 +36,7 @@ def parse_option(text: str) -> tuple:
         return key, value
 
 
+@exit_on_bad_input
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cnn_jax.summary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,13 +48,9 @@ def main(argv=None) -> int:
                    help="model option, e.g. --option groups=2 --option batch_norm=True")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    try:
-        model = create_model(args.model, num_classes=args.num_classes, **dict(args.option))
-        shape = args.input or input_shape(args.model)
-        result = cost.profile(model, shape, name=args.model)
-    except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = create_model(args.model, num_classes=args.num_classes, **dict(args.option))
+    shape = args.input or input_shape(args.model)
+    result = cost.profile(model, shape, name=args.model)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:

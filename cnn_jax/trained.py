@@ -29,11 +29,12 @@ import orbax.checkpoint as ocp
 from cnn_jax import data as data_lib
 from cnn_jax.data.augment import Normalizer
 from cnn_jax.data.sources import SHARED_DATA, Arrays
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model, input_shape
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
 from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.train.config import TrainConfig
-from cnn_jax.train.conv_grad import inference_convolutions, resolve
+from cnn_jax.train.conv_kernels import inference_convolutions, resolve
 from cnn_jax.train.inputs import (make_input_fn, prepare_arrays, source_normaliser,
                                   split_arrays, training_image_shape, weights_normaliser)
 from cnn_jax.train.metrics import params_digest
@@ -52,7 +53,7 @@ class Trained:
     input_pad: int = 0               # zero-padded on the host first (LeNet's 28 -> 32)
     config: Optional[TrainConfig] = None   # None for released weights
     dtype: str = "float32"
-    kernels: str = "xla"             # the convolutions (cnn_jax.train.conv_grad.resolve)
+    kernels: str = "xla"             # the convolutions (cnn_jax.train.conv_kernels.resolve)
     classes: Optional[tuple] = None  # the class names, where the source says them
     dataset: Optional[str] = None    # weights files: the dataset they were trained on, if known
 
@@ -98,14 +99,14 @@ class Trained:
         if self.config is None:
             data = data or self.dataset
             if not data:
-                raise ValueError(f"{self.source}: a weights file does not say which dataset "
-                                 f"it was trained on; name it (e.g. --data cifar10)")
+                raise BadInput(f"{self.source}: a weights file does not say which dataset "
+                               f"it was trained on; name it (e.g. --data cifar10)")
             h, w = self.image_shape[:2]
             arrays = data_lib.load(data, split, data_dir=data_dir)
             if arrays.images.shape[1:3] != (h, w) and min(arrays.images.shape[1:3]) < min(h, w):
-                raise ValueError(f"{self.source}: {data} holds {arrays.images.shape[1]}x"
-                                 f"{arrays.images.shape[2]} images, smaller than the "
-                                 f"{h}x{w} this network was trained on")
+                raise BadInput(f"{self.source}: {data} holds {arrays.images.shape[1]}x"
+                               f"{arrays.images.shape[2]} images, smaller than the "
+                               f"{h}x{w} this network was trained on")
             return arrays
         cfg = self.config if not data else dataclasses.replace(self.config, data=data,
                                                                 classes="")
@@ -159,16 +160,14 @@ def load_trained(source, arch: Optional[str] = None) -> Trained:
         return Trained(str(path), name, options, jax.device_get(variables),
                        weights_normaliser(name), shape, classes, kernels=resolve("auto"),
                        dataset="cifar10" if cifar10 else None)
-    try:
-        cfg = TrainConfig.of_run(path)
-    except ValueError as e:
-        raise ValueError(f"{e}, or a weights file ({', '.join(WEIGHT_SUFFIXES)})") from None
+    if not (path / "config.json").is_file():
+        raise BadInput(f"{path}: expected the --out folder of a training run, holding "
+                       f"config.json and checkpoints/, or a weights file "
+                       f"({', '.join(WEIGHT_SUFFIXES)})")
+    cfg = TrainConfig.of_run(path)
     if arch and arch != cfg.model:
-        raise ValueError(f"{path}: trained a {cfg.model}, not a {arch}")
-    try:
-        variables = jax.device_get(load_variables(path))
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
+        raise BadInput(f"{path}: trained a {cfg.model}, not a {arch}")
+    variables = jax.device_get(load_variables(path))
     shape = training_image_shape(path)
     seen = (cfg.resize, cfg.resize, shape[2]) if cfg.resize else shape
     return Trained(str(path), cfg.model, dict(cfg.model_options), variables,

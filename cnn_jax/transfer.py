@@ -39,6 +39,7 @@ from cnn_jax.data.augment import Normalizer
 from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.data.sources import (IMAGE_SUFFIXES, Arrays, decode_image, fit_image,
                                   is_image_name)
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.trained import MODEL_FILE, Trained, load_trained
 
@@ -51,11 +52,11 @@ def load_backbone(source, arch: Optional[str] = None) -> Trained:
     detected from its keys unless `arch` names it), as a backbone (cnn_jax.trained)."""
     try:
         net = load_trained(source, arch)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"--backbone {e}") from None
+    except BadInput as e:
+        raise BadInput(f"--backbone {e}") from None
     if net.input_pad:
-        raise ValueError(f"--backbone {source}: a run with --input-pad (zero-padded inputs) "
-                         f"cannot serve as a backbone here")
+        raise BadInput(f"--backbone {source}: a run with --input-pad (zero-padded inputs) "
+                       f"cannot serve as a backbone here")
     return net
 
 
@@ -83,7 +84,7 @@ def _top_level_calls(model, image_size: int, channels: int = 3) -> list[tuple[st
 def _head(model_name: str, calls: list) -> str:
     dense = [n for n, cls in calls if issubclass(cls, nn.Dense)]
     if not dense:
-        raise ValueError(f"{model_name}: no final dense layer to replace")
+        raise BadInput(f"{model_name}: no final dense layer to replace")
     return dense[-1]
 
 
@@ -108,8 +109,8 @@ def trainable_for(backbone: Trained, k: int) -> str:
     """TrainConfig.trainable for fine-tuning the last `k` stages and the new head."""
     names = stages(backbone.model_name, backbone.options, backbone.input_size)
     if not 1 <= k <= len(names):
-        raise ValueError(f"--stages {k}: {backbone.model_name} has {len(names)} stages "
-                         f"({', '.join(names)})")
+        raise BadInput(f"--stages {k}: {backbone.model_name} has {len(names)} stages "
+                       f"({', '.join(names)})")
     return ",".join(names[-k:] + [head_of(backbone)])
 
 
@@ -267,10 +268,10 @@ def read_images(folder: Path, image_size: int) -> tuple[list[str], np.ndarray]:
     """Every image under `folder` (sorted), fitted to image_size x image_size."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--predict {folder}: not a folder of images")
+        raise BadInput(f"--predict {folder}: not a folder of images")
     files = sorted(p for p in folder.rglob("*") if is_image_name(p.name))
     if not files:
-        raise ValueError(f"--predict {folder}: no image files in it ({', '.join(IMAGE_SUFFIXES)})")
+        raise BadInput(f"--predict {folder}: no image files in it ({', '.join(IMAGE_SUFFIXES)})")
     images = [fit_image(decode_image(p.read_bytes(), str(p), 3), (image_size, image_size),
                         crop=True) for p in files]
     return [str(p.relative_to(folder)) for p in files], np.stack(images)

@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from cnn_jax.data.pipeline import train_dataset
-from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std
-from cnn_jax.train import TrainConfig
+from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, mean_std,
+                                train_config)
 from cnn_jax.train.inputs import make_augment, training_arrays
 from cnn_jax.train.sweep import run_all
 
@@ -64,40 +64,38 @@ SETTINGS = {  # name -> TrainConfig fields; each adds one transformation to the 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    steps: int
-    batch: int
     seeds: int
-    lr: float = 0.1
-    weight_decay: float = 1e-4
-    schedule: str = "paper"
-    milestones: tuple = (32_000, 48_000)
-    train_subset: int = 0      # >0: a fixed stratified training subset
     test_subset: int = 0       # >0: a fixed stratified test subset
     model: str = "resnet20"
     pipeline_batches: int = 100
     data: str = "cifar10"
+    train: dict = dataclasses.field(default_factory=dict)  # TrainConfig fields (below)
 
+
+# He et al.'s CIFAR recipe; train_subset > 0: a fixed stratified training subset
+PAPER = dict(steps=64_000, batch=128, lr=0.1, weight_decay=1e-4, schedule="paper",
+             milestones=(32_000, 48_000), train_subset=0)
 
 PRESETS = {
-    "paper": Preset(steps=64_000, batch=128, seeds=3),
-    "quick": Preset(steps=800, batch=32, seeds=2, lr=0.02, weight_decay=5e-4,
-                    schedule="cosine", train_subset=1_000),
-    "smoke": Preset(steps=3, batch=16, seeds=1, schedule="cosine", train_subset=64,
-                    test_subset=64, model="resnet8", pipeline_batches=3),
+    "paper": Preset(seeds=3, train=PAPER),
+    "quick": Preset(seeds=2, train={**PAPER, "steps": 800, "batch": 32, "lr": 0.02,
+                                    "weight_decay": 5e-4, "schedule": "cosine",
+                                    "train_subset": 1_000}),
+    "smoke": Preset(seeds=1, test_subset=64, model="resnet8", pipeline_batches=3,
+                    train={**PAPER, "steps": 3, "batch": 16, "schedule": "cosine",
+                           "train_subset": 64}),
 }
 
 
 def run_config(setting: str, preset: Preset, seed: int, args, out: Path):
-    return TrainConfig(
-        model=preset.model, data=args.data or preset.data, data_dir=args.data_dir,
-        train_subset=preset.train_subset, eval_subset=preset.test_subset,
-        steps=preset.steps, batch=preset.batch, seed=seed, lr=preset.lr, momentum=0.9,
-        weight_decay=preset.weight_decay, schedule=preset.schedule,
-        milestones=preset.milestones, normalise="per_pixel", **SETTINGS[setting],
-        eval_train_set=bool(preset.train_subset), log_every=max(1, preset.steps // 20),
-        eval_every=preset.steps,
-        checkpoint_every=max(1, min(2_000, preset.steps // 2)), eval_batch=500,
-        steps_per_call=10 if preset.steps >= 10_000 else 1, workers=args.workers,
+    steps = preset.train["steps"]
+    return train_config(
+        preset, model=preset.model, data=args.data or preset.data, data_dir=args.data_dir,
+        eval_subset=preset.test_subset, seed=seed, momentum=0.9, normalise="per_pixel",
+        **SETTINGS[setting], eval_train_set=bool(preset.train.get("train_subset")),
+        log_every=max(1, steps // 20), eval_every=steps,
+        checkpoint_every=max(1, min(2_000, steps // 2)), eval_batch=500,
+        steps_per_call=10 if steps >= 10_000 else 1, workers=args.workers,
         out=str(out), progress=False)
 
 
@@ -204,12 +202,12 @@ def run(ctx: Context) -> Report:
                      "pipeline_img_per_s": rates[s],
                      "train_img_per_s": float(np.mean([res["img_per_s"] for _, res in mine])),
                      "run_dirs": [cfg.out for cfg, _ in mine]})
-    data = args.data or preset.data
+    data, cfg = args.data or preset.data, configs[0]  # every setting's recipe but its own
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "") +
-            f"; {preset.model}, {preset.steps} iterations at batch {preset.batch}, lr "
-            f"{preset.lr} ({preset.schedule}), weight decay {preset.weight_decay}, seeds "
+            f"; {preset.model}, {cfg.steps} iterations at batch {cfg.batch}, lr "
+            f"{cfg.lr} ({cfg.schedule}), weight decay {cfg.weight_decay}, seeds "
             f"0..{seeds - 1}" +
-            (f", trained on a fixed {preset.train_subset}-image subset" if preset.train_subset else "") +
+            (f", trained on a fixed {cfg.train_subset}-image subset" if cfg.train_subset else "") +
             (f", test error on a fixed {preset.test_subset}-image subset" if preset.test_subset else "") +
             f". Pipeline images/s: {preset.pipeline_batches} batches, workers "
             f"{configs[0].workers if configs[0].workers is not None else 'default'}, no model. "

@@ -39,6 +39,7 @@ import matplotlib.ticker
 import numpy as np
 from tqdm.auto import tqdm
 
+from cnn_jax.errors import BadInput
 from cnn_jax.evaluate import build_groups, load_member, make_views, view_probabilities
 from cnn_jax.experiment import Context, Experiment, Report, claim, figure
 from cnn_jax.provenance import hardware
@@ -59,6 +60,7 @@ class Preset:
     test_subset: int = 0    # >0: a fixed stratified subset of the test set
     timing_batch: int = 100
     data: str = "cifar10"
+    train: dict = dataclasses.field(default_factory=dict)  # over the main preset's (--set)
 
 
 PRESETS = {
@@ -76,22 +78,23 @@ def member_sources(args, preset: Preset, out: Path, command: str = "") -> list[P
                        key=lambda p: int(p.name.rsplit("seed", 1)[1]))
         found = [p for p in found if (p / "results.json").exists()]
         if len(found) < 2:
-            raise ValueError(f"--runs {args.runs}: found {len(found)} finished "
-                             f"{args.model} run(s) under nets/; an ensemble needs at least 2 "
-                             f"(run the main experiment with --seeds N)")
+            raise BadInput(f"--runs {args.runs}: found {len(found)} finished "
+                           f"{args.model} run(s) under nets/; an ensemble needs at least 2 "
+                           f"(run the main experiment with --seeds N)")
         return found[:args.members or len(found)]
     if preset.released:
         found = [released_weights(name) for name in preset.released]
         if None in found:
-            raise ValueError(f"the quick preset's members are the released "
-                             f"{', '.join(preset.released)} (looked in $CNN_JAX_REFERENCE_DIR "
-                             f"and {REFERENCE_DIR}), not all on this machine; pass --runs DIR "
-                             f"(a main experiment run with --seeds N) instead")
+            raise BadInput(f"the quick preset's members are the released "
+                           f"{', '.join(preset.released)} (looked in $CNN_JAX_REFERENCE_DIR "
+                           f"and {REFERENCE_DIR}), not all on this machine; pass --runs DIR "
+                           f"(a main experiment run with --seeds N) instead")
         return found
     net = Net(args.model.startswith("resnet"), int(args.model.strip("plainresnet")))
     n = args.members or preset.members
-    trained = main_experiment.sweep([net], main_experiment.PRESETS[preset.main_preset], n, out,
-                                    command, together=args.seeds_together,
+    main_preset = main_experiment.preset_with(preset.main_preset, preset.train)
+    trained = main_experiment.sweep([net], main_preset, n, out, command,
+                                    together=args.seeds_together,
                                     processes=args.processes, data=args.data,
                                     data_dir=args.data_dir, workers=args.workers)
     return [Path(t["run_dir"]) for t in trained]
@@ -250,9 +253,13 @@ def add_arguments(p) -> None:
 def recipe(ctx: Context) -> dict:
     args = ctx.args
     if args.members is not None and args.members < 2:
-        raise ValueError(f"--members must be at least 2, got {args.members}")
+        raise BadInput(f"--members must be at least 2, got {args.members}")
     if not re.fullmatch(r"resnet\d+|plain\d+", args.model):
-        raise ValueError(f"--model must be a CIFAR resnetN or plainN, got {args.model!r}")
+        raise BadInput(f"--model must be a CIFAR resnetN or plainN, got {args.model!r}")
+    if ctx.preset.train and (args.runs or ctx.preset.released):
+        raise BadInput(f"--set {', '.join(ctx.preset.train)}: training fields, but the "
+                       f"members are {'--runs' if args.runs else 'released weights'}: "
+                       f"nothing is trained")
     return ctx.recipe(model=args.model, members=args.members, runs=args.runs, data=args.data)
 
 

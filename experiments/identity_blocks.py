@@ -49,7 +49,8 @@ import numpy as np
 
 from cnn_jax import data as data_lib
 from cnn_jax.data.pipeline import eval_batches
-from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std
+from cnn_jax.errors import BadInput
+from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std, train_config
 from cnn_jax.models import create_model
 from cnn_jax.models.layers import BasicBlock
 from cnn_jax.train import TrainConfig
@@ -68,26 +69,24 @@ class Preset:
     released: bool       # the base: the released weights of resnet<base_depth>, else the
                          # main experiment's net of this preset
     blocks: int          # k blocks appended to the last stage
-    steps: int           # iterations of each arm
-    batch: int
-    lr: float
-    schedule: str        # "constant" or "cosine" (from lr to 0)
-    weight_decay: float  # a stronger pull to zero than the paper's 1e-4
     seeds: int
     train_images: int    # the fixed training subset the training error is read on
     test_images: int     # 0: all
+    # each arm's training fields: its steps, batch, lr, schedule ("constant", or "cosine"
+    # from lr to 0) and a weight decay that pulls harder to zero than the paper's 1e-4
+    train: dict = dataclasses.field(default_factory=dict)
 
 
 PRESETS = {
-    "paper": Preset(base_depth=20, released=False, blocks=3, steps=4_000, batch=128,
-                    lr=0.01, schedule="constant", weight_decay=5e-4, seeds=2,
-                    train_images=10_000, test_images=0),
-    "quick": Preset(base_depth=20, released=True, blocks=3, steps=200, batch=64, lr=0.01,
-                    schedule="cosine", weight_decay=5e-4, seeds=3, train_images=2_000,
-                    test_images=5_000),
-    "smoke": Preset(base_depth=8, released=False, blocks=1, steps=4, batch=16, lr=0.1,
-                    schedule="constant", weight_decay=5e-4, seeds=1, train_images=64,
-                    test_images=64),
+    "paper": Preset(base_depth=20, released=False, blocks=3, seeds=2, train_images=10_000,
+                    test_images=0, train=dict(steps=4_000, batch=128, lr=0.01,
+                                              schedule="constant", weight_decay=5e-4)),
+    "quick": Preset(base_depth=20, released=True, blocks=3, seeds=3, train_images=2_000,
+                    test_images=5_000, train=dict(steps=200, batch=64, lr=0.01,
+                                                  schedule="cosine", weight_decay=5e-4)),
+    "smoke": Preset(base_depth=8, released=False, blocks=1, seeds=1, train_images=64,
+                    test_images=64, train=dict(steps=4, batch=16, lr=0.1,
+                                               schedule="constant", weight_decay=5e-4)),
 }
 ARMS = {"control": None, "residual": "A", "plain": None}  # arm -> the new blocks' shortcut
 
@@ -104,17 +103,17 @@ def base_config(base: Trained, data_dir, workers) -> TrainConfig:
 
 def arm_config(arm: str, base_cfg: TrainConfig, preset: Preset, seed: int, base: Path,
                out: Path, workers):
-    """The base run's recipe continued from its weights, k blocks grown (or not)."""
+    """The base run's recipe continued from its weights, k blocks grown (or not), with
+    the preset's training fields."""
     options = dict(base_cfg.model_options)
     if arm != "control":
         options.update(extra_blocks=(0, 0, preset.blocks), extra_shortcut=ARMS[arm])
-    return dataclasses.replace(
-        base_cfg, model_options=options, init_from=str(base), seed=seed, steps=preset.steps,
-        batch=preset.batch, lr=preset.lr, weight_decay=preset.weight_decay,
-        schedule=preset.schedule, warmup_lr=0.0, eval_subset=preset.test_images,
-        log_every=max(1, preset.steps // 10), eval_every=preset.steps,
-        checkpoint_every=max(1, preset.steps // 3), workers=workers, out=str(out),
-        progress=False)
+    steps = preset.train["steps"]
+    return train_config(
+        preset, base_cfg, model_options=options, init_from=str(base), seed=seed,
+        warmup_lr=0.0, eval_subset=preset.test_images, log_every=max(1, steps // 10),
+        eval_every=steps, checkpoint_every=max(1, steps // 3), workers=workers,
+        out=str(out), progress=False)
 
 
 # ------------------------------------------------------------------ measurements
@@ -274,15 +273,16 @@ def find_base(ctx: Context) -> Path:
     if preset.released:
         weights = released_weights(net.name)
         if weights is None:
-            raise ValueError(f"the {ctx.preset_name} preset grows the released {net.name}, "
-                             f"which is not on this machine (looked in $CNN_JAX_REFERENCE_DIR "
-                             f"and {REFERENCE_DIR}); pass --base RUN, a trained CIFAR ResNet run")
+            raise BadInput(f"the {ctx.preset_name} preset grows the released {net.name}, "
+                           f"which is not on this machine (looked in $CNN_JAX_REFERENCE_DIR "
+                           f"and {REFERENCE_DIR}); pass --base RUN, a trained CIFAR ResNet run")
         return weights
     runs = Path(f"runs/plain_vs_resnet-{ctx.preset_name}") if args.data is None \
         else ctx.out / "base"
     return Path(main_experiment.trained_nets(
         [net], ctx.preset_name, runs, ctx.command, data=args.data, data_dir=args.data_dir,
-        workers=args.workers, processes=args.processes)[0]["run_dir"])
+        workers=args.workers, processes=args.processes,
+        train=ctx.training_overrides)[0]["run_dir"])
 
 
 # ------------------------------------------------------------------ the method
@@ -292,8 +292,8 @@ def run(ctx: Context) -> Report:
     base_net = load_trained(base)
     if not base_net.model_name.startswith(("resnet", "plain", "cifar_")) or base_net.resize \
             or base_net.image_shape[:2] != (32, 32):
-        raise ValueError(f"--base {base}: expected a CIFAR resnetN/plainN run, got "
-                         f"{base_net.model_name!r}")
+        raise BadInput(f"--base {base}: expected a CIFAR resnetN/plainN run, got "
+                       f"{base_net.model_name!r}")
     base_cfg = base_config(base_net, args.data_dir, args.workers)
     data_dir = base_cfg.data_dir
     splits = {
@@ -320,11 +320,12 @@ def run(ctx: Context) -> Report:
                          for when, v in (("appended", v0), ("trained", v1))}})
     origin = ("released weights, trained 200 epochs on the lossless CIFAR-10"
               if base_net.config is None else "a run of this project")
+    arm = configs[0]  # every arm's recipe
     note = (f"Base: `{base}` ({base_net.model_name}, {origin}; on these images training "
             f"error {100 * base_errors['train_error']:.2f} %, test error "
             f"{100 * base_errors['test_error']:.2f} %). {preset.blocks} blocks appended to the "
-            f"last stage; every arm trained {preset.steps} iterations at batch {preset.batch}, "
-            f"lr {preset.lr} ({preset.schedule}), weight decay {preset.weight_decay}, crop + "
+            f"last stage; every arm trained {arm.steps} iterations at batch {arm.batch}, "
+            f"lr {arm.lr} ({arm.schedule}), weight decay {arm.weight_decay}, crop + "
             f"mirror, seeds 0..{seeds - 1}. Training error on a fixed "
             f"{len(splits['train_error']):,}-image training subset (no augmentation), test "
             f"error on {len(splits['test_error']):,} test images. Command: `{ctx.command}`.")

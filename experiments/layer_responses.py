@@ -46,7 +46,8 @@ import matplotlib
 import numpy as np
 
 from cnn_jax.data.pipeline import eval_batches
-from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std
+from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, mean_std,
+                                train_config)
 from cnn_jax.models.layers import ConvBN
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.inputs import subset
@@ -63,17 +64,18 @@ class Preset:
     residual: tuple
     images: int                # test images the responses are measured on
     released: bool = False     # ResNets: the released weights where they exist
-    steps: int = 0             # >0: nets not released are trained here (below); 0: the
-    batch: int = 32            # main experiment's nets of this preset
-    lr: float = 0.1
     data: str = "cifar10"
+    # the nets not released: train["steps"] > 0 trains them here (here_config) with its
+    # batch and lr; 0 takes the main experiment's nets of this preset
+    train: dict = dataclasses.field(default_factory=lambda: dict(steps=0, batch=32, lr=0.1))
 
 
 PRESETS = {
     "paper": Preset(plain=(20, 56), residual=(20, 56, 110), images=10_000),
     "quick": Preset(plain=(20, 56), residual=(20, 56), images=2_000, released=True,
-                    steps=1_500, batch=32),
-    "smoke": Preset(plain=(8,), residual=(8, 14), images=64, steps=6, batch=16),
+                    train=dict(steps=1_500, batch=32, lr=0.1)),
+    "smoke": Preset(plain=(8,), residual=(8, 14), images=64,
+                    train=dict(steps=6, batch=16, lr=0.1)),
 }
 
 
@@ -81,13 +83,14 @@ def here_config(net: Net, preset: Preset, seed: int, args, out: Path) -> TrainCo
     """A net trained here: all training images, crop + mirror, lr decayed to zero (a
     cosine), so that its BatchNorm statistics are those of its final weights."""
     model, options = net.model()
-    return TrainConfig(
-        model=model, model_options=options, data=args.data or preset.data, data_dir=args.data_dir, steps=preset.steps,
-        batch=preset.batch, seed=seed, lr=preset.lr, momentum=0.9, weight_decay=1e-4,
+    steps = preset.train["steps"]
+    return train_config(
+        preset, model=model, model_options=options, data=args.data or preset.data,
+        data_dir=args.data_dir, seed=seed, momentum=0.9, weight_decay=1e-4,
         schedule="cosine", crop_pad=4, flip=True, normalise="per_pixel",
-        eval_subset=preset.images, log_every=max(1, preset.steps // 20),
-        eval_every=preset.steps, checkpoint_every=max(1, preset.steps // 3), eval_batch=500,
-        workers=args.workers, out=str(out), progress=False)
+        eval_subset=preset.images, log_every=max(1, steps // 20), eval_every=steps,
+        checkpoint_every=max(1, steps // 3), eval_batch=500, workers=args.workers,
+        out=str(out), progress=False)
 
 
 # ------------------------------------------------------------------ the measurement
@@ -209,14 +212,15 @@ def gather_nets(ctx: Context) -> list[dict]:
     run folder or weights file (`source`), trained where needed."""
     args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
     wanted = [Net(False, d) for d in preset.plain] + [Net(True, d) for d in preset.residual]
-    if not preset.steps:  # the main experiment's nets, trained there if missing
+    if not preset.train["steps"]:  # the main experiment's nets, trained there if missing
         runs = Path(args.runs or f"runs/plain_vs_resnet-{ctx.preset_name}")
-        main_preset = main_experiment.PRESETS[ctx.preset_name]
-        origin = (f"the main experiment's `{ctx.preset_name}` preset ({main_preset.steps} "
-                  f"iterations at batch {main_preset.batch})")
+        main_train = main_experiment.preset_with(ctx.preset_name, ctx.training_overrides).train
+        origin = (f"the main experiment's `{ctx.preset_name}` preset ({main_train['steps']} "
+                  f"iterations at batch {main_train['batch']})")
         trained = main_experiment.trained_nets(
             wanted, ctx.preset_name, runs, ctx.command, seeds=seeds, data=args.data,
-            data_dir=args.data_dir, workers=args.workers, processes=args.processes)
+            data_dir=args.data_dir, workers=args.workers, processes=args.processes,
+            train=ctx.training_overrides)
         return [{"name": t["name"], "depth": t["depth"], "residual": t["residual"],
                  "seed": t["seed"], "source": t["run_dir"], "origin": origin} for t in trained]
     nets, todo = [], []
@@ -233,8 +237,8 @@ def gather_nets(ctx: Context) -> list[dict]:
             todo.append((net.depth, cfg))
             nets.append({"name": net.name, "depth": net.depth, "residual": net.residual,
                          "seed": seed, "source": cfg.out,
-                         "origin": f"trained here: {preset.steps:,} iterations at batch "
-                                   f"{preset.batch}, lr {preset.lr} cosine to 0, crop + mirror"})
+                         "origin": f"trained here: {cfg.steps:,} iterations at batch "
+                                   f"{cfg.batch}, lr {cfg.lr} cosine to 0, crop + mirror"})
     run_all([cfg for _, cfg in sorted(todo, key=lambda t: -t[0])], ctx.command,
             processes=args.processes)  # the deepest first
     return nets

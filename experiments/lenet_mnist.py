@@ -35,9 +35,9 @@ import numpy as np
 
 from cnn_jax import data as data_lib
 from cnn_jax.cost import profile
-from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std
+from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, mean_std,
+                                train_config)
 from cnn_jax.models import create_model
-from cnn_jax.train import TrainConfig
 from cnn_jax.train.sweep import curve, run_all
 
 # ------------------------------------------------------------------ configuration
@@ -66,30 +66,33 @@ RECIPES = {
 @dataclasses.dataclass(frozen=True)
 class Preset:
     epochs: Optional[float]  # None: each variant's own recipe passes
-    batch: int = 128
     evals_per_epoch: int = 1
     logs_per_epoch: int = 5
-    steps: int = 0          # >0: this many iterations whatever the epochs (smoke)
     seeds: int = 1
     data: str = "mnist"
+    # batch; steps > 0: this many iterations whatever the epochs (smoke), 0: the epochs'
+    train: dict = dataclasses.field(default_factory=lambda: dict(batch=128, steps=0))
 
 
 PRESETS = {
     "default": Preset(epochs=None),
     "paper": Preset(epochs=20),
-    "smoke": Preset(epochs=0, batch=32, steps=4, evals_per_epoch=0, logs_per_epoch=0),
+    "smoke": Preset(epochs=0, evals_per_epoch=0, logs_per_epoch=0,
+                    train=dict(batch=32, steps=4)),
 }
 
 
 def run_config(variant: str, preset: Preset, seed: int, args, out: Path, n_train: int):
     recipe = RECIPES[variant]
-    steps_per_epoch = max(1, round(n_train / preset.batch))
-    steps = preset.steps or max(1, round((preset.epochs or recipe.passes) * steps_per_epoch))
+    steps_per_epoch = max(1, round(n_train / preset.train["batch"]))
+    steps = preset.train["steps"] or max(1, round((preset.epochs or recipe.passes) *
+                                                  steps_per_epoch))
+    preset = dataclasses.replace(preset, train={**preset.train, "steps": steps})
     # smoke: log every iteration, evaluate every other one
     every = lambda per_epoch, smoke: steps_per_epoch // per_epoch if per_epoch else smoke
-    return TrainConfig(
-        model=variant, data=args.data or preset.data, data_dir=args.data_dir,
-        steps=steps, batch=preset.batch, seed=seed, lr=recipe.lr, momentum=0.9,
+    return train_config(
+        preset, model=variant, data=args.data or preset.data, data_dir=args.data_dir,
+        seed=seed, lr=recipe.lr, momentum=0.9,
         weight_decay=recipe.weight_decay, schedule="cosine",
         input_pad=2, normalise="lecun", crop_pad=0, flip=False,
         log_every=max(1, every(preset.logs_per_epoch, 1)),
@@ -167,13 +170,14 @@ def run(ctx: Context) -> Report:
                                           if variant in PAPER_ERROR else None),
                      "img_per_s": float(np.median([s["img_per_s"] for s in per_seed])),
                      "recipe": dataclasses.asdict(RECIPES[variant]), "seeds": per_seed})
-    steps_per_epoch = n_train / preset.batch
-    passes = (f"{preset.steps} iterations" if preset.steps else f"{preset.epochs:g} passes"
+    batch, steps = preset.train["batch"], preset.train["steps"]
+    steps_per_epoch = n_train / batch
+    passes = (f"{steps} iterations" if steps else f"{preset.epochs:g} passes"
               if preset.epochs else ", ".join(f"{v} {RECIPES[v].passes:g} passes"
                                              for v in args.variants))
     note = (f"Data: {data} ({n_train:,} training images), 28x28 padded to 32x32, no "
             f"distortions. Preset `{ctx.preset_name}`: {passes} at batch "
-            f"{preset.batch}, SGD momentum 0.9, cosine schedule; seeds 0..{seeds - 1}. "
+            f"{batch}, SGD momentum 0.9, cosine schedule; seeds 0..{seeds - 1}. "
             f"Test error after the last pass. Hardware: {results[0]['hardware']['device']} "
             f"({results[0]['hardware']['backend']}). Command: `{ctx.command}`.")
     claims = []
@@ -189,7 +193,7 @@ def run(ctx: Context) -> Report:
                  "runs": runs},
         table=table(runs, note), claims=claims, heading="LeNet-5's claim:",
         plot=lambda path: plot(runs, path, steps_per_epoch,
-                               f"LeNet-5 on {data}: {passes}, batch {preset.batch}, "
+                               f"LeNet-5 on {data}: {passes}, batch {batch}, "
                                f"{seeds} seed(s)"))
 
 

@@ -52,50 +52,47 @@ from typing import Optional
 import matplotlib
 import numpy as np
 
+from cnn_jax.errors import BadInput
 from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, guard_out,
-                                mean_std)
-from cnn_jax.models.resnet import cifar_blocks_per_stage
+                                mean_std, recipe_of, train_config)
+from cnn_jax.models.resnet import PAPER_CIFAR_ERROR, cifar_blocks_per_stage
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.sweep import curve, run_all
 
+
 # ------------------------------------------------------------------ configuration
-PAPER_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}  # Table 6
-
-
 @dataclasses.dataclass(frozen=True)
 class Preset:
     plain: tuple          # depths of plain nets
     residual: tuple       # depths of ResNets
-    steps: int
-    batch: int
     seeds: int = 1
-    lr: float = 0.1
-    milestones: tuple = (32_000, 48_000)
     warmup_110: bool = True
     augment: bool = True        # 4-pixel pad + random crop + mirror
-    train_subset: int = 0       # >0: train on (and report the training error of) a fixed
-    eval_subset: int = 0        # ... stratified subset; >0: test on such a subset
-    log_every: int = 100
-    eval_every: int = 1_000
-    checkpoint_every: int = 2_000
-    eval_batch: int = 1_000
-    steps_per_call: int = 1
-    bn_group: int = 0           # >0: BatchNorm statistics per group of this many images
     data: str = "cifar10"
+    train: dict = dataclasses.field(default_factory=dict)  # TrainConfig fields (below)
 
+
+# Sec. 4.2 as training fields: 64k iterations at batch 128, lr 0.1 divided by 10 at 32k
+# and 48k; train_subset > 0 trains on (and reports the training error of) a fixed
+# stratified subset, eval_subset > 0 tests on one; bn_group > 0: BatchNorm statistics
+# per group of this many images.
+PAPER = dict(steps=64_000, batch=128, lr=0.1, milestones=(32_000, 48_000), train_subset=0,
+             eval_subset=0, log_every=100, eval_every=1_000, checkpoint_every=2_000,
+             eval_batch=1_000, steps_per_call=1, bn_group=0, dtype="float32")
 
 PRESETS = {
     # Batch 128 "on two GPUs": BatchNorm saw 64 images per GPU (docs/deviations.md)
-    "paper": Preset(plain=(20, 32, 44, 56), residual=(20, 32, 44, 56, 110), steps=64_000,
-                    batch=128, steps_per_call=10, bn_group=64),
+    "paper": Preset(plain=(20, 32, 44, 56), residual=(20, 32, 44, 56, 110),
+                    train={**PAPER, "steps_per_call": 10, "bn_group": 64}),
     # The optimisation claim at CPU scale (module docstring): fit 1,000 images.
-    "quick": Preset(plain=(20, 56), residual=(20, 56), steps=600, batch=32, seeds=2,
-                    lr=0.01, milestones=(450,), augment=False, train_subset=1_000,
-                    eval_subset=1_000, log_every=25, eval_every=600, checkpoint_every=200,
-                    eval_batch=500),
-    "smoke": Preset(plain=(8, 14), residual=(8, 14), steps=6, batch=16,
-                    milestones=(10**9,), log_every=2, eval_every=3, checkpoint_every=3,
-                    eval_batch=500),
+    "quick": Preset(plain=(20, 56), residual=(20, 56), seeds=2, augment=False,
+                    train={**PAPER, "steps": 600, "batch": 32, "lr": 0.01, "milestones": (450,),
+                           "train_subset": 1_000, "eval_subset": 1_000, "log_every": 25,
+                           "eval_every": 600, "checkpoint_every": 200, "eval_batch": 500}),
+    "smoke": Preset(plain=(8, 14), residual=(8, 14),
+                    train={**PAPER, "steps": 6, "batch": 16, "milestones": (10**9,),
+                           "log_every": 2, "eval_every": 3, "checkpoint_every": 3,
+                           "eval_batch": 500}),
 }
 
 # Fig. 6 as numbers: (name, statement, threshold in points) on mean final training errors
@@ -135,8 +132,8 @@ def nets_for(preset: Preset, depths: Optional[list[int]] = None) -> list[Net]:
         for d in depths:
             try:
                 cifar_blocks_per_stage(d)
-            except ValueError as e:
-                raise ValueError(f"--depths: {e}") from None
+            except BadInput as e:
+                raise BadInput(f"--depths: {e}") from None
         plain, residual = [d for d in depths if d <= 110], list(depths)
     else:
         plain, residual = preset.plain, preset.residual
@@ -144,20 +141,17 @@ def nets_for(preset: Preset, depths: Optional[list[int]] = None) -> list[Net]:
 
 
 def run_config(net: Net, preset: Preset, seed: int, out: Path, *, data=None, data_dir=None,
-               workers=None, val: bool = False, dtype: str = "float32") -> TrainConfig:
+               workers=None, val: bool = False) -> TrainConfig:
+    """One net's run: the paper's recipe (Sec. 4.2), then the preset's training fields."""
     model, options = net.model()
-    return TrainConfig(
-        model=model, model_options=options, data=data or preset.data, data_dir=data_dir,
-        holdout=5_000 if val else 0, train_subset=preset.train_subset,
-        eval_subset=preset.eval_subset, steps=preset.steps, batch=preset.batch, seed=seed,
-        lr=preset.lr, momentum=0.9, weight_decay=1e-4, schedule="paper",
-        milestones=preset.milestones,
+    return train_config(
+        preset, model=model, model_options=options, data=data or preset.data,
+        data_dir=data_dir, holdout=5_000 if val else 0, seed=seed, momentum=0.9,
+        weight_decay=1e-4, schedule="paper",
         warmup_lr=0.01 if net.depth >= 110 and preset.warmup_110 else 0.0,
         crop_pad=4 if preset.augment else 0, flip=preset.augment, normalise="per_pixel",
-        dtype=dtype, steps_per_call=preset.steps_per_call, log_every=preset.log_every,
-        eval_every=preset.eval_every, checkpoint_every=preset.checkpoint_every,
-        eval_batch=preset.eval_batch, eval_train_set=bool(preset.train_subset),
-        bn_group=preset.bn_group, workers=workers, out=str(out), progress=False)
+        eval_train_set=bool(preset.train.get("train_subset")), workers=workers,
+        out=str(out), progress=False)
 
 
 # ------------------------------------------------------------------ the sweep
@@ -165,7 +159,7 @@ def sweep(nets: list[Net], preset: Preset, seeds: int, out: Path, command: str, 
           together: bool = False, processes: Optional[int] = None, **recipe) -> list[dict]:
     """Train (or re-read) every net for `seeds` seeds into out/nets/<net>-seed<k>, the
     deepest first (`together`: each net's seeds at once; `recipe`: run_config's data,
-    data_dir, workers, val, dtype); one record per net and seed."""
+    data_dir, workers, val); one record per net and seed."""
     jobs = [(net, seed) for seed in range(seeds) for net in nets]
     configs = [run_config(net, preset, seed, out / "nets" / f"{net.name}-seed{seed}", **recipe)
                for net, seed in jobs]
@@ -251,7 +245,7 @@ def table(runs: list[dict], data_note: str, paper_column: bool = True) -> str:
     for (residual, depth), rs in sorted(groups.items()):
         train = mean_std([training_error(r) for r in rs])
         test = mean_std(100 * np.array([r["final_test_error"] for r in rs]))
-        paper = PAPER_ERROR.get(depth) if residual else None
+        paper = PAPER_CIFAR_ERROR.get(depth) if residual else None
         lines.append(f"| {'ResNet' if residual else 'plain'} | {depth} | "
                      f"{rs[0]['params'] / 1e6:.2f}M | {train} | {test} (n={len(rs)}) |" +
                      (f" {paper if paper is not None else '-'} |" if paper_column else ""))
@@ -309,35 +303,36 @@ def run(ctx: Context) -> Report:
     seeds = ctx.seeds
     runs = sweep(nets_for(preset, args.depths), preset, seeds, ctx.out, ctx.command,
                  together=args.seeds_together, processes=args.processes, data=args.data,
-                 data_dir=args.data_dir, workers=args.workers, val=args.val, dtype=args.dtype)
+                 data_dir=args.data_dir, workers=args.workers, val=args.val)
+    cfg = run_config(Net(True, 20), preset, 0, ctx.out)   # the recipe every net shares
     data = args.data or preset.data
-    subset = (f"training error: the error on the whole fixed {preset.train_subset:,}-image "
+    subset = (f"training error: the error on the whole fixed {cfg.train_subset:,}-image "
               f"training subset with the final weights (no augmentation: an optimisation "
-              f"test; the test error, on {preset.eval_subset:,} test images, measures what "
+              f"test; the test error, on {cfg.eval_subset:,} test images, measures what "
               f"memorising it gives, not the paper's generalisation)"
-              if preset.train_subset else "")
+              if cfg.train_subset else "")
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy: errors are not comparable "
                                 "one to one with the paper's lossless CIFAR-10)"
                                 if data == "cifar10" else "") +
-            f". Preset `{ctx.preset_name}`: {preset.steps} iterations at batch {preset.batch}, "
-            f"lr {preset.lr} (the paper: 64k at 128, lr 0.1)" + (f"; {subset}" if subset else "") +
+            f". Preset `{ctx.preset_name}`: {cfg.steps} iterations at batch {cfg.batch}, "
+            f"lr {cfg.lr} (the paper: 64k at 128, lr 0.1)" + (f"; {subset}" if subset else "") +
             ". Final errors after the last iteration" + (
-                "" if preset.train_subset else
-                f" (training: the last {preset.log_every} iterations' batches)") +
+                "" if cfg.train_subset else
+                f" (training: the last {cfg.log_every} iterations' batches)") +
             f", single view; mean ± std over seeds 0..{seeds - 1}. Command: `{ctx.command}`.")
-    what = "training errors" + (f" on the {preset.train_subset:,}-image subset"
-                                if preset.train_subset else "")
-    title = (f"{data}, preset {ctx.preset_name}: {preset.steps} iterations, batch "
-             f"{preset.batch}, lr {preset.lr}, seeds {seeds}" +
-             (f"; training error on a fixed {preset.train_subset:,}-image subset"
-              if preset.train_subset else ""))
+    what = "training errors" + (f" on the {cfg.train_subset:,}-image subset"
+                                if cfg.train_subset else "")
+    title = (f"{data}, preset {ctx.preset_name}: {cfg.steps} iterations, batch "
+             f"{cfg.batch}, lr {cfg.lr}, seeds {seeds}" +
+             (f"; training error on a fixed {cfg.train_subset:,}-image subset"
+              if cfg.train_subset else ""))
     return Report(
         results={"runs": runs},
-        table=table(runs, note, paper_column=not preset.train_subset),
+        table=table(runs, note, paper_column=not cfg.train_subset),
         claims=check_claims(runs),
         heading=f"Fig. 6's claims, on the final {what} (mean of {seeds} seed(s)):",
-        plot=lambda path: plot(runs, path, title, test_curves=not preset.train_subset,
-                               milestones=preset.milestones))
+        plot=lambda path: plot(runs, path, title, test_curves=not cfg.train_subset,
+                               milestones=cfg.milestones))
 
 
 def add_arguments(p) -> None:
@@ -345,28 +340,30 @@ def add_arguments(p) -> None:
                    help="6n+2 depths for both families (plain nets up to 110)")
     p.add_argument("--val", action="store_true",
                    help="hold out 5k training images for model selection")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
 def recipe(ctx: Context) -> dict:
     """What an output folder's nets were trained with (its guard)."""
     nets_for(ctx.preset, ctx.args.depths)  # bad --depths: refused before the folder
-    return recipe_of(ctx.preset_name, ctx.preset, ctx.args.data, ctx.args.val, ctx.args.dtype)
+    return ctx.recipe(val=ctx.args.val)
 
 
-def recipe_of(preset_name: str, preset: Preset, data=None, val: bool = False,
-              dtype: str = "float32") -> dict:
-    return {"preset": preset_name, **dataclasses.asdict(preset), "data": data or preset.data,
-            "val": val, "dtype": dtype}
+def preset_with(preset_name: str, train: Optional[dict] = None) -> Preset:
+    """This experiment's preset `preset_name`, with training fields `train` set on it
+    (another experiment's --set, so that the nets it asks for are trained as it says)."""
+    preset = PRESETS[preset_name]
+    return dataclasses.replace(preset, train={**preset.train, **(train or {})})
 
 
 def trained_nets(nets: list[Net], preset_name: str, out: Path, command: str, *,
-                 seeds: int = 1, data=None, **recipe) -> list[dict]:
-    """Other experiments' way to this one's nets: `nets` of preset `preset_name`
-    trained (or re-read) in this experiment's output folder `out`, guarded as its own
-    command guards it (`recipe`: data_dir, workers, processes)."""
-    preset = PRESETS[preset_name]
-    guard_out(out, recipe_of(preset_name, preset, data))
+                 seeds: int = 1, data=None, train: Optional[dict] = None,
+                 **recipe) -> list[dict]:
+    """Other experiments' way to this one's nets: `nets` of preset `preset_name` (with
+    training fields `train` set) trained (or re-read) in this experiment's output
+    folder `out`, guarded as its own command guards it (`recipe`: data_dir, workers,
+    processes)."""
+    preset = preset_with(preset_name, train)
+    guard_out(out, recipe_of(preset_name, preset, data, val=False))
     return sweep(nets, preset, seeds, out, command, data=data, **recipe)
 
 

@@ -25,8 +25,10 @@ own training (its per-pixel mean); scratch uses the per-pixel mean of its 250 im
 Presets: `quick` (CPU: ResNet-20 pretrained for 2,000 iterations at batch 32, 20
 images per target class, 150 iterations per mode; about 14 minutes on a 2-core CPU),
 `paper` (GPU: ResNet-20 pretrained for 16k iterations at batch 128, 50 images per
-class), `smoke` (seconds, for the tests), `auto`; `--per-class N` changes the number
-of labelled images. Re-running resumes: finished parts are re-read, not retrained.
+class), `smoke` (seconds, for the tests), `auto`; `--set per_class=N` changes the number
+of labelled images, `--set steps=N batch=N` the fine-tuning runs' length and batch, and
+any other training field (`--set lr=0.05 label_smoothing=0.1`) reaches the finetune,
+full and scratch runs. Re-running resumes: finished parts are re-read, not retrained.
 Evidence: docs/results.md records the quick run.
 
 On your own data (an ImageFolder: <root>/<class>/<image> or with train/ and val/
@@ -38,7 +40,10 @@ googlenet):
         --mode {frozen,finetune,full} --out DIR [--seeds N] [--stages K] [--steps N] [--lr LR]
     python -m experiments.transfer_learning --predict IMAGES --out DIR [--mode M]
 
-The demonstration's own dataset is --data NAME (default cifar10) without --backbone.
+The demonstration's own dataset is --data NAME (default cifar10) without --backbone;
+the flags of your own data's runs (--mode --arch --stages --steps --batch --lr
+--epochs --augment) are refused there: the demonstration takes its settings from its
+presets (--set).
 
 Every mode run into one --out lands in DIR/<mode>/seed<k>/; the table and the plot
 compare all of them (mean ± std over seeds) with the accuracy of always answering the
@@ -60,8 +65,8 @@ import jax
 import numpy as np
 
 from cnn_jax.data import DataError
-from cnn_jax.experiment import (BAD_INPUT, Context, Experiment, Report, figure, guard_out,
-                                mean_std)
+from cnn_jax.errors import BadInput, exit_on_bad_input
+from cnn_jax.experiment import Context, Experiment, Report, figure, guard_out, mean_std
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.inputs import source_normaliser, split_arrays, subset, training_arrays
 from cnn_jax.train.checkpoint import load_variables
@@ -82,43 +87,50 @@ class Preset:
     pretrain_steps: int
     pretrain_batch: int
     per_class: int            # labelled training images per target class
-    steps: int                # finetune / full / scratch
-    batch: int
     softmax_epochs: int = 100
     seeds: int = 1            # of every mode (the backbone is one)
     pretrain_subset: int = 0  # >0: pretrain on a fixed subset of the five classes
     test_subset: int = 0      # >0: accuracy on a fixed subset of the target test images
     data: str = "cifar10"
+    # the finetune / full / scratch runs' training fields: steps, batch (and --set's)
+    train: dict = dataclasses.field(default_factory=dict)
 
 
 PRESETS = {
     "paper": Preset("resnet20", pretrain_steps=16_000, pretrain_batch=128, per_class=50,
-                    steps=500, batch=64),
+                    train=dict(steps=500, batch=64)),
     "quick": Preset("resnet20", pretrain_steps=2_000, pretrain_batch=32, per_class=20,
-                    steps=150, batch=32, seeds=3),
-    "smoke": Preset("resnet8", pretrain_steps=20, pretrain_batch=16, per_class=8, steps=6,
-                    batch=16, softmax_epochs=5, pretrain_subset=160, test_subset=100),
+                    seeds=3, train=dict(steps=150, batch=32)),
+    "smoke": Preset("resnet8", pretrain_steps=20, pretrain_batch=16, per_class=8,
+                    softmax_epochs=5, pretrain_subset=160, test_subset=100,
+                    train=dict(steps=6, batch=16)),
 }
 LR = {"finetune": 0.01, "full": 0.01, "scratch": 0.1}
+# a mode's settings (its folder's guard): these two, and the rest TrainConfig fields
+MODE_KNOBS = ("stages", "augment")
+USERS_FLAGS = ("mode", "arch", "stages", "steps", "batch", "lr", "epochs", "augment")
 
 
 # ------------------------------------------------------------------ one mode
-def engine_config(mode: str, base, backbone, lr: float, steps: int, batch: int,
-                  stages: int, out: Path, n_train: int, augment: bool = True, seed: int = 0):
+def engine_config(mode: str, base, backbone, settings: dict, out: Path, n_train: int,
+                  seed: int = 0):
     """The TrainConfig of a finetune / full / scratch run on `base`'s data (`n_train`
-    training images: the batch is at most that)."""
-    pretrained = mode != "scratch"
-    return dataclasses.replace(
-        base, model=backbone.model_name, model_options=dict(backbone.options), seed=seed,
+    training images: the batch is at most that): the mode's recipe, then the training
+    fields of its `settings` (lr, steps, batch and any --set) over it."""
+    pretrained, augment = mode != "scratch", settings["augment"]
+    train = {k: v for k, v in settings.items() if k not in MODE_KNOBS}
+    steps = train["steps"]
+    fields = dict(
+        model=backbone.model_name, model_options=dict(backbone.options), seed=seed,
         init_from=backbone.source if pretrained else "",
         init_skip=head_of(backbone) if pretrained else "",
-        trainable=trainable_for(backbone, stages) if mode == "finetune" else "",
-        normalise="source" if pretrained else "per_pixel",
-        resize=backbone.resize, steps=steps, batch=min(batch, n_train), lr=lr,
+        trainable=trainable_for(backbone, settings["stages"]) if mode == "finetune" else "",
+        normalise="source" if pretrained else "per_pixel", resize=backbone.resize,
         momentum=0.9, weight_decay=5e-4, schedule="cosine",
         crop_pad=max(1, backbone.input_size // 8) if augment else 0, flip=augment,
         log_every=max(1, steps // 10), eval_every=steps, checkpoint_every=steps,
         eval_batch=250, out=str(out), progress=False)
+    return dataclasses.replace(base, **{**fields, **train, "batch": min(train["batch"], n_train)})
 
 
 def trained_params(variables: dict, trainable: str) -> int:
@@ -196,9 +208,7 @@ def run_mode(mode: str, base, backbone, study: Path, seed: int, eval_split: str,
     done = out / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = engine_config(mode, base, backbone, settings["lr"], settings["steps"],
-                        settings["batch"], settings["stages"], out / "run", len(train),
-                        augment=settings["augment"], seed=seed)
+    cfg = engine_config(mode, base, backbone, settings, out / "run", len(train), seed=seed)
     return run_engine(mode, cfg, backbone, command, eval_split, out, train)
 
 
@@ -305,18 +315,23 @@ def report_of(out: Path, payload: dict, data: dict, note: str, title: str) -> Re
 
 
 # ------------------------------------------------------------------ the demonstration
+def pretrain_config(preset: Preset, out: Path, **common) -> TrainConfig:
+    """The backbone's run: the preset's model on the five pretraining classes."""
+    steps = preset.pretrain_steps
+    return TrainConfig(
+        model=preset.model, classes=PRETRAIN_CLASSES, train_subset=preset.pretrain_subset,
+        eval_subset=preset.test_subset, steps=steps, batch=preset.pretrain_batch, lr=0.1,
+        momentum=0.9, weight_decay=5e-4, schedule="cosine", crop_pad=4, flip=True,
+        normalise="per_pixel", log_every=max(1, steps // 20), eval_every=steps,
+        checkpoint_every=max(1, min(2_000, steps // 2)), eval_batch=500, out=str(out),
+        **common)
+
+
 def demonstration(ctx: Context) -> Report:
     args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
     out, data = ctx.out, args.data or ctx.preset.data
     common = dict(data=data, data_dir=args.data_dir, workers=args.workers, progress=False)
-    pretrain = TrainConfig(
-        model=preset.model, classes=PRETRAIN_CLASSES, train_subset=preset.pretrain_subset,
-        eval_subset=preset.test_subset, steps=preset.pretrain_steps, batch=preset.pretrain_batch,
-        lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", crop_pad=4, flip=True,
-        normalise="per_pixel", log_every=max(1, preset.pretrain_steps // 20),
-        eval_every=preset.pretrain_steps,
-        checkpoint_every=max(1, min(2_000, preset.pretrain_steps // 2)),
-        eval_batch=500, out=str(out / "pretrain"), **common)
+    pretrain = pretrain_config(preset, out / "pretrain", **common)
     print(f"pretraining {preset.model} on classes {PRETRAIN_CLASSES} into {out / 'pretrain'} "
           f"(the backbone)", file=sys.stderr)
     pre = run_all([pretrain], ctx.command, ["pretrain"])[0]
@@ -333,8 +348,7 @@ def demonstration(ctx: Context) -> Report:
         for seed in range(seeds):
             print(f"{mode}, seed {seed}: {preset.per_class} images per class", file=sys.stderr)
             settings = {"epochs": preset.softmax_epochs} if mode == "frozen" else {
-                "lr": LR[mode], "steps": preset.steps, "batch": preset.batch, "stages": 1,
-                "augment": True}
+                "lr": LR[mode], "stages": 1, "augment": True, **preset.train}
             run_mode(mode, target, backbone, out, seed, "test", train, ctx.command, settings)
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "") +
             f". Backbone: {preset.model} pretrained on classes {PRETRAIN_CLASSES} (airplane, "
@@ -369,16 +383,19 @@ def evaluation_split(base):
                 f"val/ or test/ folder)")
 
 
-def mode_settings(args) -> dict:
-    """What the user's mode trains with (its folder's guard)."""
-    if args.mode == "frozen":
-        return {"epochs": args.epochs}
-    return {"lr": args.lr or LR[args.mode], "steps": args.steps, "batch": args.batch,
-            "stages": args.stages, "augment": args.augment is not False}
+def mode_settings(ctx: Context) -> dict:
+    """What the user's mode trains with (its folder's guard): the flags (their defaults
+    where not given) and --set's training fields."""
+    args, mode = ctx.args, ctx.args.mode or "frozen"
+    if mode == "frozen":
+        return {"epochs": args.epochs or 100}
+    return {"lr": args.lr or LR[mode], "steps": args.steps or 300, "batch": args.batch or 32,
+            "stages": args.stages or 1, "augment": args.augment is not False,
+            **ctx.training_overrides}
 
 
 def users_run(ctx: Context) -> Report:
-    args = ctx.args
+    args, mode = ctx.args, ctx.args.mode or "frozen"
     backbone = load_backbone(args.backbone, args.arch)
     data = f"imagefolder:{Path(args.data).expanduser()}"
     base = TrainConfig(model=backbone.model_name, data=data, image_size=backbone.image_shape[0],
@@ -389,17 +406,17 @@ def users_run(ctx: Context) -> Report:
     print(f"{backbone.model_name} from {backbone.source}: {len(train.classes)} classes, "
           f"{len(train)} training images", file=sys.stderr)
     print_report(report)
-    if args.mode == "frozen":
+    if mode == "frozen":
         print("frozen mode: the features are computed once and cached, so augmentation "
               "is off" + (" (--augment ignored; " if args.augment else " (") +
               "use --mode finetune or full to augment)", file=sys.stderr)
     for seed in range(args.seeds or 1):
-        run_mode(args.mode, base, backbone, ctx.out, seed, eval_split, train, ctx.command,
-                 mode_settings(args))
+        run_mode(mode, base, backbone, ctx.out, seed, eval_split, train, ctx.command,
+                 mode_settings(ctx))
     note = (f"Data: {args.data}; backbone {backbone.model_name} from {backbone.source}. Every "
             f"mode run into `{ctx.out}` is listed. Command of the last: `{ctx.command}`.")
     return report_of(ctx.out, {"config": {"backbone": str(args.backbone), "data": data,
-                                          args.mode: mode_settings(args)},
+                                          mode: mode_settings(ctx)},
                                "classes": train.classes}, report, note,
                      f"{backbone.model_name} -> {Path(args.data).name}")
 
@@ -411,9 +428,9 @@ def predictions(args) -> int:
     else:
         rows = [r for r in study_rows(study) if not args.mode or r["mode"] == args.mode]
         if not rows:
-            raise ValueError(f"--out {study}: no {MODEL_FILE} and no trained mode"
-                             f"{' ' + args.mode if args.mode else ''} in it (expected the "
-                             f"--out folder of a transfer_learning run)")
+            raise BadInput(f"--out {study}: no {MODEL_FILE} and no trained mode"
+                           f"{' ' + args.mode if args.mode else ''} in it (expected the "
+                           f"--out folder of a transfer_learning run)")
         best = max(rows, key=lambda r: r["val_accuracy"])
         chosen = study / best["mode"] / f"seed{best['seed']}"
         print(f"predicting with {best['mode']} seed {best['seed']} (accuracy "
@@ -447,11 +464,15 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", choices=MODES, default=None,
                    help="with --backbone: the mode to run (default frozen); with --predict: "
                         "the mode to predict with (default: the most accurate in --out)")
-    p.add_argument("--stages", type=int, default=1, help="finetune: stages that train")
-    p.add_argument("--steps", type=int, default=300, help="finetune/full steps")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="default 0.01 (finetune, full)")
-    p.add_argument("--epochs", type=int, default=100, help="frozen: softmax epochs")
+    p.add_argument("--stages", type=int, default=None,
+                   help="with --backbone, finetune: stages that train (default 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="with --backbone: finetune/full steps (default 300)")
+    p.add_argument("--batch", type=int, default=None, help="with --backbone (default 32)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="with --backbone (default 0.01 for finetune and full)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="with --backbone, frozen: softmax epochs (default 100)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="crop + mirror (finetune/full: on by default; frozen: impossible)")
     p.add_argument("--predict", default=None, metavar="DIR",
@@ -462,16 +483,21 @@ def recipe(ctx: Context) -> dict:
     """The study's guard: your data and backbone, or the demonstration's preset; and the
     checks of the flags that only some paths use."""
     args = ctx.args
-    if min(args.steps, args.epochs, args.stages, args.batch) < 1:
-        raise ValueError("--steps, --epochs, --stages and --batch must be positive")
+    given = [f for f in ("steps", "epochs", "stages", "batch") if getattr(args, f) is not None]
+    if any(getattr(args, f) < 1 for f in given):
+        raise BadInput("--steps, --epochs, --stages and --batch must be positive")
     if args.backbone:
         if not args.data or not args.out:
-            raise ValueError("--backbone trains on your data: it needs --data PATH and --out")
-        args.mode = args.mode or "frozen"
+            raise BadInput("--backbone trains on your data: it needs --data PATH and --out")
         return {"backbone": str(args.backbone), "data": f"imagefolder:{Path(args.data).expanduser()}"}
     if args.data and Path(args.data).expanduser().exists():
-        raise ValueError(f"--data {args.data}: a folder of your images needs --backbone (a run "
-                         f"folder of this project or a torchvision/timm weights file)")
+        raise BadInput(f"--data {args.data}: a folder of your images needs --backbone (a run "
+                       f"folder of this project or a torchvision/timm weights file)")
+    ignored = [f"--{f}" for f in USERS_FLAGS if getattr(args, f) is not None]
+    if ignored:
+        raise BadInput(f"{', '.join(ignored)}: used with --backbone (your own data) only; the "
+                       f"demonstration takes its settings from its presets, e.g. --set "
+                       f"steps=300 batch=32 lr=0.02 per_class=50")
     return ctx.recipe()
 
 
@@ -486,11 +512,7 @@ def main(argv=None) -> int:
             print("error: --predict needs --out (the folder of a transfer_learning run)",
                   file=sys.stderr)
             return 2
-        try:
-            return predictions(ctx.args)
-        except BAD_INPUT as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return exit_on_bad_input(predictions)(ctx.args)
     return EXPERIMENT.main(argv)
 
 

@@ -40,9 +40,8 @@ import numpy as np
 
 from cnn_jax import data as data_lib
 from cnn_jax.cost import profile
-from cnn_jax.experiment import Context, Experiment, Report, figure, mean_std
+from cnn_jax.experiment import Context, Experiment, Report, figure, mean_std, train_config
 from cnn_jax.models import create_model
-from cnn_jax.train import TrainConfig
 from cnn_jax.train.inputs import model_input_shape
 from cnn_jax.train.sweep import run_all
 
@@ -78,39 +77,32 @@ ZOO = {
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    steps: int
-    batch: int
-    log_every: int
-    eval_every: int
-    checkpoint_every: int
-    eval_batch: int = 1_000
     test_subset: int = 0     # >0: a fixed stratified subset of the test set (CPU presets)
     seeds: int = 1
     data: str = "cifar10"
+    train: dict = dataclasses.field(default_factory=dict)  # steps, batch and cadence
 
 
 PRESETS = {
-    "full": Preset(steps=30 * 391, batch=128, log_every=100, eval_every=391 * 5,
-                   checkpoint_every=391),
+    "full": Preset(train=dict(steps=30 * 391, batch=128, log_every=100, eval_every=391 * 5,
+                              checkpoint_every=391, eval_batch=1_000)),
     # A 2-core CPU trains VGG-16 at about 6 images/s: 50 iterations of 32 images each,
     # the error read on 1,000 test images (100 per class).
-    "quick": Preset(steps=50, batch=32, log_every=10, eval_every=50, checkpoint_every=25,
-                    eval_batch=250, test_subset=1_000),
-    "smoke": Preset(steps=3, batch=8, log_every=1, eval_every=3, checkpoint_every=3,
-                    eval_batch=100),
+    "quick": Preset(test_subset=1_000, train=dict(steps=50, batch=32, log_every=10,
+                                                  eval_every=50, checkpoint_every=25,
+                                                  eval_batch=250)),
+    "smoke": Preset(train=dict(steps=3, batch=8, log_every=1, eval_every=3,
+                               checkpoint_every=3, eval_batch=100)),
 }
 
 
 def run_config(key: str, preset: Preset, seed: int, args, out: Path):
     net = ZOO[key]
-    return TrainConfig(
-        model=net.model, model_options=dict(net.options), data=args.data or preset.data,
-        data_dir=args.data_dir, steps=preset.steps, batch=preset.batch, seed=seed,
-        lr=net.lr, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-        crop_pad=4, flip=True, normalise="standard", resize=net.resize,
-        eval_subset=preset.test_subset,
-        log_every=preset.log_every, eval_every=preset.eval_every,
-        checkpoint_every=preset.checkpoint_every, eval_batch=preset.eval_batch,
+    return train_config(
+        preset, model=net.model, model_options=dict(net.options),
+        data=args.data or preset.data, data_dir=args.data_dir, seed=seed, lr=net.lr,
+        momentum=0.9, weight_decay=5e-4, schedule="cosine", crop_pad=4, flip=True,
+        normalise="standard", resize=net.resize, eval_subset=preset.test_subset,
         workers=args.workers, out=str(out), progress=False)
 
 
@@ -176,8 +168,9 @@ def run(ctx: Context) -> Report:
                      "img_per_s": float(np.median([s["img_per_s"] for s in per_seed])),
                      "seeds": per_seed})
     hw = results[0]["hardware"]
+    steps, batch = configs[0].steps, configs[0].batch
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "")
-            + f". Preset `{ctx.preset_name}`: {preset.steps} iterations at batch {preset.batch} "
+            + f". Preset `{ctx.preset_name}`: {steps} iterations at batch {batch} "
             f"for every net (SGD momentum 0.9, weight decay 5e-4, cosine schedule, crop + "
             f"flip); seeds 0..{seeds - 1}; single-view test error after the last iteration on "
             + (f"a fixed stratified subset of {preset.test_subset:,} test images. "
@@ -186,8 +179,8 @@ def run(ctx: Context) -> Report:
             f"windows. Command: `{ctx.command}`.")
     return Report(results={"runs": runs}, table=table(runs, note),
                   plot=lambda path: plot(runs, path, f"{data}, preset {ctx.preset_name}: "
-                                                     f"{preset.steps} iterations at batch "
-                                                     f"{preset.batch}"))
+                                                     f"{steps} iterations at batch "
+                                                     f"{batch}"))
 
 
 def add_arguments(p) -> None:

@@ -3,7 +3,7 @@
 For each CIFAR ResNet layer shape (3x3, stride 1, "SAME": 32x32x16, 16x16x32, 8x8x64
 at the batch given), float32 or bfloat16: the forward pass, the input gradient and
 the kernel gradient: XLA's convolutions (the kernel gradient both as XLA's own and as
-`cnn_jax.train.conv_grad`'s chunked products) and, where it can run, oneDNN's
+`cnn_jax.train.conv_kernels`' chunked products) and, where it can run, oneDNN's
 (`cnn_jax.onednn`), each jitted alone on random inputs; with torch installed,
 `torch.nn.functional.conv2d` and `aten.convolution_backward` on the same inputs
 (channels_last, as many threads as JAX's CPU). Median of `--repeats` calls after one
@@ -48,7 +48,7 @@ def median_ms(fn, repeats: int) -> float:
 def ours(x, dy, w, repeats: int) -> dict:
     import jax
     from cnn_jax import onednn
-    from cnn_jax.train import conv_grad
+    from cnn_jax.train import conv_kernels
 
     pads, shape = ((1, 1), (1, 1)), tuple(w.shape)
 
@@ -59,10 +59,10 @@ def ours(x, dy, w, repeats: int) -> dict:
                 "kernel_grad": (lambda x, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0],
                                 (x, dy))}
 
-    xla = three_passes(lambda x, w: conv_grad._conv(x, w, (1, 1), pads))
+    xla = three_passes(lambda x, w: conv_kernels._conv(x, w, (1, 1), pads))
     fns = {"forward": xla["forward"], "input_grad": xla["input_grad"],
            "kernel_grad_xla": xla["kernel_grad"],
-           "kernel_grad_chunks": (lambda x, dy: conv_grad._kernel_grad(
+           "kernel_grad_chunks": (lambda x, dy: conv_kernels._kernel_grad(
                x, dy, shape, (1, 1), pads), (x, dy))}
     if onednn.available(x.dtype):  # the same three on oneDNN (CPU step 17)
         one = three_passes(lambda x, w: onednn.conv2d(x, w, (1, 1), pads))
@@ -115,9 +115,9 @@ def winograd_conv(x, w, m: int):
 def winograd(x, dy, w, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
-    from cnn_jax.train import conv_grad
+    from cnn_jax.train import conv_kernels
 
-    reference = conv_grad._conv(x, w, (1, 1), ((1, 1), (1, 1)))
+    reference = conv_kernels._conv(x, w, (1, 1), ((1, 1), (1, 1)))
     out = {}
     for m in WINOGRAD:
         conv = jax.jit(lambda x, w, m=m: winograd_conv(x, w, m))

@@ -25,8 +25,8 @@ kernel gradients are then computed seed by seed, "seedwise", as in training).
 The last line is one JSON object: `ours_img_per_s` (the fastest of our variants in the
 first model, batch, dtype and seed count), `reference_img_per_s` (PyTorch eager in
 the matching precision: float32 -> eager, bfloat16 -> amp_bf16), `ratio` (ours /
-reference), `backend`, and every variant. `--conv-grad xla matmul` times both
-kernel-gradient paths (cnn_jax.train.conv_grad); `versions.xla_flags` records
+reference), `backend`, and every variant. `--conv-kernels xla matmul` times both
+kernel-gradient paths (cnn_jax.train.conv_kernels); `versions.xla_flags` records
 XLA_FLAGS, which choose the CPU convolution library (cnn_jax.cpu_kernels).
 """
 from __future__ import annotations
@@ -37,20 +37,20 @@ import statistics
 import sys
 import time
 
-from cnn_jax.train.config import CONV_GRADS
+from cnn_jax.train.config import CONV_KERNELS
 
 
-def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = "auto",
+def make_step(model_name: str, batch: int, dtype: str, k: int, kernels: str = "auto",
               seeds: int = 1):
     """The engine's jitted train step (k steps per call when k > 1; `seeds` runs
     vmapped into one step when seeds > 1), a fresh state and one resident batch of
-    random uint8 images: (fn, state, data, conv_grad used)."""
+    random uint8 images: (fn, state, data, the convolution kernels used)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from cnn_jax.models import create_model
     from cnn_jax.train import schedules
-    from cnn_jax.train.conv_grad import resolve
+    from cnn_jax.train.conv_kernels import resolve
     from cnn_jax.train.state import TrainState
     from cnn_jax.train.steps import make_optimizer, make_train_step, multi_step, seeds_at_once
 
@@ -58,9 +58,9 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = 
     tx = make_optimizer(0.9, 1e-4)
     lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.0)
     mean = jnp.asarray(np.random.default_rng(0).uniform(100, 150, (32, 32, 3)), jnp.float32)
-    conv_grad = resolve(conv_grad, seeds, dtype)
+    kernels = resolve(kernels, seeds, dtype)
     train_step = make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) - mean,
-                                 conv_grad=conv_grad)
+                                 conv_kernels=kernels)
     if seeds > 1:
         train_step = seeds_at_once(train_step)
     fn = jax.jit(multi_step(train_step) if k > 1 else train_step, donate_argnums=0)
@@ -72,17 +72,17 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, conv_grad: str = 
     data = {"image": jax.random.randint(jax.random.key(1), (*lead, 32, 32, 3), 0, 256
                                         ).astype(jnp.uint8),
             "label": jax.random.randint(jax.random.key(2), lead, 0, 10)}
-    return fn, state, data, conv_grad
+    return fn, state, data, kernels
 
 
 def our_timer(model_name: str, batch: int, dtype: str, k: int, steps: int,
-              conv_grad: str = "auto", seeds: int = 1):
+              kernels: str = "auto", seeds: int = 1):
     """The step compiled and warmed up: (info, window), where window(source) times
     about `steps` steps fed by source() (default: the resident batch) and returns
     seconds per step."""
     import jax
 
-    fn, state, data, conv_grad = make_step(model_name, batch, dtype, k, conv_grad, seeds)
+    fn, state, data, kernels = make_step(model_name, batch, dtype, k, kernels, seeds)
     calls, run = max(1, steps // k), {"state": state}
 
     def window(source=lambda: data) -> float:
@@ -96,7 +96,7 @@ def our_timer(model_name: str, batch: int, dtype: str, k: int, steps: int,
         run["state"], _ = fn(run["state"], data)
     jax.block_until_ready(run["state"])
     return {"impl": "ours", "model": model_name, "batch": batch, "dtype": dtype,
-            "steps_per_call": k, "conv_grad": conv_grad, "seeds": seeds}, window
+            "steps_per_call": k, "conv_kernels": kernels, "seeds": seeds}, window
 
 
 def pipeline_ms(window, batch: int, k: int, calls: int, repeats: int, data_dir=None) -> float:
@@ -137,9 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[128])
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
     p.add_argument("--steps-per-call", type=int, nargs="+", default=[1])
-    p.add_argument("--conv-grad", nargs="+", choices=CONV_GRADS,
-                   default=["auto"], help="kernel gradients: XLA's convolution or matrix "
-                   "products (auto: the training default, matmul for float32 on CPUs)")
+    p.add_argument("--conv-kernels", "--conv-grad", nargs="+", choices=CONV_KERNELS,
+                   default=["auto"], help="the convolutions' kernels (cnn_jax.train."
+                   "conv_kernels; auto: the training default)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1],
                    help="independent runs vmapped into one step (cnn_jax.train.steps."
                    "seeds_at_once); img/s then counts the images of all of them")
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     for model in a.model:
         for batch in a.batch:
             for dtype in a.dtype:
-                for k, cg, n in [(k, cg, n) for k in a.steps_per_call for cg in a.conv_grad
+                for k, cg, n in [(k, cg, n) for k in a.steps_per_call for cg in a.conv_kernels
                                  for n in a.seeds]:
                     t = time.perf_counter()
                     info, window = our_timer(model, batch, dtype, k, max(a.steps, k), cg, n)

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--steps-per-call", type=int, default=1)
     p.add_argument("--seeds", type=int, default=1, help="runs vmapped into one step")
-    p.add_argument("--conv-grad", choices=["auto", "xla", "matmul"], default="auto")
+    p.add_argument("--conv-kernels", "--conv-grad", choices=["auto", "xla", "matmul"],
+                   default="auto")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temp dir)")
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
     from bench_train import make_step
     from cnn_jax.provenance import hardware, versions
 
-    fn, state, data, conv_grad = make_step(a.model, a.batch, a.dtype, a.steps_per_call,
-                                           a.conv_grad, a.seeds)
+    fn, state, data, kernels = make_step(a.model, a.batch, a.dtype, a.steps_per_call,
+                                         a.conv_kernels, a.seeds)
     for _ in range(2):  # compile + warm-up
         state, _ = fn(state, data)
     jax.block_until_ready(state)
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     steps = a.calls * a.steps_per_call
     print(json.dumps({
         "model": a.model, "batch": a.batch, "dtype": a.dtype,
-        "steps_per_call": a.steps_per_call, "seeds": a.seeds, "conv_grad": conv_grad,
+        "steps_per_call": a.steps_per_call, "seeds": a.seeds, "conv_kernels": kernels,
         "ms_per_step": statistics.median(untraced), "wall_ms_per_step_traced": wall_ms / steps,
         "tracks": summarise(read_trace(folder), steps, wall_ms, a.top),
         "hardware": hardware(), "versions": versions(),

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.checkpoint import merge_variables
@@ -36,7 +37,7 @@ def test_appended_blocks_add_exactly_their_parameters():
     n = count(jax.eval_shape(grown.init, jax.random.key(0), x)["params"])
     # per block: two 3x3x64x64 kernels and two BNs (scale, bias) of 64
     assert base == 269_722 and n == base + 3 * (2 * 3 * 3 * 64 * 64 + 2 * 2 * 64)
-    with pytest.raises(ValueError, match="extra_blocks"):
+    with pytest.raises(BadInput, match="extra_blocks"):
         create_model("resnet8", extra_blocks=(0, 0, 0, 1)).init(jax.random.key(0), x)
 
 
@@ -67,10 +68,10 @@ def test_merge_variables_takes_matching_names_and_refuses_mismatches():
     assert same(g["batch_stats"], {**fresh["batch_stats"], **v8["batch_stats"]})
     assert same(g["params"]["stage1_extra1"], fresh["params"]["stage1_extra1"])
     wide = quick_variables(create_model("resnet8", widths=(8, 16, 32)), x)
-    with pytest.raises(ValueError, match=r"--init-from wide: \S+ has shape \(.*\) there "
+    with pytest.raises(BadInput, match=r"--init-from wide: \S+ has shape \(.*\) there "
                                          r"but \(.*\) in this model"):
         merge_variables(v8, wide, "wide")
-    with pytest.raises(ValueError, match="none of its variables"):
+    with pytest.raises(BadInput, match="none of its variables"):
         merge_variables(v8, {"params": {"C1": v8["params"]["stem"]}}, "lenet")
 
 
@@ -85,7 +86,7 @@ def test_init_from_starts_from_the_run_and_bad_paths_are_refused(tmp_path):
     train(TrainConfig(**small, seed=3, init_from=str(tmp_path / "a"), out=str(tmp_path / "b")))
     a, b = load_variables(tmp_path / "a"), load_variables(tmp_path / "b")
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a["params"], b["params"])))
-    with pytest.raises(ValueError, match="--init-from: .*nowhere"):
+    with pytest.raises(BadInput, match="--init-from: .*nowhere"):
         train(TrainConfig(**small, init_from=str(tmp_path / "nowhere"), out=str(tmp_path / "c")))
 
 

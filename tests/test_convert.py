@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.models.convert import (WeightsMismatch, detect_arch, from_torch,
                                     load_torch_weights, read_state_dict)
@@ -153,7 +154,7 @@ def test_unreadable_and_unknown_files_are_clear_errors(tmp_path):
     bad.write_text("not weights")
     with pytest.raises(WeightsMismatch, match="notes.pth: not a PyTorch state_dict"):
         read_state_dict(bad)
-    with pytest.raises(FileNotFoundError, match="no such weights file"):
+    with pytest.raises(BadInput, match="no such weights file"):
         read_state_dict(tmp_path / "missing.pth")
     with pytest.raises(WeightsMismatch, match="cannot tell the architecture"):
         detect_arch({"encoder.weight": np.zeros((3, 3))})

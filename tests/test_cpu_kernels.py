@@ -1,5 +1,5 @@
 """CPU kernel choices: Eigen's convolutions (cnn_jax.cpu_kernels) and kernel gradients
-by matrix products (cnn_jax.train.conv_grad) compute the same function as XLA's own."""
+by matrix products (cnn_jax.train.conv_kernels) compute the same function as XLA's own."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from jax import lax
 
 from cnn_jax.cpu_kernels import EIGEN_CONVOLUTIONS, prefer_eigen_convolutions
 from cnn_jax.train import TrainConfig
-from cnn_jax.train.conv_grad import conv_with_kernel_grad, resolve
+from cnn_jax.train.conv_kernels import conv_with_kernel_grad, resolve
 
 
 @pytest.mark.parametrize("chunk", [8, "patches", "seedwise"])  # 8: chunks of 8 images
@@ -63,7 +63,7 @@ def test_only_plain_convolutions_are_intercepted():
     towers) and dilated ones to XLA's path: their gradients are XLA's bit for bit, the
     plain one's within 1e-5, and the gradient holds exactly one loop of products."""
     import flax.linen as nn
-    from cnn_jax.train.conv_grad import kernel_grads
+    from cnn_jax.train.conv_kernels import kernel_grads
 
     class Net(nn.Module):
         @nn.compact
@@ -92,7 +92,9 @@ def test_only_plain_convolutions_are_intercepted():
 def test_auto_without_onednn_means_products_for_float32_on_cpus_and_is_not_in_the_digest(
         monkeypatch):
     from cnn_jax import onednn
-    monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
+    from cnn_jax.errors import BadInput
+    for variable in ("CNN_JAX_CONV_KERNELS", "CNN_JAX_CONV_GRAD"):
+        monkeypatch.delenv(variable, raising=False)
     # where oneDNN's convolutions can run, "auto" takes them (tests/test_onednn.py)
     monkeypatch.setattr(onednn, "why_unavailable", lambda dtype=None: "not here")
     assert jax.default_backend() == "cpu" and resolve("auto") == "matmul"
@@ -100,15 +102,18 @@ def test_auto_without_onednn_means_products_for_float32_on_cpus_and_is_not_in_th
     # bfloat16 on CPUs: XLA's own (its convolutions compute in float32 there; faster)
     assert resolve("auto", dtype="bfloat16") == "xla" == resolve("auto", dtype=jnp.bfloat16)
     assert resolve("matmul", dtype="bfloat16") == "matmul"
-    monkeypatch.setenv("CNN_JAX_CONV_GRAD", "xla")  # older records, bit for bit
+    monkeypatch.setenv("CNN_JAX_CONV_KERNELS", "xla")  # older records, bit for bit
     assert resolve("auto") == "xla" and resolve("matmul") == "matmul"
+    monkeypatch.delenv("CNN_JAX_CONV_KERNELS")
+    monkeypatch.setenv("CNN_JAX_CONV_GRAD", "xla")  # its older name still works
+    assert resolve("auto") == "xla"
     monkeypatch.setenv("CNN_JAX_CONV_GRAD", "fast")
-    with pytest.raises(ValueError, match="CNN_JAX_CONV_GRAD must be one of xla, matmul, onednn"):
+    with pytest.raises(BadInput, match="CNN_JAX_CONV_GRAD must be one of xla, matmul, onednn"):
         resolve("auto")
-    assert resolve("xla") == "xla" and TrainConfig().conv_grad == "auto"
-    assert TrainConfig(conv_grad="xla").digest() == TrainConfig().digest()
-    with pytest.raises(ValueError, match="--conv-grad: must be one of auto, xla, matmul, onednn"):
-        TrainConfig(conv_grad="fast").validate()
+    assert resolve("xla") == "xla" and TrainConfig().conv_kernels == "auto"
+    assert TrainConfig(conv_kernels="xla").digest() == TrainConfig().digest()
+    with pytest.raises(BadInput, match="--conv-kernels: must be one of auto, xla, matmul, onednn"):
+        TrainConfig(conv_kernels="fast").validate()
 
 
 def test_eigen_convolutions_are_asked_for_unless_the_user_chose():

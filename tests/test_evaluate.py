@@ -4,10 +4,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cnn_jax.errors import BadInput
 from cnn_jax import data as data_lib
 from cnn_jax.evaluate import build_groups, evaluate, load_member, make_views, view_probabilities
 from cnn_jax.train import TrainConfig
@@ -54,7 +56,7 @@ def test_views_of_large_images_resize_the_shorter_side_then_crop():
     # dark, the right one bright, the mirror of the left crop is the left crop flipped
     assert v[0, 0].mean() < 50 and v[0, 1].mean() > 50
     np.testing.assert_array_equal(v[0, 5], v[0, 0, :, ::-1])
-    with pytest.raises(ValueError, match="smaller than the 224x224 views"):
+    with pytest.raises(BadInput, match="smaller than the 224x224 views"):
         make_views(np.zeros((1, 100, 100, 3), np.uint8), 1, 224)
 
 
@@ -156,6 +158,31 @@ def test_ensembles_smoke_preset(tmp_path):
     found = member_sources(argparse.Namespace(runs=str(tmp_path), model="resnet8", members=None),
                         PRESETS["smoke"], tmp_path / "unused")
     assert found == [tmp_path / "nets" / f"resnet8-seed{s}" for s in range(2)]
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(BadInput, match="at least 2"):
         member_sources(argparse.Namespace(runs=str(tmp_path), model="resnet20", members=None),
                     PRESETS["smoke"], tmp_path / "unused")
+
+
+def test_results_of_weights_files_go_under_the_working_directory(runs, tmp_path):
+    """A run folder keeps its evaluations; weights files (a folder of downloads, maybe
+    shared or read-only) are left with exactly the files they had."""
+    from cnn_jax.evaluate import WEIGHTS_OUTPUT, default_output
+    r = {"checkpoints": [str(runs[0])], "split": "test", "views": 1, "models": 1}
+    assert default_output(r).parent == runs[0]
+    r["checkpoints"] = [str(tmp_path / "downloads" / "resnet20-12fca82f.th")]
+    assert default_output(r).parent == WEIGHTS_OUTPUT == Path("runs") / "evaluate"
+    weights = sorted((Path(__file__).parents[2] / "shared" / "reference").glob("resnet20-*.th"))
+    if not weights:
+        pytest.skip("../shared/reference/resnet20-*.th is absent on this machine")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / weights[0].name).write_bytes(weights[0].read_bytes())
+    r = subprocess.run([sys.executable, "-m", "cnn_jax.evaluate", "--checkpoint",
+                        str(downloads / weights[0].name), "--data",
+                        "synthetic:32x32x3:10:16:20", "--json"],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [p.name for p in downloads.iterdir()] == [weights[0].name]
+    written = list((tmp_path / "runs" / "evaluate").glob("evaluate_test_1views_1models_*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["n_examples"] == 20

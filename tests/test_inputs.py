@@ -4,6 +4,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
+from cnn_jax.errors import BadInput
 from cnn_jax.data.sources import Arrays
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.inputs import (make_input_fn, make_normaliser, model_input_shape,
@@ -51,7 +52,7 @@ def test_new_fields_off_keep_the_digest_on_and_change_it():
     ("normalise", "zscore", "must be one of"), ("input_pad", -1, "must be 0 or positive"),
     ("resize", -5, "must be 0 or positive")])
 def test_bad_values_are_refused_naming_the_flag(field, value, message):
-    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')}: {message}"):
+    with pytest.raises(BadInput, match=f"--{field.replace('_', '-')}: {message}"):
         TrainConfig(**{field: value}).validate()
 
 

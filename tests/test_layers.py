@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.models.inception import TABLE1, InceptionBlock
 from cnn_jax.models.layers import (ConvBN, LocalResponseNorm, ProjectionShortcut,
@@ -50,7 +51,7 @@ def test_option_b_projects_only_when_the_shape_changes():
 
 
 def test_unknown_shortcut_option():
-    with pytest.raises(ValueError, match="'A', 'B', 'C' or None"):
+    with pytest.raises(BadInput, match="'A', 'B', 'C' or None"):
         make_shortcut("D")
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models import available, create_model, input_shape
 from tests.helpers import abstract_variables, count, quick_variables
 
@@ -187,13 +188,13 @@ def test_googlenet_auxiliary_heads_only_in_training():
 
 # ------------------------------------------------------------------ bad input
 def test_unknown_model_lists_available_names():
-    with pytest.raises(ValueError, match="unknown model 'resnet_9000'.*resnet56.*vgg16"):
+    with pytest.raises(BadInput, match="unknown model 'resnet_9000'.*resnet56.*vgg16"):
         create_model("resnet_9000")
 
 
 @pytest.mark.parametrize("name", ["resnet21", "plain30", "resnet7"])
 def test_cifar_depth_must_be_6n_plus_2(name):
-    with pytest.raises(ValueError, match="6n\\+2"):
+    with pytest.raises(BadInput, match="6n\\+2"):
         create_model(name)
 
 
@@ -205,7 +206,7 @@ def test_other_6n_plus_2_depths_build():
 
 
 def test_bad_option_names_the_model():
-    with pytest.raises(TypeError, match="alexnet"):
+    with pytest.raises(BadInput, match="alexnet"):
         create_model("alexnet", not_an_option=3)
 
 
@@ -217,10 +218,10 @@ def test_too_small_input_names_the_minimum(name):
     m, model = MIN_SIZES[name], create_model(name)
     c = input_shape(name)[-1]
     abstract_variables(model, (m, m, c))  # the stated minimum works ...
-    with pytest.raises(ValueError, match=f"at least {m}x{m}"):  # ... one less does not
+    with pytest.raises(BadInput, match=f"at least {m}x{m}"):  # ... one less does not
         abstract_variables(model, (m - 1, m - 1, c))
 
 
 def test_alexnet_at_cifar_size_is_a_clear_error():
-    with pytest.raises(ValueError, match="alexnet: input 32x32 is too small.*67x67"):
+    with pytest.raises(BadInput, match="alexnet: input 32x32 is too small.*67x67"):
         abstract_variables(create_model("alexnet"), (32, 32, 3))

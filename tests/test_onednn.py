@@ -1,4 +1,4 @@
-"""oneDNN's convolutions (cnn_jax.onednn, `conv_grad="onednn"`) compute the same
+"""oneDNN's convolutions (cnn_jax.onednn, `conv_kernels="onednn"`) compute the same
 function as XLA's: forward pass, input and kernel gradients, under vmap, inside a whole
 train step; they repeat bit for bit; where they cannot run, the reason is named and
 "auto" keeps XLA's convolutions."""
@@ -13,9 +13,10 @@ import pytest
 from jax import lax
 
 from cnn_jax import onednn
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
-from cnn_jax.train import conv_grad
-from cnn_jax.train.conv_grad import kernel_grads, resolve
+from cnn_jax.train import conv_kernels
+from cnn_jax.train.conv_kernels import kernel_grads, resolve
 from cnn_jax.train.state import TrainState
 from cnn_jax.train.steps import make_eval_step, make_optimizer, make_train_step
 
@@ -98,7 +99,7 @@ def _resnet8_step(conv):
     state = TrainState.create(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))), tx,
                               jax.random.PRNGKey(0))
     step = jax.jit(make_train_step(model, tx, lambda s, w: 0.1, lambda im: im / 255.0,
-                                   conv_grad=conv))
+                                   conv_kernels=conv))
     return step, state, batch
 
 
@@ -140,8 +141,8 @@ def test_the_eval_step_takes_the_train_steps_convolutions():
     hlo = step.lower(state, batch).compile().as_text()
     assert hlo.count(f'custom_call_target="{onednn.TARGETS["forward"]}"') == 7
     assert "convolution(" not in hlo
-    assert sums["onednn"]["error_sum"] == sums["xla"]["error_sum"]
-    np.testing.assert_allclose(sums["onednn"]["loss_sum"], sums["xla"]["loss_sum"], rtol=1e-5)
+    assert sums["onednn"]["error"] == sums["xla"]["error"]
+    np.testing.assert_allclose(sums["onednn"]["loss"], sums["xla"]["loss"], rtol=1e-5)
 
 
 def test_only_plain_float_convolutions_go_to_onednn():
@@ -169,20 +170,21 @@ def test_only_plain_float_convolutions_go_to_onednn():
 
 
 def test_auto_takes_onednn_on_cpus_and_falls_back_where_it_cannot_run(monkeypatch):
-    monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
+    for variable in ("CNN_JAX_CONV_KERNELS", "CNN_JAX_CONV_GRAD"):
+        monkeypatch.delenv(variable, raising=False)
     _needs(jnp.float32)
     assert resolve("auto") == "onednn" == resolve("auto", seeds=3)
     bf16 = "onednn" if onednn.available(jnp.bfloat16) else "xla"
     assert resolve("auto", dtype="bfloat16") == bf16
-    monkeypatch.setenv("CNN_JAX_CONV_GRAD", "matmul")  # a record of other kernels, repeated
+    monkeypatch.setenv("CNN_JAX_CONV_KERNELS", "matmul")  # a record of other kernels, repeated
     assert resolve("auto") == "matmul"
-    monkeypatch.delenv("CNN_JAX_CONV_GRAD")
+    monkeypatch.delenv("CNN_JAX_CONV_KERNELS")
     # where oneDNN cannot run: the products for float32, XLA's own for bfloat16, and
     # asking for it names the reason
     monkeypatch.setattr(onednn, "why_unavailable", lambda dtype=None: "no oneDNN here")
     assert resolve("auto") == "matmul" and resolve("auto", dtype="bfloat16") == "xla"
-    with pytest.raises(ValueError, match="--conv-grad onednn .*: no oneDNN here"):
-        resolve("onednn")  # a ValueError: the CLIs print it as a bad-input error
+    with pytest.raises(BadInput, match="--conv-kernels onednn .*: no oneDNN here"):
+        resolve("onednn")  # BadInput: the CLIs print it as a bad-input error
 
 
 def test_what_is_missing_is_named(monkeypatch, tmp_path):
@@ -215,8 +217,8 @@ def test_the_build_is_cached_by_its_inputs(tmp_path):
     assert [p.name for p in (tmp_path / "onednn").iterdir()] == [first.name]
 
 
-def test_conv_grad_onednn_is_a_config_choice_outside_the_digest():
+def test_onednn_kernels_are_a_config_choice_outside_the_digest():
     from cnn_jax.train import TrainConfig
-    assert TrainConfig(conv_grad="onednn").digest() == TrainConfig().digest()
-    TrainConfig(conv_grad="onednn").validate()
-    assert "onednn" in conv_grad.CONV_GRADS
+    assert TrainConfig(conv_kernels="onednn").digest() == TrainConfig().digest()
+    TrainConfig(conv_kernels="onednn").validate()
+    assert "onednn" in conv_kernels.CONV_KERNELS

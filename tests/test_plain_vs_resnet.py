@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cnn_jax.errors import BadInput
+
 DATA = "synthetic:32x32x3:10:128:100"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
@@ -153,7 +155,7 @@ def test_the_paper_preset_normalises_per_gpu_as_the_paper_did():
     assert run_config(net, PRESETS["quick"], 0, Path("unused")).bn_group == 0
     whole = override(PRESETS["paper"], ["bn_group=0"])
     assert run_config(net, whole, 0, Path("unused")).bn_group == 0
-    with pytest.raises(ValueError, match="bn-group: 48 does not divide the batch 128"):
+    with pytest.raises(BadInput, match="bn-group: 48 does not divide the batch 128"):
         run_config(net, override(PRESETS["paper"], ["bn_group=48"]), 0, Path("unused")).validate()
 
 

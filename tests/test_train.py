@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.train import TrainConfig, schedules
 from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.provenance import cpu_features
-from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, finite_runs, train
+from cnn_jax.train.loop import ConfigMismatch, Diverged, finite_runs, train
 from cnn_jax.train.steps import make_optimizer, make_train_step
 from cnn_jax.train.state import TrainState
 
@@ -234,7 +235,7 @@ def test_a_changed_configuration_is_refused(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = TrainConfig(**{**SMALL, "lr": 1e30, "log_every": 1, "checkpoint_every": 1},
                       steps=50, out=str(tmp_path))
-    with pytest.raises(NonFiniteLoss, match="at step (\\d+)") as e:
+    with pytest.raises(Diverged, match="at step (\\d+)") as e:
         train(cfg)
     bad_step = int(__import__("re").search("at step (\\d+)", str(e.value)).group(1))
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -271,14 +272,13 @@ def test_cpu_features_name_the_vector_extensions():
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="--batch 30 is not divisible"):
-        run = dict(SMALL, batch=30)
-        code = ("import jax; from cnn_jax.train import TrainConfig, train; "
-                f"train(TrainConfig(**{run!r}, steps=2, out={str(tmp_path)!r}))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env=dict(os.environ, XLA_FLAGS=
-                                      "--xla_force_host_platform_device_count=4"))
-        raise ValueError(out.stderr.strip().splitlines()[-1])
+    run = dict(SMALL, batch=30)
+    code = ("import jax; from cnn_jax.train import TrainConfig, train; "
+            f"train(TrainConfig(**{run!r}, steps=2, out={str(tmp_path)!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert out.stderr.strip().splitlines()[-1] == \
+        "cnn_jax.errors.BadInput: --batch 30 is not divisible by the 4 devices"
     blocked = tmp_path / "file"
     blocked.write_text("")
     out = run_cli(blocked / "sub", steps=2)
@@ -290,7 +290,7 @@ def test_bad_input(tmp_path):
     out = run_cli(tmp_path / "z", "--data-dir", str(tmp_path / "no"), steps=2, data="cifar10")
     assert out.returncode == 2 and f"--data-dir {tmp_path / 'no'}: no such directory" in out.stderr
     assert not any((tmp_path / d).exists() for d in "xyz")  # a refused run leaves nothing
-    with pytest.raises(ValueError, match="--schedule"):
+    with pytest.raises(BadInput, match="--schedule"):
         TrainConfig(schedule="linear").validate()
 
 
@@ -376,7 +376,7 @@ def test_evaluation_before_the_first_log_line(tmp_path):
 
 
 def test_matmul_kernel_gradients_compute_the_same_step():
-    """conv_grad="matmul" (faster on CPUs) changes only the kernel gradient's summation
+    """conv_kernels="matmul" (faster on CPUs) changes only the kernel gradient's summation
     order: same loss bit for bit, same parameters after a step within 1e-5 (which
     convolutions it takes: tests/test_cpu_kernels.py)."""
     import jax.numpy as jnp
@@ -392,7 +392,7 @@ def test_matmul_kernel_gradients_compute_the_same_step():
     out = {}
     for cg in ("xla", "matmul"):
         step = jax.jit(make_train_step(model, tx, lambda s, w: 0.1, lambda im: im / 255.0,
-                                       conv_grad=cg))
+                                       conv_kernels=cg))
         out[cg] = step(TrainState.create(variables, tx, jax.random.PRNGKey(0)), batch)
     assert out["xla"][1]["loss"] == out["matmul"][1]["loss"]
     for a, b in zip(jax.tree.leaves(out["xla"][0].params), jax.tree.leaves(out["matmul"][0].params)):
@@ -401,10 +401,11 @@ def test_matmul_kernel_gradients_compute_the_same_step():
 
 def test_auto_kernel_gradients_follow_the_models_dtype(monkeypatch):
     """On CPUs without oneDNN's convolutions "auto" takes the chunked products for
-    float32 models and XLA's own kernel gradient for bfloat16 ones (conv_grad.resolve):
+    float32 models and XLA's own kernel gradient for bfloat16 ones (conv_kernels.resolve):
     the step's gradient holds the chunks' loops only in float32."""
     from cnn_jax import onednn
-    monkeypatch.delenv("CNN_JAX_CONV_GRAD", raising=False)
+    for variable in ("CNN_JAX_CONV_KERNELS", "CNN_JAX_CONV_GRAD"):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(onednn, "why_unavailable", lambda dtype=None: "not here")
     batch = {"image": jnp.zeros((2, 16, 16, 3), jnp.uint8), "label": jnp.array([0, 1])}
     tx = make_optimizer(0.9, 1e-4)
@@ -432,9 +433,9 @@ def test_seeds_at_once_equals_each_seed_alone(kernels, monkeypatch):
     gradients: XLA's convolution seed by seed, products over chunks (CPUs) and one
     product of patches batched over the seeds."""
     import jax.numpy as jnp
-    from cnn_jax.train import conv_grad
+    from cnn_jax.train import conv_kernels
     if kernels == "patches":
-        monkeypatch.setattr(conv_grad, "backend_form", lambda: "patches")
+        monkeypatch.setattr(conv_kernels, "backend_form", lambda: "patches")
     from cnn_jax.models import create_model
     from cnn_jax.train.state import TrainState
     from cnn_jax.train.steps import make_optimizer, make_train_step, seeds_at_once
@@ -442,7 +443,7 @@ def test_seeds_at_once_equals_each_seed_alone(kernels, monkeypatch):
     model = create_model("resnet8", num_classes=4)
     tx = make_optimizer(0.9, 1e-4)
     step = make_train_step(model, tx, lambda s, w: 0.01, lambda im: im / 255.0,
-                           conv_grad="seedwise" if kernels == "seedwise" else "matmul")
+                           conv_kernels="seedwise" if kernels == "seedwise" else "matmul")
     rng = np.random.default_rng(0)
     base = quick_variables(model, jnp.zeros((1, 32, 32, 3)))
     perturb = lambda s: {**base, "params": jax.tree.map(
@@ -544,13 +545,13 @@ def test_seeds_together_on_eight_devices_equal_one(tmp_path):
 def test_runs_trained_together_must_share_recipe_folder_and_step(tmp_path):
     from cnn_jax.train.loop import train_together
     a, b = together_cfgs(tmp_path, "r", steps=2)
-    with pytest.raises(ValueError, match="differ only in seed and --out; .* in lr"):
+    with pytest.raises(BadInput, match="differ only in seed and --out; .* in lr"):
         train_together([a, TrainConfig(**{**SMALL, "seed": 1, "lr": 0.02}, steps=2,
                                        out=b.out)])
-    with pytest.raises(ValueError, match="their own --out folders"):
+    with pytest.raises(BadInput, match="their own --out folders"):
         train_together([a, TrainConfig(**{**SMALL, "seed": 1}, steps=2, out=a.out)])
     train(a)  # seed 0 alone has a checkpoint at step 2, seed 1 none
-    with pytest.raises(ValueError, match="resume from the same step"):
+    with pytest.raises(BadInput, match="resume from the same step"):
         train_together(together_cfgs(tmp_path, "r", steps=4))
     from cnn_jax.train.sweep import run_all, seed_groups
     four = together_cfgs(tmp_path, "r", steps=4)
@@ -628,13 +629,13 @@ def test_conv_layer_benchmark_contract():
 def test_train_benchmark_contract():
     """scripts/bench_train.py's JSON line (small net: the contract, not the speed)."""
     r = subprocess.run([sys.executable, "scripts/bench_train.py", "--model", "resnet8",
-                        "--batch", "8", "--conv-grad", "xla", "matmul", "--steps", "1",
+                        "--batch", "8", "--conv-kernels", "xla", "matmul", "--steps", "1",
                         "--repeats", "1", "--reference", "torch", "--json"],
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert d["backend"] == "cpu" and d["ours_img_per_s"] > 0
-    assert [v["conv_grad"] for v in d["variants"]] == ["xla", "matmul"]
+    assert [v["conv_kernels"] for v in d["variants"]] == ["xla", "matmul"]
     if d["reference"]:  # torch installed
         assert d["reference_img_per_s"] > 0 and d["ratio"] == d["ours_img_per_s"] / d["reference_img_per_s"]

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnn_jax.errors import BadInput
 from cnn_jax.data.sources import DataError, read_imagefolder
 from cnn_jax.models import create_model
 from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.train.inputs import select_classes, source_normaliser
 from cnn_jax.train.state import TrainState
-from cnn_jax.train.steps import cross_entropy, freeze, make_optimizer, make_train_step
+from cnn_jax.train.metrics import cross_entropy
+from cnn_jax.train.steps import freeze, make_optimizer, make_train_step
 from cnn_jax.transfer import cached_features, head_name, load_backbone, predict, stages
 from helpers import quick_variables
 
@@ -262,7 +264,7 @@ def test_select_classes_relabels_in_the_given_order():
     s = select_classes(a, "7,2")
     assert s.classes == ["7", "2"] and set(s.labels) == {0, 1}
     assert (s.labels == 0).sum() == (a.labels == 7).sum()
-    with pytest.raises(ValueError, match="'12' is neither"):
+    with pytest.raises(BadInput, match="'12' is neither"):
         select_classes(a, "1,12")
 
 
@@ -297,12 +299,29 @@ def test_bad_input_is_a_clear_error(demo, tmp_path):
         read_imagefolder(one, size=(32, 32), crop=True)
 
 
+def test_the_demonstration_refuses_the_flags_of_your_own_datas_runs(tmp_path):
+    """--steps, --lr, --mode ... act with --backbone only: the demonstration says so and
+    takes its settings through --set (its presets' fields and training fields)."""
+    for flags in (["--steps", "10"], ["--lr", "0.5", "--epochs", "3"], ["--mode", "full"]):
+        r = run("--preset", "smoke", "--data", CIFAR_LIKE, "--out", tmp_path / "d", *flags)
+        assert r.returncode == 2 and "used with --backbone (your own data) only" in r.stderr
+        assert flags[0] in r.stderr and "--set" in r.stderr
+        assert not (tmp_path / "d").exists()
+    from experiments.transfer_learning import EXPERIMENT
+    ctx = EXPERIMENT.context(["--preset", "smoke", "--set", "per_class=3", "steps=2",
+                              "label_smoothing=0.1"])
+    assert ctx.preset.per_class == 3 and ctx.preset.train == dict(steps=2, batch=16,
+                                                                  label_smoothing=0.1)
+    EXPERIMENT.recipe(ctx)
+    assert ctx.args.mode is None   # the guard does not change what it guards
+
+
 def test_engine_refuses_module_names_it_does_not_have(tmp_path):
     from cnn_jax.train import TrainConfig
     from cnn_jax.train.loop import train
     cfg = TrainConfig(model="resnet8", data="synthetic:32x32x3:10:16:8", steps=1, batch=8,
                       trainable="stage9,fc", out=str(tmp_path / "r"), progress=False)
-    with pytest.raises(ValueError, match=r"--trainable: 'stage9' names no module of resnet8; "
+    with pytest.raises(BadInput, match=r"--trainable: 'stage9' names no module of resnet8; "
                                          r"its modules: fc, stage1_block1"):
         train(cfg)
 

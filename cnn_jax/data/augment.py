@@ -18,8 +18,11 @@ from typing import Optional
 
 import numpy as np
 
+from cnn_jax.errors import BadInput
+
 # ------------------------------------------------------------------ randomness
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# (stream 2, STREAM_RESIZED, is kept for random-resized crops: the others keep their draws)
 STREAM_CROP, STREAM_FLIP, STREAM_RESIZED, STREAM_SHIFT, STREAM_PCA = range(5)
 
 
@@ -76,36 +79,6 @@ def random_flip(images, u: np.ndarray) -> np.ndarray:
     return np.where(mask, images[:, :, ::-1], images)
 
 
-def random_resized_crop(images, size: int, u: np.ndarray, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """Inception-style crop: a random area fraction and aspect ratio, resized to
-    size x size with bilinear interpolation. `u`: [B, 4] uniforms."""
-    n, h, w = images.shape[:3]
-    area = h * w * (scale[0] + u[:, 0] * (scale[1] - scale[0]))
-    log_r = np.log(ratio[0]) + u[:, 1] * (np.log(ratio[1]) - np.log(ratio[0]))
-    cw = np.clip(np.sqrt(area * np.exp(log_r)), 1, w)
-    ch = np.clip(np.sqrt(area / np.exp(log_r)), 1, h)
-    top, left = u[:, 2] * (h - ch), u[:, 3] * (w - cw)
-    # sample pixel centres of the output grid inside each crop box
-    grid = (np.arange(size) + 0.5) / size
-    ys = np.clip(top[:, None] + grid[None] * ch[:, None] - 0.5, 0, h - 1)
-    xs = np.clip(left[:, None] + grid[None] * cw[:, None] - 0.5, 0, w - 1)
-    return bilinear(images, ys, xs)
-
-
-def bilinear(images, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """Sample images [B,H,W,C] at rows ys [B,h] x cols xs [B,w]; float32 out."""
-    y0, x0 = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
-    y1 = np.minimum(y0 + 1, images.shape[1] - 1)
-    x1 = np.minimum(x0 + 1, images.shape[2] - 1)
-    wy, wx = (ys - y0)[:, :, None, None], (xs - x0)[:, None, :, None]
-    b = np.arange(len(images))[:, None, None]
-    g = lambda yy, xx: images[b, yy[:, :, None], xx[:, None, :]].astype(np.float32)
-    top = g(y0, x0) * (1 - wx) + g(y0, x1) * wx
-    bottom = g(y1, x0) * (1 - wx) + g(y1, x1) * wx
-    return (top * (1 - wy) + bottom * wy).astype(np.float32)
-
-
 # ------------------------------------------------------------------ colour
 def colour_shift(images, u: np.ndarray, magnitude: float = 20.0) -> np.ndarray:
     """Add a random offset in [-magnitude, magnitude] to each channel of each image
@@ -126,8 +99,8 @@ class PCABasis:
 def pca_basis(images: np.ndarray, chunk: int = 4096) -> PCABasis:
     """Covariance of all pixels' RGB values (in [0, 1]) accumulated over chunks."""
     if images.shape[-1] != 3:
-        raise ValueError(f"PCA colour augmentation needs RGB images; got {images.shape[-1]} "
-                         f"channel(s)")
+        raise BadInput(f"PCA colour augmentation needs RGB images; got {images.shape[-1]} "
+                       f"channel(s)")
     n, s, ss = 0, np.zeros(3), np.zeros((3, 3))
     for i in range(0, len(images), chunk):
         x = np.asarray(images[i:i + chunk], np.float64).reshape(-1, 3) / 255.0
@@ -208,7 +181,7 @@ def ten_crop(images, size: int, pad_by: int = 0) -> np.ndarray:
         images = pad(images, pad_by)
     h, w = images.shape[1:3]
     if size > min(h, w):
-        raise ValueError(f"ten_crop: crop {size} larger than the image {h}x{w}")
+        raise BadInput(f"ten_crop: crop {size} larger than the image {h}x{w}")
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
                ((h - size) // 2, (w - size) // 2)]
     five = [images[:, t:t + size, l:l + size] for t, l in corners]
@@ -223,7 +196,6 @@ class Augment:
 
     crop_pad:        pad-and-random-crop by this many pixels (4 for CIFAR), 0 = off
     flip:            random horizontal mirror
-    resized_crop:    output size of an Inception-style random-resized crop, 0 = off
     colour_shift:    per-channel offsets uniform in [-v, v] (0 = off)
     pca:             a PCABasis for fancy-PCA lighting, None = off
     pca_std:         sigma of the alphas (0.1 in the paper)
@@ -234,16 +206,12 @@ class Augment:
 
     crop_pad: int = 0
     flip: bool = False
-    resized_crop: int = 0
     colour_shift: float = 0.0
     pca: Optional[PCABasis] = None
     pca_std: float = 0.1
 
     def __call__(self, images: np.ndarray, seed: int, epoch, index) -> np.ndarray:
         x = np.asarray(images)
-        if self.resized_crop:
-            x = random_resized_crop(x, self.resized_crop,
-                                    uniforms(seed, epoch, index, STREAM_RESIZED, 4))
         if self.crop_pad:
             x = random_crop(x, self.crop_pad, uniforms(seed, epoch, index, STREAM_CROP, 2))
         if self.flip:
@@ -255,10 +223,3 @@ class Augment:
             x = pca_lighting(x, self.pca,
                              self.pca_std * normals(seed, epoch, index, STREAM_PCA, 3))
         return x
-
-    @property
-    def active(self) -> list[str]:
-        names = [("crop", self.crop_pad), ("flip", self.flip),
-                 ("resized_crop", self.resized_crop), ("colour_shift", self.colour_shift),
-                 ("pca", self.pca is not None)]
-        return [n for n, on in names if on]

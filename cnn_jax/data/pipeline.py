@@ -13,7 +13,6 @@ the global array over the mesh's data axis.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import queue
@@ -26,6 +25,13 @@ from absl import flags
 
 from cnn_jax.data.augment import Augment
 from cnn_jax.data.sources import Arrays
+from cnn_jax.errors import BadInput
+
+# A batch on its way to the devices: uint8 images [B, H, W, C], int32 labels [B] and,
+# in evaluation, a mask [B] (0 on padding); INDEX and EPOCH say which examples these
+# are (host side only).
+IMAGE, LABEL, MASK, INDEX, EPOCH = "image", "label", "mask", "index", "epoch"
+TRAINING = (IMAGE, LABEL)   # what a training step receives
 
 
 def default_workers() -> int:
@@ -87,8 +93,7 @@ class _LoadAndAugment:
         images = self.store.images(index)
         if self.augment is not None:
             images = self.augment(images, self.seed, epoch, index)
-        return {"image": images, "label": self.store.labels[index], "index": index,
-                "epoch": epoch}
+        return {IMAGE: images, LABEL: self.store.labels[index], INDEX: index, EPOCH: epoch}
 
 
 def train_dataset(arrays: Arrays, batch_size: int, seed: int,
@@ -102,11 +107,11 @@ def train_dataset(arrays: Arrays, batch_size: int, seed: int,
     """
 
     if batch_size % process_count:
-        raise ValueError(f"global batch {batch_size} is not divisible by the "
-                         f"{process_count} processes")
+        raise BadInput(f"global batch {batch_size} is not divisible by the "
+                       f"{process_count} processes")
     n = len(arrays)
     if batch_size > n:
-        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+        raise BadInput(f"batch size {batch_size} exceeds the {n} training examples")
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
     ds = ds.map_with_index(_PositionToEpoch(n))
     ds = ds.batch(batch_size, drop_remainder=True)
@@ -136,8 +141,8 @@ def eval_batches(arrays: Arrays, batch_size: int, process_index: int = 0,
     Raises at the end if the count of real examples differs from the split's size."""
     n = len(arrays)
     if batch_size % process_count:
-        raise ValueError(f"global batch {batch_size} is not divisible by the "
-                         f"{process_count} processes")
+        raise BadInput(f"global batch {batch_size} is not divisible by the "
+                       f"{process_count} processes")
     store, per = _ImageStore(arrays), batch_size // process_count
     seen = 0
     for start in range(0, n, batch_size):
@@ -146,8 +151,8 @@ def eval_batches(arrays: Arrays, batch_size: int, process_index: int = 0,
         index = np.where(mask, index, 0)
         mine = slice(process_index * per, (process_index + 1) * per)
         seen += int(mask.sum())
-        yield {"image": store.images(index[mine]), "label": store.labels[index[mine]],
-               "mask": mask[mine].astype(np.float32), "index": index[mine]}
+        yield {IMAGE: store.images(index[mine]), LABEL: store.labels[index[mine]],
+               MASK: mask[mine].astype(np.float32), INDEX: index[mine]}
     if seen != n:
         raise AssertionError(f"evaluation covered {seen} examples, expected {n}")
 
@@ -160,23 +165,11 @@ def to_global_array(batch: dict, sharding) -> dict:
             for k, v in batch.items()}
 
 
-def stack_batches(batches: list[dict], keys: tuple = ("image", "label")) -> dict:
+def stack_batches(batches: list[dict], keys: tuple = TRAINING) -> dict:
     """k host batches -> one [k, B, ...] chunk of `keys`: the input of k steps in one
     compiled call (`cnn_jax.train.steps.multi_step`). A batch's entry may itself be a
     list of arrays (one per run trained together): [k, S, B, ...], still one copy."""
     return {k: np.array([b[k] for b in batches]) for k in keys}
-
-
-def prefetch_to_device(batches: Iterator[dict], sharding, size: int = 2,
-                       keys: tuple = ("image", "label", "mask")) -> Iterator[dict]:
-    """Keep `size` batches in flight to the devices (transfers are asynchronous)."""
-    queue: collections.deque = collections.deque()
-    for batch in batches:
-        queue.append(to_global_array({k: v for k, v in batch.items() if k in keys}, sharding))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
 
 
 class ChunkPrefetcher:

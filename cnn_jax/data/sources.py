@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cnn_jax.cache import PROJECT_ROOT, cache_dir
+from cnn_jax.errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ SPLITS = ("train", "val", "test")
 CACHE_FORMAT = 2  # bump when the cached layout changes (2: more suffixes, skipped files)
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """Bad or missing data: the message says what was found and what was expected."""
 
 

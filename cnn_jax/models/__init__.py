@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import flax.linen as nn
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models.alexnet import AlexNet, AlexNetTorchvision
 from cnn_jax.models.inception import GoogLeNet, GoogLeNetTorchvision, InceptionBlock
 from cnn_jax.models.layers import BasicBlock, Bottleneck, LocalResponseNorm
@@ -91,10 +92,10 @@ def spec(name: str) -> ModelSpec:
         return _REGISTRY[name]
     try:
         found = _cifar_spec(name)
-    except ValueError as e:
-        raise ValueError(f"model {name!r}: {e}") from None
+    except BadInput as e:
+        raise BadInput(f"model {name!r}: {e}") from None
     if found is None:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+        raise BadInput(f"unknown model {name!r}; available: {', '.join(available())}")
     return found
 
 
@@ -104,7 +105,7 @@ def create_model(name: str, num_classes: Optional[int] = None, **options) -> nn.
     try:
         return s.build(num_classes=num_classes or s.num_classes, **options)
     except TypeError as e:
-        raise TypeError(f"model {name!r}: bad option ({e})") from None
+        raise BadInput(f"model {name!r}: bad option ({e})") from None
 
 
 def input_shape(name: str) -> tuple:

@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.models.resnet import IMAGENET_STAGES
 from cnn_jax.models.vgg import CONFIGS, M
@@ -41,7 +42,7 @@ KeyFn = Callable[[str], tuple[str, Optional[tuple]]]
 WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors")
 
 
-class WeightsMismatch(ValueError):
+class WeightsMismatch(BadInput):
     """A weights file that does not fit the architecture; says where and how."""
 
 
@@ -52,7 +53,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     wrapper and DataParallel's 'module.' prefix are unwrapped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file")
+        raise BadInput(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path))
@@ -62,7 +63,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise ImportError(f"{path}: reading a PyTorch {path.suffix} file needs torch "
+            raise BadInput(f"{path}: reading a PyTorch {path.suffix} file needs torch "
                               f"(pip install -e '.[torch]'), or save the weights as "
                               f".safetensors") from None
         try:

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cnn_jax.errors import BadInput
+
 Dtype = Any
 
 # He et al. 2015 initialise convolutions with N(0, 2 / (k*k*C_out)) (fan_out), as in
@@ -29,7 +31,7 @@ def require_min_size(x: jax.Array, min_size: int, model: str) -> None:
         raise ValueError(f"{model}: expected an NHWC batch of rank 4, got shape {x.shape}")
     h, w = x.shape[1], x.shape[2]
     if h < min_size or w < min_size:
-        raise ValueError(
+        raise BadInput(
             f"{model}: input {h}x{w} is too small; the architecture needs at least "
             f"{min_size}x{min_size} (NHWC input, got shape {tuple(x.shape)})"
         )
@@ -65,7 +67,7 @@ class ConvBN(nn.Module):
 
     Inside the training loop's steps and every inference path the convolution may run
     on other kernels (oneDNN's, or XLA's with a product-based kernel gradient): the
-    same function, other rounding; cnn_jax.train.conv_grad says which, and when."""
+    same function, other rounding; cnn_jax.train.conv_kernels says which, and when."""
 
     features: int
     kernel: int = 3
@@ -139,7 +141,7 @@ def make_shortcut(option: Optional[str]) -> Optional[Callable[..., nn.Module]]:
         return ProjectionShortcut
     if option == "C":
         return functools.partial(ProjectionShortcut, only_if_needed=False)
-    raise ValueError(f"shortcut must be 'A', 'B', 'C' or None (plain); got {option!r}")
+    raise BadInput(f"shortcut must be 'A', 'B', 'C' or None (plain); got {option!r}")
 
 
 class BasicBlock(nn.Module):

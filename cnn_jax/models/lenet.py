@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models.layers import require_min_size
 
 
@@ -146,8 +147,8 @@ class RBFOutput(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.num_classes != 10:
-            raise ValueError("lenet5_classic's RBF codes are the 10 digit bitmaps; "
-                             f"num_classes must be 10, got {self.num_classes}")
+            raise BadInput("lenet5_classic's RBF codes are the 10 digit bitmaps; "
+                           f"num_classes must be 10, got {self.num_classes}")
         codes = jnp.asarray(digit_codes(), x.dtype)
         y = jnp.sum(jnp.square(x[:, None, :] - codes[None]), axis=-1)
         return -y

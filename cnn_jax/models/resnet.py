@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models.layers import (BasicBlock, Bottleneck, ConvBN, make_shortcut,
                                    require_min_size)
 
@@ -34,7 +35,7 @@ PAPER_CIFAR_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.
 def cifar_blocks_per_stage(depth: int) -> int:
     """6n+2 layers -> n, or a readable error."""
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(
+        raise BadInput(
             f"CIFAR ResNet/plain depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, "
             f"110, 1202, ...); got {depth}")
     return (depth - 2) // 6
@@ -56,8 +57,8 @@ class CifarResNet(nn.Module):
         n = cifar_blocks_per_stage(self.depth)
         require_min_size(x, 1, type(self).__name__)
         if len(self.extra_blocks) > len(self.widths) or any(k < 0 for k in self.extra_blocks):
-            raise ValueError(f"extra_blocks: one count >= 0 per stage (at most "
-                             f"{len(self.widths)}); got {tuple(self.extra_blocks)}")
+            raise BadInput(f"extra_blocks: one count >= 0 per stage (at most "
+                           f"{len(self.widths)}); got {tuple(self.extra_blocks)}")
         shortcut = make_shortcut(self.shortcut)
         x = ConvBN(self.widths[0], 3, dtype=self.dtype, name="stem")(x, train)
         for stage, width in enumerate(self.widths):
@@ -95,8 +96,8 @@ class ImageNetResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.depth not in IMAGENET_STAGES:
-            raise ValueError(f"ImageNet ResNet depth must be one of "
-                             f"{sorted(IMAGENET_STAGES)}; got {self.depth}")
+            raise BadInput(f"ImageNet ResNet depth must be one of "
+                           f"{sorted(IMAGENET_STAGES)}; got {self.depth}")
         require_min_size(x, 1, type(self).__name__)
         block, stages = IMAGENET_STAGES[self.depth]
         shortcut = make_shortcut(self.shortcut)

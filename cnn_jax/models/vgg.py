@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models.layers import BN_EPSILON, BN_MOMENTUM, require_min_size
 
 M = "M"  # max pool
@@ -40,7 +41,7 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.depth not in CONFIGS:
-            raise ValueError(f"VGG depth must be one of {sorted(CONFIGS)}; got {self.depth}")
+            raise BadInput(f"VGG depth must be one of {sorted(CONFIGS)}; got {self.depth}")
         require_min_size(x, 32, f"vgg{self.depth}")
         conv_id = 0
         for layer in CONFIGS[self.depth]:

@@ -1,4 +1,4 @@
-"""Convolutions on oneDNN, called from XLA on CPUs (`TrainConfig.conv_grad="onednn"`).
+"""Convolutions on oneDNN, called from XLA on CPUs (`TrainConfig.conv_kernels="onednn"`).
 
 jaxlib's pip build runs CPU convolutions on Eigen's kernels, fixed when jaxlib is
 built; oneDNN (what PyTorch runs on CPUs) generates kernels for the CPU it finds, and
@@ -13,7 +13,7 @@ conv.cc is compiled the first time it is needed, with the system's C++ compiler
 (`onednn-cpu-gomp`, a dependency on x86-64 Linux; $CNN_JAX_ONEDNN_LIB may name another
 libdnnl.so.3 of oneDNN 3.x); the library is cached under the project's cache directory
 keyed by everything that went into it. Where any of that is missing, `available()` is
-False and `why_unavailable()` says what to install: `conv_grad="auto"` then keeps
+False and `why_unavailable()` says what to install: `conv_kernels="auto"` then keeps
 XLA's convolutions, and asking for "onednn" is an error.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax.cache import cache_dir
+from cnn_jax.errors import BadInput
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "conv.cc", HERE / "dnnl_v3.h")
@@ -42,7 +43,7 @@ TARGETS = {"forward": "CnnJaxOnednnConvForward", "input_grad": "CnnJaxOnednnConv
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-class OnednnUnavailable(ValueError):
+class OnednnUnavailable(BadInput):
     """oneDNN's convolutions cannot be used here; the message says why and what to do."""
 
 

@@ -14,29 +14,32 @@ import sys
 
 import jax
 
-from cnn_jax.data import DataError
-from cnn_jax.train.config import TrainConfig
-from cnn_jax.train.loop import ConfigMismatch, NonFiniteLoss, train
+from cnn_jax.errors import BadInput, exit_on_bad_input
+from cnn_jax.train.config import RENAMED, TrainConfig
+from cnn_jax.train.loop import train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cnn_jax.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
+    old_names = {new: old for old, new in RENAMED.items()}
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        # a renamed field keeps its old flag as an alias (--conv-grad for --conv-kernels)
+        flags = ["--" + name.replace("_", "-") for name in (f.name, old_names.get(f.name))
+                 if name]
         default = getattr(defaults, f.name)
         if f.name == "model_options":
             p.add_argument("--option", dest="model_options", action="append", default=[],
                            metavar="KEY=VALUE", help="model option, e.g. --option shortcut=B")
         elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default)
         elif f.name == "milestones":
-            p.add_argument(flag, type=int, nargs="+", default=list(default))
+            p.add_argument(*flags, type=int, nargs="+", default=list(default))
         elif default is None:
-            p.add_argument(flag, type=int if f.name == "workers" else str, default=None)
+            p.add_argument(*flags, type=int if f.name == "workers" else str, default=None)
         else:
-            p.add_argument(flag, type=type(default), default=default,
+            p.add_argument(*flags, type=type(default), default=default,
                            help=f"default {default}")
     g = p.add_argument_group("multi-host (jax.distributed)")
     g.add_argument("--distributed", action="store_true",
@@ -67,7 +70,7 @@ def parse_options(items) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"error: --option must be KEY=VALUE, got {item!r}")
+            raise BadInput(f"--option must be KEY=VALUE, got {item!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -75,6 +78,7 @@ def parse_options(items) -> dict:
     return out
 
 
+@exit_on_bad_input
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     init_distributed(args)
@@ -83,12 +87,8 @@ def main(argv=None) -> int:
     values["model_options"] = parse_options(values["model_options"])
     values["milestones"] = tuple(values["milestones"])
     cfg = TrainConfig(**values)
-    try:
-        results = train(cfg, command="python -m cnn_jax.train " + " ".join(
-            sys.argv[1:] if argv is None else argv))
-    except (ValueError, DataError, ConfigMismatch, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = train(cfg, command="python -m cnn_jax.train " + " ".join(
+        sys.argv[1:] if argv is None else argv))
     err = results.get("final_test_error", results.get("final_val_error"))
     print(f"done: {results['steps']} steps, train error {results['final_train_error']:.4f}, "
           f"eval error {err:.4f}, digest {results['final_params_digest'][:16]}")

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from flax import traverse_util
 
+from cnn_jax.errors import BadInput
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
 from cnn_jax.train.config import covers, module_names
 
@@ -72,11 +73,11 @@ def load_variables(run_dir: Path, step: Optional[int] = None) -> dict:
     arrays, for evaluation and comparison without rebuilding the train state."""
     directory = Path(run_dir) / "checkpoints"
     if not directory.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no checkpoints folder (expected the --out "
-                                f"directory of a training run)")
+        raise BadInput(f"{run_dir}: no checkpoints folder (expected the --out "
+                       f"directory of a training run)")
     step = saved_step(run_dir) if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{directory}: holds no finished checkpoint")
+        raise BadInput(f"{directory}: holds no finished checkpoint")
     # a target on this process's first device, so a checkpoint written on any number
     # of devices loads here
     path = directory.absolute() / str(step) / "state"
@@ -130,11 +131,11 @@ def merge_variables(fresh: dict, loaded: dict, source: str) -> dict:
         if key not in flat_fresh:
             continue
         if tuple(flat_fresh[key].shape) != tuple(value.shape):
-            raise ValueError(f"--init-from {source}: {key} has shape {tuple(value.shape)} "
-                             f"there but {tuple(flat_fresh[key].shape)} in this model")
+            raise BadInput(f"--init-from {source}: {key} has shape {tuple(value.shape)} "
+                           f"there but {tuple(flat_fresh[key].shape)} in this model")
         flat_fresh[key] = value.astype(flat_fresh[key].dtype)
         taken += 1
     if not taken:
-        raise ValueError(f"--init-from {source}: none of its variables' names occur in "
-                         f"this model (a different architecture?)")
+        raise BadInput(f"--init-from {source}: none of its variables' names occur in "
+                       f"this model (a different architecture?)")
     return traverse_util.unflatten_dict(flat_fresh, sep="/")

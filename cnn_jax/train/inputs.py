@@ -17,6 +17,7 @@ import numpy as np
 
 from cnn_jax.data.augment import Augment, Normalizer, cached_pca_basis, pad
 from cnn_jax.data.sources import Arrays, load, stratified_holdout
+from cnn_jax.errors import BadInput
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, detect_arch, read_state_dict
 from cnn_jax.train.config import TrainConfig
 
@@ -61,10 +62,10 @@ def select_classes(arrays: Arrays, spec: str) -> Arrays:
         elif c.isdigit() and int(c) < len(arrays.classes):
             index.append(int(c))
         else:
-            raise ValueError(f"--classes: {c!r} is neither a class name nor an index of "
-                             f"{arrays.classes}")
+            raise BadInput(f"--classes: {c!r} is neither a class name nor an index of "
+                           f"{arrays.classes}")
     if len(set(index)) != len(index) or len(index) < 2:
-        raise ValueError(f"--classes: need at least two different classes; got {spec!r}")
+        raise BadInput(f"--classes: need at least two different classes; got {spec!r}")
     relabel = np.full(len(arrays.classes), -1, np.int32)
     relabel[index] = np.arange(len(index))
     keep = np.flatnonzero(relabel[arrays.labels] >= 0)

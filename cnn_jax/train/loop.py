@@ -26,23 +26,27 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnn_jax.data.pipeline import ChunkPrefetcher, eval_batches, stack_batches, to_global_array
+from cnn_jax.data.pipeline import (INDEX, TRAINING, ChunkPrefetcher, eval_batches,
+                                   stack_batches, to_global_array)
 from cnn_jax.data.sources import DataError
+from cnn_jax.errors import BadInput
 from cnn_jax.provenance import hardware, versions
 from cnn_jax.train.checkpoint import Checkpointer, drop_modules, load_pretrained
 from cnn_jax.train.config import TrainConfig, changed_fields
 from cnn_jax.train.inputs import prepare_arrays, save_normaliser, split_arrays
-from cnn_jax.train.metrics import MetricsLog, params_digest
+from cnn_jax.train.metrics import (NAMES, OBJECTIVE, STEP_KEYS, MetricsLog, in_words,
+                                   means, params_digest)
 from cnn_jax.train.setup import Setup, build
 from cnn_jax.train.state import TrainState, initial_variables
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss, or the state about to be saved, is no longer finite."""
+class Diverged(BadInput):
+    """The loss, or the state about to be saved, is no longer finite: the recipe (a
+    learning rate too high, bad data) is at fault, and the last good checkpoint is kept."""
 
 
-class ConfigMismatch(ValueError):
-    pass
+class ConfigMismatch(BadInput):
+    """An --out folder holds a run of another configuration."""
 
 
 def train(cfg: TrainConfig, command: Optional[str] = None,
@@ -85,23 +89,23 @@ def check_writable(out: Path) -> None:
     model, data or folder) leaves no folder behind."""
     existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"--out {out}: not writable ({existing} is a file)")
+        raise BadInput(f"--out {out}: not writable ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: not writable ({existing} is read-only)")
+        raise BadInput(f"--out {out}: not writable ({existing} is read-only)")
 
 
 def check_together(cfgs: list[TrainConfig]) -> None:
     """Runs trained at once must share everything but the seed and the folder."""
     outs = [str(Path(c.out).absolute()) for c in cfgs]
     if len(set(outs)) != len(outs):
-        raise ValueError(f"runs trained together need their own --out folders; got {outs}")
+        raise BadInput(f"runs trained together need their own --out folders; got {outs}")
     base = cfgs[0].seedless()
     for c in cfgs[1:]:
         other = c.seedless()
         diff = sorted(k for k in base if base[k] != other[k])
         if diff:
-            raise ValueError(f"runs trained together may differ only in seed and --out; "
-                             f"{c.out} differs from {cfgs[0].out} in {', '.join(diff)}")
+            raise BadInput(f"runs trained together may differ only in seed and --out; "
+                           f"{c.out} differs from {cfgs[0].out} in {', '.join(diff)}")
 
 
 # ------------------------------------------------------------------ phase 4: the state
@@ -142,9 +146,9 @@ def start(setup: Setup, runs: list[_Run], command: str):
         run.log = MetricsLog(run.out / "metrics.jsonl")
     starts = {run.ckpt.latest_step() for run in runs}
     if len(starts) > 1:
-        raise ValueError(f"runs trained together must resume from the same step; their "
-                         f"latest checkpoints are at steps {[r.ckpt.latest_step() for r in runs]} "
-                         f"({', '.join(str(r.out) for r in runs)}): train them one by one")
+        raise BadInput(f"runs trained together must resume from the same step; their "
+                       f"latest checkpoints are at steps {[r.ckpt.latest_step() for r in runs]} "
+                       f"({', '.join(str(r.out) for r in runs)}): train them one by one")
     step = starts.pop()
     make_state = jax.jit(functools.partial(_initial_state, setup), static_argnums=1,
                          out_shardings=setup.sharding())
@@ -182,8 +186,8 @@ def _pretrained(cfg: TrainConfig) -> Optional[dict]:
         return None
     try:
         variables = jax.device_get(load_pretrained(cfg.init_from, cfg.model, cfg.model_options))
-    except FileNotFoundError as e:
-        raise ValueError(f"--init-from: {e}") from None
+    except BadInput as e:
+        raise BadInput(f"--init-from: {e}") from None
     return drop_modules(variables, cfg.init_skip)
 
 
@@ -192,7 +196,7 @@ def _restore(run: _Run, step: int, target):
     another configuration."""
     meta = run.ckpt.read_meta(step)
     if meta["config_digest"] != run.cfg.digest():
-        diff = changed_fields(meta["config"], run.cfg)
+        diff = changed_fields(meta["config"], run.cfg, run.out / "checkpoints" / str(step))
         raise ConfigMismatch(
             f"{run.out} holds a run with a different configuration (changed: "
             f"{', '.join(diff) or 'unknown'}); resuming would mix two runs. Use "
@@ -263,13 +267,13 @@ class PendingMetrics:
     and logged; a checkpoint carries them, so a resumed run logs exactly the lines an
     uninterrupted one would."""
 
-    KEYS = ("loss", "error", "lr")
+    KEYS = STEP_KEYS
 
     def __init__(self, runs: list[_Run], seeds: int, stop: Callable[[], None]):
         self.runs, self.seeds, self.stop = runs, seeds, stop
         self.pending: list = []
         restored = [r.restored_meta.get("unlogged_metrics") or {} for r in runs]
-        if restored[0] and len(restored[0]["loss"]):
+        if restored[0] and len(restored[0][OBJECTIVE]):
             self.pending = [{k: np.stack([np.asarray(u[k], np.float32) for u in restored],
                                          axis=-1) for k in self.KEYS}]
 
@@ -285,12 +289,12 @@ class PendingMetrics:
                   for k in self.KEYS}
         self.pending = [merged] if keep else []
         for i, run in enumerate(self.runs):
-            bad = np.flatnonzero(~np.isfinite(merged["loss"][:, i]))
+            loss = merged[OBJECTIVE]
+            bad = np.flatnonzero(~np.isfinite(loss[:, i]))
             if len(bad):
                 self.stop()
-                raise NonFiniteLoss(
-                    f"loss became {merged['loss'][bad[0], i]} at step "
-                    f"{step - len(merged['loss']) + bad[0] + 1}"
+                raise Diverged(
+                    f"loss became {loss[bad[0], i]} at step {step - len(loss) + bad[0] + 1}"
                     f"{f' in {run.out}' if self.seeds > 1 else ''}; stopped without saving. "
                     f"The last good checkpoint in {run.out / 'checkpoints'} is kept (step "
                     f"{run.ckpt.latest_step()}). Lower --lr or check the data.")
@@ -362,7 +366,7 @@ class StepLoop:
 
     def to_device(self, host_batches):
         """k host batches -> the compiled call's input (runs on the prefetch thread)."""
-        keys = ("image", "label")
+        keys = TRAINING
         if self.setup.together:  # each draw holds one batch per run: [S, B, ...], stacked below
             host_batches = [{key: [b[key] for b in draw] for key in keys}
                             for draw in host_batches]
@@ -380,37 +384,34 @@ class StepLoop:
     def log_training(self, step: int) -> None:
         """Log the metrics of the steps since the last log line."""
         m = self.metrics.take(step, keep=False)
-        if not len(m["loss"]):
+        if not len(m[OBJECTIVE]):
             return
         elapsed = time.perf_counter() - self.window_start
         for i, run in enumerate(self.runs):
             run.last_train = {
                 "step": step, "epoch": step * self.cfg.batch / len(self.setup.train_arrays),
                 "lr": float(m["lr"][-1, i]),
-                "train_loss": float(m["loss"][:, i].mean(dtype=np.float64)),
-                "train_error": float(m["error"][:, i].mean(dtype=np.float64)),
+                **{f"train_{k}": float(m[k][:, i].mean(dtype=np.float64))
+                   for k in STEP_KEYS if k != "lr"},
                 "img_per_s": self.window_images / elapsed if elapsed > 0 else None}
             if jax.process_index() == 0:
                 run.log.write(run.last_train)
         self.window_images, self.window_start = 0, time.perf_counter()
         shown = self.runs[0].last_train
-        self.bar.set_postfix(loss=f"{shown['train_loss']:.3f}", err=f"{shown['train_error']:.3f}",
-                             lr=f"{shown['lr']:.3g}")
+        self.bar.set_postfix_str(f"{in_words(shown, 'train_')} lr {shown['lr']:.3g}")
 
     def evaluate(self, state, arrays=None) -> list[dict]:
-        """Each run's loss and error on `arrays` (default: the evaluation split)."""
+        """Each run's metrics (and count) on `arrays` (default: the evaluation split)."""
         sums = None
         for batch in eval_batches(self.setup.eval_arrays if arrays is None else arrays,
                                   self.setup.eval_batch, jax.process_index(),
                                   jax.process_count()):
-            del batch["index"]
+            del batch[INDEX]
             r = self.setup.eval_step(state, to_global_array(batch, self.setup.sharding("data")))
             sums = r if sums is None else jax.tree.map(jnp.add, sums, r)
         seeds = self.setup.seeds
         sums = {k: np.asarray(v).reshape(seeds) for k, v in jax.device_get(sums).items()}
-        return [{"loss": float(sums["loss_sum"][i] / sums["count"][i]),
-                 "error": float(sums["error_sum"][i] / sums["count"][i]),
-                 "n": int(sums["count"][i])} for i in range(seeds)]
+        return [means({k: v[i] for k, v in sums.items()}) for i in range(seeds)]
 
     def log_evaluation(self, state, step: int) -> None:
         split = self.setup.eval_split
@@ -419,14 +420,13 @@ class StepLoop:
                              "eval_split": split}
             if jax.process_index() == 0:
                 run.log.write(run.last_eval)
-            seen = (f"train loss {run.last_train['train_loss']:.4f} err "
-                    f"{100 * run.last_train['train_error']:.2f}%  |  " if run.last_train else "")
+            seen = (f"train {in_words(run.last_train, 'train_')}  |  " if run.last_train
+                    else "")
             seed = f"seed {run.cfg.seed}  " if self.setup.together else ""
             # inside a sweep (no bar of its own), lines of runs in parallel interleave
             name = "" if self.cfg.progress else f"{run.out.name}  "
-            tqdm.write(f"{name}step {step:>7}  {seed}{seen}{split} loss "
-                       f"{run.last_eval['eval_loss']:.4f} err "
-                       f"{100 * run.last_eval['eval_error']:.2f}%", file=sys.stderr)
+            tqdm.write(f"{name}step {step:>7}  {seed}{seen}{split} "
+                       f"{in_words(run.last_eval, 'eval_')}", file=sys.stderr)
 
     # -------------------------------------------------------------- checkpoints and stops
     def save(self, state, data_state, step: int) -> None:
@@ -437,7 +437,7 @@ class StepLoop:
         for i, run in enumerate(self.runs):
             if not finite[i]:
                 self.finish_saves()  # first, so that the message names the last saved step
-                raise NonFiniteLoss(
+                raise Diverged(
                     f"the state became non-finite at step {step} (its loss, computed "
                     f"before the update, was still finite)"
                     f"{f' in {run.out}' if self.setup.together else ''}; stopped without "
@@ -493,12 +493,10 @@ def final_evaluations(setup: Setup, runs: list[_Run], loop: StepLoop, state, ste
         if test_arrays is not None:
             for run, test in zip(runs, loop.evaluate(state, prepare_arrays(test_arrays,
                                                                             cfg.input_pad))):
-                run.last_eval.update(final_test_loss=test["loss"],
-                                     final_test_error=test["error"])
+                run.last_eval.update({f"final_test_{k}": test[k] for k in NAMES})
     if cfg.eval_train_set:  # how well the final weights fit the training images themselves
         for run, fit in zip(runs, loop.evaluate(state, setup.train_arrays)):
-            run.last_eval.update(final_train_set_loss=fit["loss"],
-                                 final_train_set_error=fit["error"])
+            run.last_eval.update({f"final_train_set_{k}": fit[k] for k in NAMES})
 
 
 def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: int,
@@ -508,15 +506,14 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
     cfg, split, out = setup.cfg, setup.eval_split, []
     for i, run in enumerate(runs):
         own = loop.run_state(state, i)
-        train_records = [r for r in run.log.read() if "train_loss" in r]
+        train_records = [r for r in run.log.read() if f"train_{OBJECTIVE}" in r]
+        last_train = train_records[-1] if train_records else {}
         rates = [r["img_per_s"] for r in train_records if r.get("img_per_s")]
         results = {
             "model": cfg.model, "data": cfg.data, "params": setup.n_params, "steps": step,
             "seed": run.cfg.seed, "batch": cfg.batch,
-            "final_train_loss": train_records[-1]["train_loss"] if train_records else None,
-            "final_train_error": train_records[-1]["train_error"] if train_records else None,
-            f"final_{split}_loss": run.last_eval["eval_loss"],
-            f"final_{split}_error": run.last_eval["eval_error"],
+            **{f"final_train_{k}": last_train.get(f"train_{k}") for k in STEP_KEYS if k != "lr"},
+            **{f"final_{split}_{k}": run.last_eval[f"eval_{k}"] for k in NAMES},
             **{k: v for k, v in run.last_eval.items() if k.startswith("final_")},
             "final_params_digest": params_digest(own.params),
             "warmup_end": int(jax.device_get(own.warmup_end)) if cfg.warmup_lr else None,

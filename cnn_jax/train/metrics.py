@@ -1,19 +1,91 @@
-"""metrics.jsonl (one JSON object per logged step or evaluation), the same scalars for
-TensorBoard (`tensorboard --logdir RUN/tensorboard`), and the final parameters' digest."""
+"""The metrics, declared once, and where they are written: metrics.jsonl (one JSON
+object per logged step or evaluation), the same scalars for TensorBoard
+(`tensorboard --logdir RUN/tensorboard`), and the final parameters' digest.
+
+A metric is a per-example value computed from the logits and the integer labels; a
+split's value is its mean, summed over the unmasked examples with exact counts (so
+padding and the evaluation batch size never change it). Everything that reports a
+metric takes it from METRICS: the train step (`batch_means`; its `loss` is what the
+step minimises, OBJECTIVE), evaluation (`masked_sums`, `means`), the log lines,
+TensorBoard's tags, results.json's `final_<split>_<metric>` keys and cnn_jax.evaluate.
+"""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from tensorboardX import SummaryWriter
 
+
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+    """Softmax cross-entropy per example, in float32 (label smoothing optional)."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def top1_error(logits, labels):
+    """1 where the highest-scoring class is not the label."""
+    return (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    name: str
+    per_example: Callable        # (logits [B, K], labels [B]) -> [B] float32
+    rate: bool = False           # a fraction of examples: shown in %, reported per class
+                                 # by cnn_jax.evaluate
+
+
+METRICS = (
+    Metric("loss", cross_entropy),
+    Metric("error", top1_error, rate=True),
+)
+NAMES = tuple(m.name for m in METRICS)
+# In training, `loss` is the step's objective: the cross-entropy with label smoothing
+# and auxiliary heads, what the gradient is of; the other metrics are as declared.
+OBJECTIVE = "loss"
+STEP_METRICS = tuple(m for m in METRICS if m.name != OBJECTIVE)
+STEP_KEYS = (OBJECTIVE, *(m.name for m in STEP_METRICS), "lr")  # what a train step returns
+
+
+def batch_means(logits, labels) -> dict:
+    """The train step's metrics but its objective: means over the batch."""
+    return {m.name: jnp.mean(m.per_example(logits, labels)) for m in STEP_METRICS}
+
+
+def masked_sums(logits, labels, mask) -> dict:
+    """Every metric summed over the examples where mask is 1, and their count."""
+    return {**{m.name: jnp.sum(m.per_example(logits, labels) * mask) for m in METRICS},
+            "count": jnp.sum(mask)}
+
+
+def means(sums: dict) -> dict:
+    """masked_sums (host arrays, summed over batches) -> {metric: mean, "n": count}."""
+    return {**{name: float(sums[name] / sums["count"]) for name in NAMES},
+            "n": int(sums["count"])}
+
+
+def in_words(record: dict, prefix: str) -> str:
+    """'loss 2.3026 error 10.00%': the metrics of a log record (keys prefix + name)."""
+    return " ".join(f"{m.name} {100 * record[prefix + m.name]:.2f}%" if m.rate else
+                    f"{m.name} {record[prefix + m.name]:.4f}"
+                    for m in METRICS if prefix + m.name in record)
+
+
 # metrics.jsonl keys -> TensorBoard tags (the evaluation's split is added to eval_*)
-TAGS = {"train_loss": "train/loss", "train_error": "train/error", "lr": "train/lr",
-        "img_per_s": "train/images_per_s", "eval_loss": "loss", "eval_error": "error"}
+TAGS = {**{f"train_{k}": f"train/{k}" for k in STEP_KEYS if k != "lr"},
+        "lr": "train/lr", "img_per_s": "train/images_per_s",
+        **{f"eval_{name}": name for name in NAMES}}
 
 
 class MetricsLog:

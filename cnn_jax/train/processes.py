@@ -27,15 +27,8 @@ import queue
 import signal
 from typing import Callable
 
+from cnn_jax.provenance import available_cores
 from cnn_jax.train.config import TrainConfig
-
-
-def available_cores() -> list[int]:
-    """The cores this process may run on."""
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return list(range(os.cpu_count() or 1))
 
 
 def process_count(runs: int, backend: str) -> int:

@@ -14,6 +14,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import optax
 
+from cnn_jax.errors import BadInput
+
 NEVER = 2**31 - 1  # warmup_end before the switch
 
 
@@ -35,7 +37,7 @@ def make_schedule(name: str, base_lr: float, steps: int,
         return optax.cosine_decay_schedule(base_lr, steps)
     if name == "onecycle":
         return optax.cosine_onecycle_schedule(steps, base_lr)
-    raise ValueError(f"unknown schedule {name!r}")
+    raise BadInput(f"unknown schedule {name!r}")
 
 
 def linear_warmup(schedule, steps: int):

@@ -16,10 +16,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cnn_jax.data.augment import Normalizer
 from cnn_jax.data.pipeline import default_workers, train_dataset
 from cnn_jax.data.sources import Arrays
+from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
 from cnn_jax.train.config import TrainConfig, covers, module_names
-from cnn_jax.train.conv_grad import resolve
+from cnn_jax.train.conv_kernels import resolve
 from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
                                   model_input_shape, prepare_arrays, split_arrays, subset,
                                   training_arrays)
@@ -43,7 +44,7 @@ class Setup:
     # model and compiled steps
     model: Any
     tx: Any                      # the optimizer's direction (the step applies the lr)
-    conv_kernels: str            # cnn_jax.train.conv_grad: recorded, they change rounding
+    conv_kernels: str            # cnn_jax.train.conv_kernels: recorded, they change rounding
     step_one: Callable           # (state, batch) -> (state, metrics)
     step_many: Callable          # (state, [k] batches) -> (state, [k] metrics)
     eval_step: Callable          # (state, batch) -> sums of loss, errors, count
@@ -70,8 +71,8 @@ def build(cfgs: list[TrainConfig]) -> Setup:
 def make_mesh(cfg: TrainConfig) -> Mesh:
     """Phase 1: one `data` axis over every device (batch sharded, state replicated)."""
     if cfg.batch % jax.device_count():
-        raise ValueError(f"--batch {cfg.batch} is not divisible by the "
-                         f"{jax.device_count()} devices")
+        raise BadInput(f"--batch {cfg.batch} is not divisible by the "
+                       f"{jax.device_count()} devices")
     return Mesh(np.array(jax.devices()), ("data",))
 
 
@@ -111,12 +112,12 @@ def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Arrays,
     trainable = module_names(cfg.trainable)
     if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
         tx = freeze(tx, trainable)
-    conv_kernels = resolve(cfg.conv_grad, seeds, cfg.dtype)
+    conv_kernels = resolve(cfg.conv_kernels, seeds, cfg.dtype)
     normalise = make_input_fn(normaliser, cfg.resize)
     train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
                                  warmup_until_error=cfg.warmup_until_error,
                                  label_smoothing=cfg.label_smoothing, trainable=trainable,
-                                 conv_grad=conv_kernels)
+                                 conv_kernels=conv_kernels)
     step_one, step_many, eval_step = compile_steps(
         train_step, make_eval_step(model, normalise, conv_kernels), mesh, seeds)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
@@ -132,5 +133,5 @@ def check_module_names(cfg: TrainConfig, modules: list[str]) -> None:
                         ("init_skip", module_names(cfg.init_skip))):
         for name in names:
             if not any(covers((name,), m) for m in modules):
-                raise ValueError(f"--{flag.replace('_', '-')}: {name!r} names no module of "
-                                 f"{cfg.model}; its modules: {', '.join(modules)}")
+                raise BadInput(f"--{flag.replace('_', '-')}: {name!r} names no module of "
+                               f"{cfg.model}; its modules: {', '.join(modules)}")

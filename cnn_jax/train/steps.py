@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cnn_jax.data.pipeline import IMAGE, LABEL, MASK
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
 from cnn_jax.train.config import covers
-from cnn_jax.train.conv_grad import inference_convolutions, resolve, training_convolutions
+from cnn_jax.train.conv_kernels import inference_convolutions, resolve, training_convolutions
+from cnn_jax.train.metrics import OBJECTIVE, batch_means, cross_entropy, masked_sums
 from cnn_jax.train.schedules import NEVER
 from cnn_jax.train.state import TrainState
 
@@ -80,33 +82,28 @@ def frozen_batchnorm(trainable: Sequence[str]):
     return nn.intercept_methods(intercept)
 
 
-def cross_entropy(logits, labels, smoothing: float = 0.0):
-    num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) \
-        if smoothing else jax.nn.one_hot(labels, num_classes)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
                     bn_group: int = 0, warmup_until_error: float = 0.8,
                     label_smoothing: float = 0.0, trainable: Sequence[str] = (),
-                    conv_grad: str = "auto"):
-    """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}.
+                    conv_kernels: str = "auto"):
+    """train_step(state, batch) -> (state, metrics); batch = {image: uint8, label}; the
+    metrics are cnn_jax.train.metrics.STEP_KEYS (the objective, the declared metrics'
+    batch means, the learning rate).
     `trainable`: top-level module prefixes that learn; the rest is frozen (no gradient
     is computed for it, its BatchNorms run in inference mode); empty: all learn.
-    `conv_grad`: the kernels every nn.Conv of the step runs on, the same function
-    either way (the table in cnn_jax.train.conv_grad: "xla", "matmul", "seedwise",
+    `conv_kernels`: the kernels every nn.Conv of the step runs on, the same function
+    either way (the table in cnn_jax.train.conv_kernels: "xla", "matmul", "seedwise",
     "onednn"; "auto" resolves to oneDNN on CPUs where it runs, else matmul for float32
     on CPUs, else XLA's)."""
-    conv_grad = resolve(conv_grad, dtype=getattr(model, "dtype", None) or "float32")
+    conv_kernels = resolve(conv_kernels, dtype=getattr(model, "dtype", None) or "float32")
 
     def forward(params, batch_stats, images, rng):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
         # the two module overrides of a step: what every nn.Conv computes (the kernel
-        # choice, cnn_jax.train.conv_grad) and, when fine-tuning, what a frozen BatchNorm does
-        with training_convolutions(conv_grad), \
+        # choice, cnn_jax.train.conv_kernels) and, when fine-tuning, what a frozen BatchNorm does
+        with training_convolutions(conv_kernels), \
                 frozen_batchnorm(trainable) if trainable else contextlib.nullcontext():
             return model.apply(variables, images, train=True, rngs={"dropout": rng},
                                mutable=["batch_stats", "intermediates"])
@@ -138,36 +135,33 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, batch["image"], batch["label"], rng)
-        error = jnp.mean(jnp.argmax(logits, -1) != batch["label"])
+            state.params, state.batch_stats, batch[IMAGE], batch[LABEL], rng)
+        metrics = batch_means(logits, batch[LABEL])
         lr = lr_fn(state.step, state.warmup_end)
         direction, opt_state = tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
-        warmup_end = jnp.where((state.warmup_end == NEVER) & (error < warmup_until_error),
-                               state.step + 1, state.warmup_end)
+        warming = (state.warmup_end == NEVER) & (metrics["error"] < warmup_until_error)
+        warmup_end = jnp.where(warming, state.step + 1, state.warmup_end)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state, warmup_end=warmup_end)
-        return new_state, {"loss": loss, "error": error, "lr": jnp.asarray(lr, jnp.float32)}
+        return new_state, {OBJECTIVE: loss, **metrics, "lr": jnp.asarray(lr, jnp.float32)}
 
     return train_step
 
 
-def make_eval_step(model, normalise: Callable, conv_grad: str = "xla"):
-    """eval_step(state, batch) -> sums of loss and errors over the unmasked examples.
-    `conv_grad="onednn"`: the convolutions on oneDNN, as the train step's (CPUs; the
+def make_eval_step(model, normalise: Callable, conv_kernels: str = "xla"):
+    """eval_step(state, batch) -> every declared metric summed over the unmasked
+    examples, and their count (cnn_jax.train.metrics.masked_sums).
+    `conv_kernels="onednn"`: the convolutions on oneDNN, as the train step's (CPUs; the
     other kernel choices differ in gradients only)."""
 
     def eval_step(state: TrainState, batch):
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        with inference_convolutions(conv_grad):
-            logits = model.apply(variables, normalise(batch["image"]), train=False)
-        mask = batch["mask"]
-        loss = cross_entropy(logits, batch["label"])
-        wrong = (jnp.argmax(logits, -1) != batch["label"]).astype(jnp.float32)
-        return {"loss_sum": jnp.sum(loss * mask), "error_sum": jnp.sum(wrong * mask),
-                "count": jnp.sum(mask)}
+        with inference_convolutions(conv_kernels):
+            logits = model.apply(variables, normalise(batch[IMAGE]), train=False)
+        return masked_sums(logits, batch[LABEL], batch[MASK])
 
     return eval_step
 

@@ -1,4 +1,5 @@
-"""A faster kernel gradient for convolutions on CPUs (`TrainConfig.conv_grad`).
+"""The kernels a step's convolutions and their gradients run on (`TrainConfig.conv_kernels`):
+the same function, computed faster than XLA's own on CPUs.
 
 XLA's CPU backend computes a convolution's kernel gradient (a convolution with the
 batch as the contracted dimension) several times slower than its forward pass; with
@@ -11,11 +12,11 @@ one matrix product per kernel tap,
 
 and accumulated over chunks of 8 images (so each slice and product stays in cache)
 runs on XLA's dot kernels instead. Elsewhere (where chunks would only add kernels)
-`conv_grad="matmul"` gathers the taps once into patches and computes one product,
+`conv_kernels="matmul"` gathers the taps once into patches and computes one product,
 `dW = patches^T @ dy` ([kh*kw*C_in, N*H*W] @ [N*H*W, C_out]), batched over seeds under
 `vmap`. The forward pass and the input gradient are unchanged (XLA's own), so the
 function is the same; only the kernel gradient's summation order differs (~1e-7
-relative). `conv_grad="auto"` (the default) uses them for float32 steps where JAX
+relative). `conv_kernels="auto"` (the default) uses them for float32 steps where JAX
 computes on the CPU and oneDNN cannot run (below), XLA's own kernels elsewhere
 (`resolve`).
 
@@ -25,7 +26,7 @@ group by group through a slow kernel. "seedwise" (what `resolve` makes of XLA's
 kernels with seeds > 1) computes it as one plain convolution per seed instead
 (docs/benchmarks.md: 0.74x -> 1.4x the throughput of one seed after another).
 
-`conv_grad="onednn"` goes further on CPUs: the forward pass and both gradients run on
+`conv_kernels="onednn"` goes further on CPUs: the forward pass and both gradients run on
 oneDNN's kernels (cnn_jax.onednn), which "auto" picks wherever they can be built and
 have kernels for the step's dtype (ResNet-20's float32 CPU step 1.6x faster than with
 the chunks, docs/benchmarks.md CPU step 17).
@@ -48,9 +49,12 @@ from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from cnn_jax import onednn
-from cnn_jax.train.config import CONV_GRADS
+from cnn_jax.errors import BadInput
+from cnn_jax.train.config import CONV_KERNELS
 
 CHUNK = 8  # images per accumulated kernel-gradient product
+# "auto"'s choice, when set (the second is the older name)
+ENV_VARIABLES = ("CNN_JAX_CONV_KERNELS", "CNN_JAX_CONV_GRAD")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -169,29 +173,30 @@ def _plain_2d(m: nn.Conv, x) -> bool:
                  else all(p >= 0 for lo_hi in pad for p in lo_hi)))
 
 
-def resolve(conv_grad: str, seeds: int = 1, dtype="float32") -> str:
+def resolve(kernels: str, seeds: int = 1, dtype="float32") -> str:
     """The convolution kernels a step uses: "xla", "matmul", "onednn" or, for XLA's own
     with several seeds vmapped, "seedwise" (one convolution per seed). "auto" ->
-    $CNN_JAX_CONV_GRAD if set (e.g. to repeat a run recorded with other kernels bit for
-    bit), else where JAX computes on the CPU "onednn" where oneDNN's convolutions can
-    be built and have kernels for the dtype (cnn_jax.onednn), else "matmul" for float32
-    steps and XLA's own for bfloat16 ones (XLA computes its convolutions in float32
-    there, and its kernel gradient made ResNet-20's step 1.15-1.3x faster than the
-    chunks, docs/benchmarks.md CPU step 16); XLA's own on GPUs and TPUs, seed by seed
-    when several seeds train at once (1.2x faster than the patches' product for 5
-    ResNet-56 seeds on an H100). "onednn" where oneDNN cannot run raises
-    cnn_jax.onednn.OnednnUnavailable saying why."""
-    if conv_grad == "auto":
-        chosen = os.environ.get("CNN_JAX_CONV_GRAD", "")
-        if chosen and chosen not in CONV_GRADS[1:]:
-            raise ValueError(f"CNN_JAX_CONV_GRAD must be one of {', '.join(CONV_GRADS[1:])}; "
-                             f"got {chosen!r}")
+    $CNN_JAX_CONV_KERNELS (or its older name $CNN_JAX_CONV_GRAD) if set (e.g. to repeat
+    a run recorded with other kernels bit for bit), else where JAX computes on the CPU
+    "onednn" where oneDNN's convolutions can be built and have kernels for the dtype
+    (cnn_jax.onednn), else "matmul" for float32 steps and XLA's own for bfloat16 ones
+    (XLA computes its convolutions in float32 there, and its kernel gradient made
+    ResNet-20's step 1.15-1.3x faster than the chunks, docs/benchmarks.md CPU step 16);
+    XLA's own on GPUs and TPUs, seed by seed when several seeds train at once (1.2x
+    faster than the patches' product for 5 ResNet-56 seeds on an H100). "onednn" where
+    oneDNN cannot run raises cnn_jax.onednn.OnednnUnavailable saying why."""
+    if kernels == "auto":
+        variable, chosen = next(((v, os.environ[v]) for v in ENV_VARIABLES
+                                 if os.environ.get(v)), ("", ""))
+        if chosen and chosen not in CONV_KERNELS[1:]:
+            raise BadInput(f"{variable} must be one of {', '.join(CONV_KERNELS[1:])}; "
+                           f"got {chosen!r}")
         cpu = jax.default_backend() == "cpu"
-        conv_grad = chosen or ("onednn" if cpu and onednn.available(dtype) else
-                               "matmul" if cpu and jnp.dtype(dtype) == jnp.float32 else "xla")
-    if conv_grad == "onednn":
-        onednn.require(dtype, "--conv-grad onednn (or CNN_JAX_CONV_GRAD=onednn)")
-    return "seedwise" if conv_grad == "xla" and seeds > 1 else conv_grad
+        kernels = chosen or ("onednn" if cpu and onednn.available(dtype) else
+                             "matmul" if cpu and jnp.dtype(dtype) == jnp.float32 else "xla")
+    if kernels == "onednn":
+        onednn.require(dtype, "--conv-kernels onednn (or CNN_JAX_CONV_KERNELS=onednn)")
+    return "seedwise" if kernels == "xla" and seeds > 1 else kernels
 
 
 def backend_form() -> int | str:
