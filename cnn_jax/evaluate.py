@@ -35,17 +35,30 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cnn_jax.data.augment import ten_crop
-from cnn_jax.data.pipeline import IMAGE, INDEX, LABEL, MASK, eval_batches
+from cnn_jax.data.keys import IMAGE, INDEX, LABEL, MASK
+from cnn_jax.data.pipeline import eval_batches
+from cnn_jax.data.streams import Stream
 from cnn_jax.errors import BadInput, exit_on_bad_input
-from cnn_jax.train.metrics import METRICS, in_words
+from cnn_jax.train.metrics import ALIASES, METRICS, in_words
 from cnn_jax.trained import Trained, load_trained
 
 VIEW_COUNTS = (1, 2, 10)
+MULTISCALE = "multiscale"           # streams: He et al.'s fully-convolutional multi-scale test
 CENTRE, CENTRE_MIRRORED = 4, 9      # positions in ten_crop's order
 IMAGENET_RESIZE = 1 / 0.875         # resize side = crop / 0.875 (256 for 224)
 
 
 # ------------------------------------------------------------------ views
+def parse_views(views) -> int | str:
+    """--views: 1, 2, 10 or multiscale."""
+    if str(views) == MULTISCALE:
+        return MULTISCALE
+    if str(views).isdigit() and int(views) in VIEW_COUNTS:
+        return int(views)
+    raise BadInput(f"--views must be one of {', '.join(map(str, VIEW_COUNTS))} or "
+                   f"{MULTISCALE}; got {views!r}")
+
+
 def pick(views_10: np.ndarray, n: int) -> np.ndarray:
     """The first-n-views subset of a [B, 10, ...] ten-crop stack: centre, its mirror,
     or all ten."""
@@ -123,20 +136,70 @@ def build_groups(members: list[Trained]) -> list[Group]:
 
 
 # ------------------------------------------------------------------ evaluation
-def view_probabilities(groups: list[Group], arrays, views: int, batch: int = 250,
-                       crop: Optional[int] = None) -> Iterator[dict]:
+def view_probabilities(groups: list[Group], arrays, views, batch: int = 250,
+                       crop: Optional[int] = None, workers: Optional[int] = None
+                       ) -> Iterator[dict]:
     """Per batch: labels, mask, and softmax probabilities [M, B, V, K] of every member
     (in the order of the groups' members) on every view."""
+    if isinstance(arrays, Stream):
+        yield from stream_probabilities(groups, arrays, views, batch, workers)
+        return
+    if views == MULTISCALE:
+        raise BadInput(f"--views {MULTISCALE} is the test of full-size images as they "
+                       f"stream (imagenet_sample, imagefolder:PATH, ...); these are arrays")
     for b in eval_batches(arrays, batch):
         per_group = []
         for g in groups:
             size = crop or g.train_shape[0]
             v = make_views(b[IMAGE], views, size, g.crop_pad)          # [B, V, h, w, C]
-            flat = v.reshape(-1, *v.shape[2:])
-            p = np.asarray(g.forward(g.stacked, flat))                  # [M, B*V, K]
-            per_group.append(p.reshape(p.shape[0], *v.shape[:2], p.shape[-1]))
+            per_group.append(group_probabilities(g, v))
         yield {LABEL: b[LABEL], MASK: b[MASK], INDEX: b[INDEX],
                "probs": np.concatenate(per_group, axis=0)}
+
+
+def group_probabilities(g: Group, v: np.ndarray) -> np.ndarray:
+    """[M, B, V, K] of views [B, V, h, w, C]."""
+    p = np.asarray(g.forward(g.stacked, v.reshape(-1, *v.shape[2:])))    # [M, B*V, K]
+    return p.reshape(p.shape[0], *v.shape[:2], p.shape[-1])
+
+
+def stream_probabilities(groups: list[Group], stream: Stream, views, batch: int,
+                         workers: Optional[int]) -> Iterator[dict]:
+    """view_probabilities of a stream: its views are made as it is decoded (single
+    centre crop, 10-crop, or the five scales of the multi-scale test)."""
+    sides = {g.train_shape[0] for g in groups}
+    if sides != {stream.side}:
+        raise BadInput(f"--checkpoint: networks of input side {sorted(sides)} evaluated on "
+                       f"views of side {stream.side}; ensemble networks of one input side")
+    protocol = {1: "single", 2: "ten", 10: "ten", MULTISCALE: MULTISCALE}[views]
+    for b in eval_batches(stream, batch, protocol=protocol, workers=workers):
+        if protocol == MULTISCALE:
+            probs = np.concatenate([multiscale_probabilities(g, b[IMAGE]) for g in groups])
+        else:
+            v = b[IMAGE][:, None] if protocol == "single" else b[IMAGE]
+            v = v[:, [CENTRE, CENTRE_MIRRORED]] if views == 2 else v
+            probs = np.concatenate([group_probabilities(g, v) for g in groups])
+        yield {LABEL: b[LABEL], MASK: b[MASK], INDEX: b[INDEX], "probs": probs}
+
+
+def multiscale_probabilities(g: Group, per_image: list) -> np.ndarray:
+    """[M, B, scales, K]: each image's views of every scale; views of one shape run
+    together, padded to a power-of-two count so that few shapes are compiled."""
+    out = None
+    by_shape: dict = {}
+    for i, scales in enumerate(per_image):
+        for j, view in enumerate(scales):
+            by_shape.setdefault(view.shape, []).append((i, j, view))
+    for items in by_shape.values():
+        stack = np.stack([v for _, _, v in items])
+        padded = 1 << (len(stack) - 1).bit_length()
+        stack = np.concatenate([stack, np.repeat(stack[:1], padded - len(stack), 0)])
+        p = np.asarray(g.forward(g.stacked, stack))[:, :len(items)]       # [M, n, K]
+        if out is None:
+            out = np.zeros((p.shape[0], len(per_image), len(per_image[0]), p.shape[-1]))
+        for k, (i, j, _) in enumerate(items):
+            out[:, i, j] = p[:, k]
+    return out
 
 
 def summarise(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -152,18 +215,18 @@ def summarise(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
             out[f"per_class_{m.name}"] = [float(values[labels == k].mean())
                                           if np.any(labels == k) else None
                                           for k in range(num_classes)]
-    return {**out, "n_examples": int(len(labels))}
+    return {**out, **{alias: out[name] for alias, name in ALIASES.items()},
+            "n_examples": int(len(labels))}
 
 
 def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
              data_dir: Optional[str] = None, split: str = "test", batch: int = 250,
              crop: Optional[int] = None, progress: bool = False,
-             predictions: bool = False) -> dict:
+             predictions: bool = False, workers: Optional[int] = None) -> dict:
     """Error of the ensemble of `run_dirs` (training runs' --out folders or weights
     files) with `views` views per image; `predictions`: also each image's predicted
     class (`predicted`, in the split's order)."""
-    if views not in VIEW_COUNTS:
-        raise BadInput(f"--views must be one of {VIEW_COUNTS}; got {views}")
+    views = parse_views(views)
     members = [load_member(r) for r in run_dirs]
     first = members[0]
     arrays = first.arrays(split, data, data_dir)
@@ -173,7 +236,7 @@ def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
     mean_probs, labels, order, seen = [], [], [], 0
     start = time.perf_counter()
     bar = tqdm(total=len(arrays), unit="img", disable=not progress, desc="evaluating")
-    for out in view_probabilities(groups, arrays, views, batch, crop):
+    for out in view_probabilities(groups, arrays, views, batch, crop, workers):
         keep = out[MASK] > 0
         mean_probs.append(out["probs"][:, keep].mean(axis=(0, 2)))   # over models, views
         labels.append(out[LABEL][keep])
@@ -192,7 +255,8 @@ def evaluate(run_dirs: list, views: int = 1, data: Optional[str] = None,
         result["predicted"] = predicted.tolist()
     return {**result, "classes": arrays.classes, "views": views, "models": len(members),
             "checkpoints": [m.source for m in ordered], "data": data, "split": split,
-            "images_per_s": seen / wall, "forward_passes_per_s": seen * views * len(members) / wall,
+            "images_per_s": seen / wall, "forward_passes_per_s":
+                seen * (5 if views == MULTISCALE else views) * len(members) / wall,
             "wall_s": wall, "backend": jax.default_backend()}
 
 
@@ -217,11 +281,17 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", action="append", required=True, metavar="RUN",
                    help="a training run's --out folder, or a PyTorch weights file "
                         "(.pth/.th/.safetensors, with --data); repeat for an ensemble")
-    p.add_argument("--views", type=int, default=1, choices=VIEW_COUNTS)
+    p.add_argument("--views", default="1", choices=[*map(str, VIEW_COUNTS), MULTISCALE],
+                   help="views per image: 1 (centre), 2 (and its mirror), 10 (corners and "
+                        "centre, mirrored), multiscale (full-size images: the whole image "
+                        "at five scales, He et al. 2015)")
     p.add_argument("--data", default=None, help="default: the runs' training dataset "
                                                 "(required for weights files)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--split", default="test", choices=["test", "val", "train"],
+                   help="train: the training images (for a dataset with only train/)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding a streamed dataset (default: cores - 1)")
     p.add_argument("--crop", type=int, default=None,
                    help="view size (default: the training images' size)")
     p.add_argument("--batch", type=int, default=250)
@@ -233,7 +303,9 @@ def main(argv=None) -> int:
     if args.batch < 1:
         p.error("--batch must be positive")
     r = evaluate(args.checkpoint, args.views, args.data, args.data_dir, args.split,
-                 args.batch, args.crop, progress=not args.json)
+                 args.batch, args.crop, progress=not args.json, workers=args.workers)
+    if args.split == "train":
+        print("note: these are the training images, not held-out data", file=sys.stderr)
     print(f"{r['models']} model(s), {r['views']} view(s), {r['n_examples']:,} {r['split']} "
           f"images: {in_words(r, '')}  ({r['images_per_s']:,.0f} images/s)", file=sys.stderr)
     width = max(len(c) for c in r["classes"])

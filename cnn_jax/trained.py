@@ -28,7 +28,9 @@ import orbax.checkpoint as ocp
 
 from cnn_jax import data as data_lib
 from cnn_jax.data.augment import Normalizer
+from cnn_jax.data.records import streams
 from cnn_jax.data.sources import SHARED_DATA, Arrays
+from cnn_jax.data.streams import Stream
 from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model, input_shape
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
@@ -93,7 +95,7 @@ class Trained:
         return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
 
     def arrays(self, split: str, data: Optional[str] = None,
-               data_dir: Optional[str] = None) -> Arrays:
+               data_dir: Optional[str] = None) -> Arrays | Stream:
         """`split` as this network sees it: the run's dataset (or `data`), with its
         holdout, classes, image size and padding."""
         if self.config is None:
@@ -102,6 +104,9 @@ class Trained:
                 raise BadInput(f"{self.source}: a weights file does not say which dataset "
                                f"it was trained on; name it (e.g. --data cifar10)")
             h, w = self.image_shape[:2]
+            if streams(data):  # full-size images: the papers' test views at the input side
+                return split_arrays(TrainConfig(data=data, augment="inception", image_size=h),
+                                    split, data_dir)
             arrays = data_lib.load(data, split, data_dir=data_dir)
             if arrays.images.shape[1:3] != (h, w) and min(arrays.images.shape[1:3]) < min(h, w):
                 raise BadInput(f"{self.source}: {data} holds {arrays.images.shape[1]}x"

@@ -470,7 +470,8 @@ def test_batches_land_sharded_over_the_data_axis():
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cnn_jax.data import load
-from cnn_jax.data.pipeline import IMAGE, LABEL, MASK, eval_batches, to_global_array
+from cnn_jax.data.keys import IMAGE, LABEL, MASK
+from cnn_jax.data.pipeline import eval_batches, to_global_array
 mesh = Mesh(np.array(jax.devices()), ("data",))
 sharding = NamedSharding(mesh, P("data"))
 arrays = load("synthetic:8x8x3:10:64:100", "test")

@@ -20,6 +20,12 @@ import numpy as np
 
 from cnn_jax.errors import BadInput
 
+# --augment: cifar is the arrays' recipe below (crop_pad, flip, colour_shift, pca); the
+# others are the papers' ImageNet transforms on streamed images (cnn_jax.data.streams)
+AUGMENTS = ("cifar", "resnet", "inception", "alexnet")
+STREAM_AUGMENTS = AUGMENTS[1:]
+BAD_IMAGES = ("refuse", "skip")   # --bad-images: stop naming the file, or pass over it
+
 # ------------------------------------------------------------------ randomness
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # (stream 2, STREAM_RESIZED, is kept for random-resized crops: the others keep their draws)
@@ -164,7 +170,12 @@ class Normalizer:
         return cls(mean.astype(np.float32), std.astype(np.float32))
 
     def __call__(self, x):
-        return (x.astype("float32") - self.mean) / self.std
+        mean = self.mean
+        if mean.ndim == 3 and tuple(x.shape[-3:-1]) != mean.shape[:2]:
+            # an image of another size (a multi-scale test view, He et al. 2015's fully
+            # convolutional test): the per-pixel mean's average, per channel
+            mean = mean.mean((0, 1))
+        return (x.astype("float32") - mean) / self.std
 
 
 # ------------------------------------------------------------------ evaluation views

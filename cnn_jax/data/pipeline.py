@@ -24,14 +24,11 @@ import numpy as np
 from absl import flags
 
 from cnn_jax.data.augment import Augment
+from cnn_jax.data.keys import EPOCH, IMAGE, INDEX, LABEL, MASK, SHIFT, TRAINING
 from cnn_jax.data.sources import Arrays
+from cnn_jax.data.streams import Stream
 from cnn_jax.errors import BadInput
 
-# A batch on its way to the devices: uint8 images [B, H, W, C], int32 labels [B] and,
-# in evaluation, a mask [B] (0 on padding); INDEX and EPOCH say which examples these
-# are (host side only).
-IMAGE, LABEL, MASK, INDEX, EPOCH = "image", "label", "mask", "index", "epoch"
-TRAINING = (IMAGE, LABEL)   # what a training step receives
 
 
 def default_workers() -> int:
@@ -96,14 +93,31 @@ class _LoadAndAugment:
         return {IMAGE: images, LABEL: self.store.labels[index], INDEX: index, EPOCH: epoch}
 
 
-def train_dataset(arrays: Arrays, batch_size: int, seed: int,
+@dataclasses.dataclass
+class _DecodeAndAugment:
+    """A stream's batch: each image decoded and transformed in the worker."""
+    stream: Stream
+    seed: int
+    process_index: int
+    process_count: int
+
+    def __call__(self, batch) -> dict:
+        index, epoch = (np.asarray(v) for v in batch)
+        per = len(index) // self.process_count
+        mine = slice(self.process_index * per, (self.process_index + 1) * per)
+        index, epoch = index[mine], epoch[mine]
+        return {**self.stream.train_batch(index, epoch, self.seed), INDEX: index, EPOCH: epoch}
+
+
+def train_dataset(arrays: Arrays | Stream, batch_size: int, seed: int,
                   augment: Optional[Augment] = None, workers: Optional[int] = None,
                   process_index: int = 0, process_count: int = 1):
     """An endless grain IterDataset of augmented training batches.
 
     `batch_size` is the global batch; each process gets batch_size / process_count
     rows. Batches run across epoch boundaries (iterations, not epochs, are the unit,
-    as in He et al.); each example's epoch is passed to the augmentation.
+    as in He et al.); each example's epoch is passed to the augmentation. A Stream
+    decodes and transforms its images in the workers; `augment` is for arrays.
     """
 
     if batch_size % process_count:
@@ -115,8 +129,11 @@ def train_dataset(arrays: Arrays, batch_size: int, seed: int,
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
     ds = ds.map_with_index(_PositionToEpoch(n))
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(_LoadAndAugment(_ImageStore(arrays), augment, seed, process_index,
-                                process_count))
+    if isinstance(arrays, Stream):
+        ds = ds.map(_DecodeAndAugment(arrays, seed, process_index, process_count))
+    else:
+        ds = ds.map(_LoadAndAugment(_ImageStore(arrays), augment, seed, process_index,
+                                    process_count))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     workers = default_workers() if workers is None else workers
     if workers > 0:
@@ -134,27 +151,74 @@ class _PositionToEpoch:
         return index, position // self.n
 
 
-def eval_batches(arrays: Arrays, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+def eval_batches(arrays: Arrays | Stream, batch_size: int, process_index: int = 0,
+                 process_count: int = 1, protocol: str = "single",
+                 workers: Optional[int] = None) -> Iterator[dict]:
     """Every example exactly once, in order, in batches of `batch_size` (global); the
     last batch is padded by repeating example 0 and carries `mask` 0 on the padding.
-    Raises at the end if the count of real examples differs from the split's size."""
+    A Stream's batches are decoded by `workers` processes as the test `protocol`
+    (cnn_jax.data.streams.PROTOCOLS) says, in order. Raises at the end if the count of
+    real examples differs from the split's size."""
     n = len(arrays)
     if batch_size % process_count:
         raise BadInput(f"global batch {batch_size} is not divisible by the "
                        f"{process_count} processes")
-    store, per = _ImageStore(arrays), batch_size // process_count
+    per = batch_size // process_count
+    starts = list(range(0, n, batch_size))
+    if isinstance(arrays, Stream):
+        ds = grain.MapDataset.source(starts).map(
+            _EvalViews(arrays, batch_size, n, protocol, process_index, per))
+        batches = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        workers = default_workers() if workers is None else workers
+        if workers > 0:
+            _ensure_absl_flags()
+            batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=workers, per_worker_buffer_size=2))
+    else:
+        batches = map(_EvalRows(_ImageStore(arrays), batch_size, n, process_index, per),
+                      starts)
     seen = 0
-    for start in range(0, n, batch_size):
-        index = np.arange(start, start + batch_size)
-        mask = index < n
-        index = np.where(mask, index, 0)
-        mine = slice(process_index * per, (process_index + 1) * per)
-        seen += int(mask.sum())
-        yield {IMAGE: store.images(index[mine]), LABEL: store.labels[index[mine]],
-               MASK: mask[mine].astype(np.float32), INDEX: index[mine]}
-    if seen != n:
+    for batch in batches:
+        seen += int(batch[MASK].sum()) if process_count == 1 else 0
+        yield batch
+    if process_count == 1 and seen != n:
         raise AssertionError(f"evaluation covered {seen} examples, expected {n}")
+
+
+def _padded(start: int, batch_size: int, n: int, process_index: int, per: int):
+    """This process's indices of the global batch at `start` (padding: example 0), mask."""
+    index = np.arange(start, start + batch_size)
+    mask = index < n
+    mine = slice(process_index * per, (process_index + 1) * per)
+    return np.where(mask, index, 0)[mine], mask[mine].astype(np.float32)
+
+
+@dataclasses.dataclass
+class _EvalRows:
+    store: _ImageStore
+    batch_size: int
+    n: int
+    process_index: int
+    per: int
+
+    def __call__(self, start: int) -> dict:
+        index, mask = _padded(start, self.batch_size, self.n, self.process_index, self.per)
+        return {IMAGE: self.store.images(index), LABEL: self.store.labels[index],
+                MASK: mask, INDEX: index}
+
+
+@dataclasses.dataclass
+class _EvalViews:
+    stream: Stream
+    batch_size: int
+    n: int
+    protocol: str
+    process_index: int
+    per: int
+
+    def __call__(self, start: int) -> dict:
+        index, mask = _padded(start, self.batch_size, self.n, self.process_index, self.per)
+        return {**self.stream.eval_batch(index, self.protocol), MASK: mask, INDEX: index}
 
 
 # ------------------------------------------------------------------ devices
@@ -163,6 +227,11 @@ def to_global_array(batch: dict, sharding) -> dict:
     import jax  # here, not at the top: grain's worker processes import this module
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
+
+
+def training_keys(batch: dict) -> tuple:
+    """What of a host batch a training step receives."""
+    return TRAINING + ((SHIFT,) if SHIFT in batch else ())
 
 
 def stack_batches(batches: list[dict], keys: tuple = TRAINING) -> dict:

@@ -60,6 +60,10 @@ class Arrays:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.images.shape[1:])
+
 
 # ------------------------------------------------------------------ locations
 def search_dirs(data_dir: Optional[str] = None) -> list[Path]:

@@ -89,9 +89,10 @@ def main(argv=None) -> int:
     cfg = TrainConfig(**values)
     results = train(cfg, command="python -m cnn_jax.train " + " ".join(
         sys.argv[1:] if argv is None else argv))
-    err = results.get("final_test_error", results.get("final_val_error"))
+    split = next(s for s in ("test", "val", "train_set") if f"final_{s}_error" in results)
     print(f"done: {results['steps']} steps, train error {results['final_train_error']:.4f}, "
-          f"eval error {err:.4f}, digest {results['final_params_digest'][:16]}")
+          f"{split} error {results[f'final_{split}_error']:.4f}, "
+          f"digest {results['final_params_digest'][:16]}")
     return 0
 
 

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
+from cnn_jax.data.augment import AUGMENTS, BAD_IMAGES
 from cnn_jax.errors import BadInput
 
 CONV_KERNELS = ("auto", "xla", "matmul", "onednn")  # cnn_jax.train.conv_kernels; "auto" first
@@ -76,7 +77,9 @@ class TrainConfig:
     eval_subset: int = added(0)     # >0: evaluate on a fixed stratified subset of this many
     train_subset: int = added(0)    # >0: train on a fixed stratified subset of this many
     classes: str = added("")        # train and evaluate on these classes only ("0,1", "cat,dog")
-    image_size: int = added(0)      # >0: ImageFolder images resized to cover it, centre-cropped
+    # >0: the network's input side. Arrays: ImageFolder images resized to cover it and
+    # centre-cropped; streams: the side of the crops (0: 224)
+    image_size: int = added(0)
     # a run's --out, or torchvision/timm weights (.pth/.safetensors): start from its
     # variables where names match
     init_from: str = added("")
@@ -99,7 +102,10 @@ class TrainConfig:
     warmup_lr: float = result(0.0)            # >0: He et al.'s ResNet-110 warm-up (0.01 ...
     warmup_until_error: float = result(0.8)   # ... until training error < 80 %)
     label_smoothing: float = result(0.0)
-    # input
+    # input. augment: cifar (the arrays' crop_pad, flip, colour_shift, pca_colour below),
+    # or the papers' ImageNet transforms on streamed images: resnet | inception | alexnet
+    augment: str = added("cifar")
+    bad_images: str = added("refuse")         # an unreadable file: refuse (stop) | skip it
     crop_pad: int = result(4)
     flip: bool = result(True)
     colour_shift: float = result(0.0)
@@ -210,6 +216,10 @@ class TrainConfig:
                   "warmup_steps"):
             if getattr(self, f) < 0:
                 bad(f, f"must be 0 or positive, got {getattr(self, f)}")
+        if self.augment not in AUGMENTS:
+            bad("augment", f"must be one of {', '.join(AUGMENTS)}; got {self.augment!r}")
+        if self.bad_images not in BAD_IMAGES:
+            bad("bad_images", f"must be one of {', '.join(BAD_IMAGES)}; got {self.bad_images!r}")
         if self.dtype not in ("float32", "bfloat16"):
             bad("dtype", f"must be float32 or bfloat16; got {self.dtype!r}")
         if self.conv_kernels not in CONV_KERNELS:

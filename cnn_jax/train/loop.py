@@ -26,15 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnn_jax.data.pipeline import (INDEX, TRAINING, ChunkPrefetcher, eval_batches,
-                                   stack_batches, to_global_array)
+from cnn_jax.data.keys import INDEX, SKIPPED
+from cnn_jax.data.pipeline import (ChunkPrefetcher, eval_batches, stack_batches,
+                                   to_global_array, training_keys)
 from cnn_jax.data.sources import DataError
 from cnn_jax.errors import BadInput
 from cnn_jax.provenance import hardware, versions
 from cnn_jax.train.checkpoint import Checkpointer, drop_modules, load_pretrained
 from cnn_jax.train.config import TrainConfig, changed_fields
 from cnn_jax.train.inputs import prepare_arrays, save_normaliser, split_arrays
-from cnn_jax.train.metrics import (NAMES, OBJECTIVE, STEP_KEYS, MetricsLog, in_words,
+from cnn_jax.train.metrics import (ALIASES, OBJECTIVE, REPORTED, STEP_KEYS, MetricsLog, in_words,
                                    means, params_digest)
 from cnn_jax.train.setup import Setup, build
 from cnn_jax.train.state import TrainState, initial_variables
@@ -219,7 +220,7 @@ def _refuse_other_results(run: _Run) -> None:
 
 
 def _write_config(setup: Setup, run: _Run, runs: list[_Run], command: str) -> None:
-    save_normaliser(run.out, setup.normaliser, setup.train_arrays.images.shape[1:])
+    save_normaliser(run.out, setup.normaliser, setup.train_arrays.image_shape)
     (run.out / "config.json").write_text(json.dumps(
         {"config": run.cfg.to_json(), "config_digest": run.cfg.digest(),
          "command": command, "versions": versions(), "hardware": hardware(),
@@ -314,6 +315,7 @@ class StepLoop:
         self.chunk_sharding = setup.sharding(None, *lead, "data")  # [k, ...]: k steps
         self.wall_start = time.perf_counter()
         self.window_images, self.window_start = 0, time.perf_counter()
+        self.skipped = 0  # unreadable files passed over (--bad-images skip), this session
 
     def run(self, state, data_iter, step: int, on_steps=None):
         cfg = self.cfg
@@ -366,7 +368,9 @@ class StepLoop:
 
     def to_device(self, host_batches):
         """k host batches -> the compiled call's input (runs on the prefetch thread)."""
-        keys = TRAINING
+        keys = training_keys(host_batches[0] if not self.setup.together else host_batches[0][0])
+        self.skipped += sum(int(b.get(SKIPPED, 0)) for draw in host_batches
+                            for b in (draw if self.setup.together else [draw]))
         if self.setup.together:  # each draw holds one batch per run: [S, B, ...], stacked below
             host_batches = [{key: [b[key] for b in draw] for key in keys}
                             for draw in host_batches]
@@ -405,7 +409,8 @@ class StepLoop:
         sums = None
         for batch in eval_batches(self.setup.eval_arrays if arrays is None else arrays,
                                   self.setup.eval_batch, jax.process_index(),
-                                  jax.process_count()):
+                                  jax.process_count(), workers=self.cfg.workers):
+            batch.pop(SKIPPED, None)
             del batch[INDEX]
             r = self.setup.eval_step(state, to_global_array(batch, self.setup.sharding("data")))
             sums = r if sums is None else jax.tree.map(jnp.add, sums, r)
@@ -493,10 +498,10 @@ def final_evaluations(setup: Setup, runs: list[_Run], loop: StepLoop, state, ste
         if test_arrays is not None:
             for run, test in zip(runs, loop.evaluate(state, prepare_arrays(test_arrays,
                                                                             cfg.input_pad))):
-                run.last_eval.update({f"final_test_{k}": test[k] for k in NAMES})
+                run.last_eval.update({f"final_test_{k}": test[k] for k in REPORTED})
     if cfg.eval_train_set:  # how well the final weights fit the training images themselves
         for run, fit in zip(runs, loop.evaluate(state, setup.train_arrays)):
-            run.last_eval.update({f"final_train_set_{k}": fit[k] for k in NAMES})
+            run.last_eval.update({f"final_train_set_{k}": fit[k] for k in REPORTED})
 
 
 def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: int,
@@ -513,7 +518,8 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
             "model": cfg.model, "data": cfg.data, "params": setup.n_params, "steps": step,
             "seed": run.cfg.seed, "batch": cfg.batch,
             **{f"final_train_{k}": last_train.get(f"train_{k}") for k in STEP_KEYS if k != "lr"},
-            **{f"final_{split}_{k}": run.last_eval[f"eval_{k}"] for k in NAMES},
+            **{f"final_train_{a}": last_train.get(f"train_{k}") for a, k in ALIASES.items()},
+            **{f"final_{split}_{k}": run.last_eval[f"eval_{k}"] for k in REPORTED},
             **{k: v for k, v in run.last_eval.items() if k.startswith("final_")},
             "final_params_digest": params_digest(own.params),
             "warmup_end": int(jax.device_get(own.warmup_end)) if cfg.warmup_lr else None,
@@ -522,6 +528,7 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
             **({"trained_together": [r.cfg.seed for r in runs]} if setup.together else {}),
             "hardware": hardware(), "versions": versions(), "command": command,
             "conv_kernels": setup.conv_kernels, "config": run.cfg.to_json(),
+            **({"skipped_images": loop.skipped} if cfg.bad_images == "skip" else {}),
         }
         if jax.process_index() == 0:
             tmp = run.out / "results.json.tmp"

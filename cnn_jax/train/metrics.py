@@ -38,6 +38,14 @@ def top1_error(logits, labels):
     return (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
 
 
+def top5_error(logits, labels):
+    """1 where the label is not among the five highest-scoring classes (ILSVRC's
+    measure; 0 with five classes or fewer)."""
+    k = min(5, logits.shape[-1])
+    top = jax.lax.top_k(logits, k)[1]
+    return 1.0 - jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Metric:
     name: str
@@ -49,8 +57,12 @@ class Metric:
 METRICS = (
     Metric("loss", cross_entropy),
     Metric("error", top1_error, rate=True),
+    Metric("top5_error", top5_error, rate=True),
 )
 NAMES = tuple(m.name for m in METRICS)
+# other names results files give a metric under: `error` is top-1 (the ImageNet papers' word)
+ALIASES = {"top1_error": "error"}
+REPORTED = NAMES + tuple(ALIASES)  # results.json's final_<split>_<name> keys
 # In training, `loss` is the step's objective: the cross-entropy with label smoothing
 # and auxiliary heads, what the gradient is of; the other metrics are as declared.
 OBJECTIVE = "loss"
@@ -71,7 +83,8 @@ def masked_sums(logits, labels, mask) -> dict:
 
 def means(sums: dict) -> dict:
     """masked_sums (host arrays, summed over batches) -> {metric: mean, "n": count}."""
-    return {**{name: float(sums[name] / sums["count"]) for name in NAMES},
+    out = {name: float(sums[name] / sums["count"]) for name in NAMES}
+    return {**out, **{alias: out[name] for alias, name in ALIASES.items()},
             "n": int(sums["count"])}
 
 

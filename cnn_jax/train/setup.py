@@ -6,6 +6,7 @@ model and its compiled steps, as one frozen `Setup` (the loop's phases 1-3).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -15,17 +16,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cnn_jax.data.augment import Normalizer
 from cnn_jax.data.pipeline import default_workers, train_dataset
-from cnn_jax.data.sources import Arrays
+from cnn_jax.data.sources import Arrays, MissingSplit
+from cnn_jax.data.streams import Stream
 from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
 from cnn_jax.train.config import TrainConfig, covers, module_names
 from cnn_jax.train.conv_kernels import resolve
 from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
-                                  model_input_shape, prepare_arrays, split_arrays, subset,
-                                  training_arrays)
+                                  model_input_shape, normaliser_images, prepare_arrays,
+                                  split_arrays, streaming, subset, training_arrays)
 from cnn_jax.train.steps import (compile_steps, freeze, make_eval_step, make_optimizer,
                                  make_train_step)
+
+
+TRAIN_SET = "train_set"  # the training images, unaugmented, in inference mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +39,9 @@ class Setup:
     seeds: int                   # runs trained at once (1: a single run)
     mesh: Mesh
     # input
-    train_arrays: Arrays
-    eval_arrays: Arrays          # the evaluation split, padded as the model sees it
-    eval_split: str              # "val" (a holdout) or "test"
+    train_arrays: Arrays | Stream
+    eval_arrays: Arrays | Stream  # the evaluation split, padded as the model sees it
+    eval_split: str              # "val" (a holdout), "test", or TRAIN_SET (no other split)
     eval_batch: int              # a multiple of the device count
     normaliser: Optional[Normalizer]
     input_shape: tuple           # (H, W, C) the model sees
@@ -83,10 +88,19 @@ def build_input(cfgs: list[TrainConfig], mesh: Mesh) -> dict:
     cfg, seeds = cfgs[0], len(cfgs)
     train_arrays = training_arrays(cfg)
     eval_split = "val" if cfg.holdout else "test"
-    eval_arrays = subset(split_arrays(cfg, eval_split), cfg.eval_subset)
+    try:
+        eval_arrays = split_arrays(cfg, eval_split)
+    except MissingSplit:  # a stream with only train/ (imagenet_sample): say so, and use it
+        if not streaming(cfg):
+            raise
+        print(f"{cfg.data} has no test/ or val/ split: evaluating on the training images "
+              f"(reported as train_set)", file=sys.stderr)
+        eval_split, eval_arrays = TRAIN_SET, split_arrays(cfg, "train")
+    eval_arrays = subset(eval_arrays, cfg.eval_subset)
     n_dev = mesh.devices.size
     eval_batch = -(-min(cfg.eval_batch, len(eval_arrays)) // n_dev) * n_dev
-    normaliser = make_normaliser(cfg.normalise, train_arrays.images, cfg.init_from, cfg.model)
+    normaliser = make_normaliser(cfg.normalise, normaliser_images(train_arrays), cfg.init_from,
+                                 cfg.model)
     augment = make_augment(cfg, train_arrays)
     workers = cfg.workers if seeds == 1 else \
         (cfg.workers if cfg.workers is not None else default_workers()) // seeds
@@ -94,7 +108,7 @@ def build_input(cfgs: list[TrainConfig], mesh: Mesh) -> dict:
                                    jax.process_index(), jax.process_count()) for c in cfgs)
     return {"train_arrays": train_arrays, "eval_arrays": prepare_arrays(eval_arrays, cfg.input_pad),
             "eval_split": eval_split, "eval_batch": eval_batch, "normaliser": normaliser,
-            "input_shape": model_input_shape(train_arrays.images.shape[1:], cfg.resize),
+            "input_shape": model_input_shape(train_arrays.image_shape, cfg.resize),
             "datasets": datasets}
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cnn_jax.data.pipeline import IMAGE, LABEL, MASK
+from cnn_jax.data.keys import IMAGE, LABEL, MASK, SHIFT
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
 from cnn_jax.train.config import covers
 from cnn_jax.train.conv_kernels import inference_convolutions, resolve, training_convolutions
@@ -134,8 +134,11 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
+        images = batch[IMAGE]
+        if SHIFT in batch:  # a stream's PCA lighting: one RGB shift per image
+            images = images.astype(jnp.float32) + batch[SHIFT][:, None, None, :]
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, batch[IMAGE], batch[LABEL], rng)
+            state.params, state.batch_stats, images, batch[LABEL], rng)
         metrics = batch_means(logits, batch[LABEL])
         lr = lr_fn(state.step, state.warmup_end)
         direction, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,0 +1,400 @@
+"""Streamed full-size images: the record sources (folder, tar read in place, ArrayRecord,
+TFDS), the papers' ImageNet transforms (geometry, determinism, decoding), the test
+protocols, top-5 error, the bad inputs, and training and evaluating on imagenet_sample."""
+import io
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnn_jax.data import augment as A
+from cnn_jax.data import records as R
+from cnn_jax.data import streams as S
+from cnn_jax.data.keys import IMAGE, LABEL, MASK, SHIFT, SKIPPED
+from cnn_jax.data.pipeline import eval_batches, train_dataset
+from cnn_jax.data.sources import SHARED_DATA, DataError, MissingSplit
+
+SAMPLE = SHARED_DATA / "imagenet_sample.tar"
+needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason=f"{SAMPLE} is absent")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jpeg(h, w, seed=0, mode="RGB", fmt="JPEG") -> bytes:
+    """A smooth random image (JPEG-friendly), encoded."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BILINEAR).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, quality=95)
+    return buf.getvalue()
+
+
+def imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class=3, split="train"):
+    """<root>/<split>/<class>/<i>.JPEG of assorted sizes (upper-case suffix, as ImageNet)."""
+    files = {}
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            files[f"{split}/{name}/{i}.JPEG"] = jpeg(40 + 13 * i, 60 + 7 * c, seed=10 * c + i)
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def tar_of(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w") as tar:  # uncompressed: read in place
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("CNN_JAX_CACHE_DIR", str(d))
+    return d
+
+
+# ------------------------------------------------------------------ sources
+def test_folder_and_tar_give_the_same_records_and_the_index_is_cached(tmp_path, cache,
+                                                                       monkeypatch):
+    folder = tmp_path / "pets"
+    files = imagefolder(folder)
+    (folder / "train" / "cat" / "notes.txt").write_text("not an image")
+    archive = tar_of(folder, tmp_path / "pets.tar")
+    as_dir = R.open_records(f"imagefolder:{folder}", "train")
+    as_tar = R.open_records(f"imagefolder:{archive}", "train")
+    assert len(as_dir) == len(as_tar) == 9 and as_dir.classes == ["cat", "dog", "fox"]
+    assert as_dir.labels.tolist() == as_tar.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for i in range(9):
+        assert as_dir.read(i) == as_tar.read(i)
+        assert as_dir.read(i)[0] == files[as_dir.names[i]]   # sorted path order
+    assert as_tar.where(4).endswith("pets.tar:pets/train/dog/1.JPEG")
+    # built once: a second opening reads the cached index, scanning nothing
+    monkeypatch.setattr(R, "_scan", lambda root: pytest.fail("rescanned"))
+    again = R.open_records(f"imagefolder:{archive}", "train")
+    assert again.read(8) == as_tar.read(8)
+    with pytest.raises(MissingSplit, match="no 'test' split"):
+        R.open_records(f"imagefolder:{archive}", "test")
+
+
+def test_a_changed_archive_gets_a_new_index(tmp_path, cache):
+    folder = tmp_path / "pets"
+    imagefolder(folder)
+    archive = tar_of(folder, tmp_path / "pets.tar")
+    first = R.open_records(f"imagefolder:{archive}", "train")
+    (folder / "train" / "dog" / "9.JPEG").write_bytes(jpeg(50, 50, seed=99))
+    tar_of(folder, archive)
+    second = R.open_records(f"imagefolder:{archive}", "train")
+    assert len(first) == 9 and len(second) == 10
+
+
+def test_records_pickle_without_their_open_files(tmp_path, cache):
+    import pickle
+    folder = tmp_path / "pets"
+    imagefolder(folder)
+    records = R.open_records(f"imagefolder:{tar_of(folder, tmp_path / 'p.tar')}", "train")
+    records.read(0)  # opens the archive
+    copy = pickle.loads(pickle.dumps(records))
+    assert copy.read(5) == records.read(5)
+
+
+def test_arrayrecord_shards_hold_the_same_records(tmp_path, cache):
+    folder = tmp_path / "pets"
+    imagefolder(folder)
+    imagefolder(folder, per_class=1, split="val")
+    out = tmp_path / "shards"
+    r = subprocess.run([sys.executable, "scripts/prepare_arrayrecord.py", "--data", str(folder),
+                        "--out", str(out), "--shards", "2"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dataset.json", "train-00000-of-00002.array_record", "train-00001-of-00002.array_record",
+        "train_labels.npy", "val-00000-of-00002.array_record", "val-00001-of-00002.array_record",
+        "val_labels.npy"]
+    for split in ("train", "val"):
+        shards = R.open_records(f"arrayrecord:{out}", split)
+        folder_records = R.open_records(f"imagefolder:{folder}", split)
+        assert shards.classes == folder_records.classes
+        assert [shards.read(i) for i in range(len(shards))] == \
+            [folder_records.read(i) for i in range(len(folder_records))]
+    # bad input: a non-empty --out, a missing folder, a missing shard
+    r = subprocess.run([sys.executable, "scripts/prepare_arrayrecord.py", "--data", str(folder),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "not empty" in r.stderr
+    with pytest.raises(DataError, match="no dataset.json"):
+        R.open_records(f"arrayrecord:{tmp_path / 'nowhere'}", "train")
+    (out / "val-00001-of-00002.array_record").unlink()
+    with pytest.raises(DataError, match="shard\\(s\\) missing"):
+        R.open_records(f"arrayrecord:{out}", "val")
+
+
+def test_unprepared_tfds_imagenet_says_what_to_download(tmp_path):
+    with pytest.raises(DataError) as e:
+        R.open_records("imagenet2012", "train", data_dir=str(tmp_path))
+    assert "ILSVRC2012_img_train.tar" in str(e.value) and "ILSVRC2012_img_val.tar" in str(e.value)
+    assert "tfds build imagenet2012" in str(e.value)
+
+
+def test_bad_folders_are_refused(tmp_path, cache):
+    folder = tmp_path / "pets"
+    imagefolder(folder)
+    (folder / "train" / "owl").mkdir()
+    with pytest.raises(DataError, match="class folder\\(s\\) with no images: .*owl"):
+        R.open_records(f"imagefolder:{folder}", "train")
+    with pytest.raises(DataError, match="class folder\\(s\\) with no images: .*owl"):
+        R.open_records(f"imagefolder:{tar_of(folder, tmp_path / 'p.tar')}", "train")
+    (folder / "train" / "owl").rmdir()
+    with tarfile.open(tmp_path / "p.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="pets")
+    with pytest.raises(DataError, match="uncompressed .tar"):
+        R.open_records(f"imagefolder:{tmp_path / 'p.tar.gz'}", "train")
+    with pytest.raises(DataError, match="no such file"):
+        R.open_records(f"imagefolder:{tmp_path / 'absent'}", "train")
+
+
+# ------------------------------------------------------------------ decoding
+def test_grayscale_cmyk_and_png_named_jpeg_become_rgb():
+    rgb = S.decode(jpeg(30, 40), "rgb")
+    for data in (jpeg(30, 40, mode="L"), jpeg(30, 40, mode="CMYK"), jpeg(30, 40, fmt="PNG")):
+        img = S.decode(data, "x")
+        assert img.shape == (30, 40, 3) and img.dtype == np.uint8
+    gray = S.decode(jpeg(30, 40, mode="L"), "gray")
+    assert np.array_equal(gray[..., 0], gray[..., 2])
+    assert S.image_size(jpeg(30, 40, fmt="PNG"), "x") == (30, 40)
+    assert rgb.shape == (30, 40, 3)
+
+
+def test_decoding_scales_in_the_dct_only_as_far_as_the_crop_allows():
+    data = jpeg(800, 1200)
+    assert S._scale(data, (190, 190)) == {"min_height": 200, "min_width": 300}  # 1/4
+    assert S._scale(data, (224, 224)) == {"min_height": 400, "min_width": 600}  # 1/2
+    assert S._scale(data, (500, 300)) == S._scale(data, (0, 0)) == {}
+    assert S.decode(data, "x", (190, 190)).shape == (200, 300, 3)
+    # the box cut from the reduced decode matches the box of the full decode, resized
+    box = (100, 300, 600, 600)
+    ours = S.decode_box(data, "x", box, (100, 100)).astype(np.float32)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
+        (100, 100), Image.BILINEAR, box=(300, 100, 900, 700)), np.float32)
+    assert np.abs(ours - full).mean() < 2.0
+
+
+def test_corrupt_files_are_refused_or_skipped_and_counted(tmp_path, cache, caplog):
+    folder = tmp_path / "pets"
+    imagefolder(folder)
+    bad = folder / "train" / "dog" / "1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    records = R.open_records(f"imagefolder:{folder}", "train")
+    stream = S.Stream(records, 32, "inception")
+    with pytest.raises(DataError, match=r"record 4: .*dog/1.JPEG.*--bad-images skip"):
+        stream.train_batch(np.arange(9), np.zeros(9, int), 0)
+    skipping = S.Stream(records, 32, "inception", bad_images="skip")
+    with caplog.at_level(logging.WARNING):
+        batch = skipping.train_batch(np.arange(9), np.zeros(9, int), 0)
+    assert batch[SKIPPED] == 1 and "dog/1.JPEG" in caplog.text
+    assert batch[LABEL][4] == 1   # its successor, another dog
+    (folder / "train" / "fox" / "0.JPEG").write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="record 6: .*fox/0.JPEG: not an image"):
+        S.Stream(records, 32).eval_batch(np.array([0, 6]))
+
+
+# ------------------------------------------------------------------ training geometry
+def boxes(fn, hw, side, n, k):
+    u = A.uniforms(0, 0, np.arange(n), A.STREAM_CROP, k)
+    return [fn(hw, side, row) for row in u]
+
+
+def test_inception_boxes_are_torchvisions_distribution():
+    T = pytest.importorskip("torchvision.transforms")
+    import torch
+    hw = (375, 500)
+    got = boxes(S.inception_box, hw, 224, 8000, 40)
+    area = np.array([h * w for _, _, h, w in got]) / (hw[0] * hw[1])
+    aspect = np.array([w / h for _, _, h, w in got])
+    assert all(0 <= t and 0 <= l and t + h <= hw[0] and l + w <= hw[1] for t, l, h, w in got)
+    assert area.min() >= 0.075 and area.max() <= 1.0
+    assert aspect.min() >= 0.74 and aspect.max() <= 1.34
+    torch.manual_seed(0)  # the same distribution as torchvision's (tries rejected alike)
+    theirs = [T.RandomResizedCrop.get_params(torch.zeros(3, *hw), (0.08, 1.0), (3 / 4, 4 / 3))
+              for _ in range(8000)]
+    their_area = np.array([h * w for _, _, h, w in theirs]) / (hw[0] * hw[1])
+    assert abs(area.mean() - their_area.mean()) < 0.01
+    assert abs(np.median(area) - np.median(their_area)) < 0.02
+    assert abs(np.mean(aspect > 1) - np.mean([w > h for _, _, h, w in theirs])) < 0.025
+    # no attempt fits a 10:1 strip: the centre crop at the largest allowed aspect
+    assert S.inception_box((50, 500), 224, np.ones(40) * 0.999) == (0, 216, 50, 67)
+
+
+def test_resnet_boxes_are_scale_augmentation():
+    hw = (375, 500)
+    got = boxes(S.resnet_box, hw, 224, 2000, 3)
+    shorter = np.array([224 * min(hw) / h for _, _, h, _ in got])   # the resized shorter side
+    assert shorter.min() >= 256 - 1e-6 and shorter.max() <= 480 + 1e-6
+    assert abs(shorter.mean() - 368) < 5                             # uniform on [256, 480]
+    assert all(h == w and t + h <= hw[0] + 1e-9 and l + w <= hw[1] + 1e-9 for t, l, h, w in got)
+    small = boxes(S.resnet_box, hw, 64, 200, 3)                      # the side scales it
+    assert np.allclose(sorted(b[2] for b in small), sorted(b[2] for b in got[:200]))
+
+
+def test_alexnet_boxes_are_224_of_the_central_256():
+    hw = (375, 500)
+    got = boxes(S.alexnet_box, hw, 224, 500, 2)
+    for t, l, h, w in got:
+        assert math.isclose(h, 375 * 224 / 256) and h == w
+        assert 0 <= t <= 375 - h + 1e-9 and 62.5 <= l <= 62.5 + 375 - h + 1e-9
+
+
+def stream_of(tmp_path, side=32, augment="inception", **kw):
+    folder = tmp_path / "pets"
+    imagefolder(folder)
+    return S.Stream(R.open_records(f"imagefolder:{folder}", "train"), side, augment, **kw)
+
+
+def test_views_depend_only_on_seed_epoch_and_index(tmp_path, cache):
+    for augment in S.STREAM_AUGMENTS:
+        stream = stream_of(tmp_path, augment=augment, lighting=augment in S.LIGHTING)
+        whole = stream.train_batch(np.arange(9), np.zeros(9, int), 7)
+        part = stream.train_batch(np.array([5, 2]), np.zeros(2, int), 7)
+        assert whole[IMAGE].shape == (9, 32, 32, 3) and whole[IMAGE].dtype == np.uint8
+        assert np.array_equal(part[IMAGE], whole[IMAGE][[5, 2]])
+        later = stream.train_batch(np.arange(9), np.ones(9, int), 7)
+        assert not np.array_equal(later[IMAGE], whole[IMAGE])
+        assert (SHIFT in whole) == (augment in S.LIGHTING)
+    shift = stream_of(tmp_path, lighting=True).train_batch(np.arange(9), np.zeros(9, int), 7)[SHIFT]
+    alphas = S.LIGHTING_STD * A.normals(7, 0, np.arange(9), A.STREAM_PCA, 3)
+    np.testing.assert_allclose(shift, 255 * (alphas * [0.2175, 0.0188, 0.0045]) @
+                               S.IMAGENET_PCA.eigenvectors.T, rtol=1e-5)
+
+
+def test_grain_batches_are_the_same_with_workers_and_resume(tmp_path, cache):
+    stream = stream_of(tmp_path)
+    def draws(workers, n=5, state=None):
+        it = iter(train_dataset(stream, 4, seed=1, workers=workers))
+        if state is not None:
+            it.set_state(state)
+        return [next(it)[IMAGE] for _ in range(n)], it.get_state()
+    alone, _ = draws(0)
+    assert all(np.array_equal(a, b) for a, b in zip(alone, draws(2)[0]))
+    _, state = draws(0, n=2)
+    resumed, _ = draws(0, n=3, state=state)
+    assert all(np.array_equal(a, b) for a, b in zip(alone[2:], resumed))
+
+
+# ------------------------------------------------------------------ test protocols
+def test_single_ten_and_multiscale_views(tmp_path, cache):
+    stream = stream_of(tmp_path, side=32)
+    data, _ = stream.records.read(4)
+    hw = S.image_size(data, "x")                       # 53 x 67
+    resized = S.resized_shorter(data, "x", round(32 * 256 / 224))
+    assert min(resized.shape[:2]) == 37
+    ten = S.ten_views(data, "x", 32)
+    np.testing.assert_array_equal(ten, A.ten_crop(resized[None], 32)[0])
+    single = stream.eval_batch(np.array([4]))[IMAGE][0]
+    np.testing.assert_array_equal(single, ten[4])   # the centre crop
+    scales = S.multiscale_views(data, "x", 32)
+    assert [min(v.shape[:2]) for v in scales] == [round(s * 32 / 224) for s in S.MULTISCALE]
+    for v in scales:  # the longer side in proportion, to the nearest of the ASPECTS
+        aspect = max(v.shape[:2]) / min(v.shape[:2])
+        assert abs(aspect - 1.25) < 0.05 and v.shape[1] > v.shape[0] == min(v.shape[:2])
+    assert hw == (53, 67)
+    batches = list(eval_batches(stream, 4, protocol="ten", workers=0))
+    assert [b[IMAGE].shape for b in batches] == [(4, 10, 32, 32, 3)] * 3
+    assert batches[-1][MASK].tolist() == [1, 0, 0, 0]
+
+
+def test_top5_error():
+    import jax.numpy as jnp
+    from cnn_jax.train.metrics import top5_error
+    logits = jnp.array([[0., 1, 2, 3, 4, 5, 6], [6., 5, 4, 3, 2, 1, 0]])
+    assert top5_error(logits, jnp.array([2, 2])).tolist() == [0.0, 0.0]
+    assert top5_error(logits, jnp.array([1, 6])).tolist() == [1.0, 1.0]
+    assert top5_error(logits[:, :3], jnp.array([0, 2])).tolist() == [0.0, 0.0]  # <= 5 classes
+
+
+# ------------------------------------------------------------------ end to end
+def train_cli(out, *extra, cache_dir):
+    args = [sys.executable, "-m", "cnn_jax.train", "--model", "resnet18", "--data",
+            "imagenet_sample", "--augment", "inception", "--image-size", "32", "--steps", "3",
+            "--batch", "8", "--eval-subset", "40", "--workers", "0", "--no-progress",
+            "--out", str(out), *extra]
+    env = dict(os.environ, CNN_JAX_CACHE_DIR=str(cache_dir))
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+@needs_sample
+@pytest.mark.xdist_group("imagenet_sample")
+def test_train_and_evaluate_on_imagenet_sample(tmp_path):
+    r = train_cli(tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert "no test/ or val/ split: evaluating on the training images" in r.stderr
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("final_train_set_error", "final_train_set_top1_error",
+                "final_train_set_top5_error"):
+        assert 0 <= res[key] <= 1
+    assert res["config"]["augment"] == "inception"
+    cached = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file())
+    assert cached < 20e6   # streamed: an index, no decoded images
+    # the same run from ArrayRecord shards of the same archive: the same parameters
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "scripts/prepare_arrayrecord.py", "--data",
+                    "imagenet_sample", "--out", str(shards), "--shards", "3"], cwd=ROOT,
+                   check=True, capture_output=True)
+    r2 = train_cli(tmp_path / "ar", "--data", f"arrayrecord:{shards}",
+                   cache_dir=tmp_path / "cache")
+    assert r2.returncode == 0, r2.stderr
+    res2 = json.loads((tmp_path / "ar" / "results.json").read_text())
+    assert res2["final_params_digest"] == res["final_params_digest"]
+    # 10-crop on the training images
+    ev = subprocess.run([sys.executable, "-m", "cnn_jax.evaluate", "--checkpoint",
+                         str(tmp_path / "run"), "--split", "train", "--views", "10", "--json",
+                         "--workers", "0"], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, CNN_JAX_CACHE_DIR=str(tmp_path / "cache")))
+    assert ev.returncode == 0, ev.stderr
+    last = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert last["n_examples"] == 1000 and last["views"] == 10
+    assert last["top1_error"] == last["error"] and 0 <= last["top5_error"] <= last["error"]
+    assert "training images" in ev.stderr
+
+
+@needs_sample
+def test_streaming_bad_input_exits_2(tmp_path):
+    r = train_cli(tmp_path / "x", "--augment", "cifar", cache_dir=tmp_path / "cache")
+    assert r.returncode == 2 and "--augment cifar" in r.stderr and "inception" in r.stderr
+    r = train_cli(tmp_path / "y", "--data", "cifar10", cache_dir=tmp_path / "cache")
+    assert r.returncode == 2 and "--augment inception" in r.stderr and "decoded arrays" in r.stderr
+    r = train_cli(tmp_path / "z", "--data", f"arrayrecord:{tmp_path}/none",
+                  cache_dir=tmp_path / "cache")
+    assert r.returncode == 2 and "dataset.json" in r.stderr
+    r = train_cli(tmp_path / "w", "--augment", "fancy", cache_dir=tmp_path / "cache")
+    assert r.returncode == 2 and "--augment: must be one of cifar, resnet" in r.stderr
+    assert not any((tmp_path / d).exists() for d in "xyzw")
+
+
+def test_multiscale_scores_are_gathered_per_image_and_scale():
+    """Views of one shape run together (padded to a power of two); every image's score
+    on every scale lands in its own place."""
+    from cnn_jax.evaluate import Group, multiscale_probabilities
+    calls = []
+    def forward(stacked, x):  # a "network" whose score is the view's mean and size
+        calls.append(x.shape)
+        return np.stack([x.mean((1, 2, 3)), x.shape[1] + 0 * x.mean((1, 2, 3))], -1)[None]
+    g = Group([], forward, {}, (32, 32, 3), 4)
+    rng = np.random.default_rng(0)
+    shapes = [[(8, 10), (12, 15)], [(10, 8), (15, 12)], [(8, 10), (12, 15)]]
+    per_image = [[rng.integers(0, 255, (*s, 3)).astype(np.uint8) for s in image]
+                 for image in shapes]
+    out = multiscale_probabilities(g, per_image)
+    assert out.shape == (1, 3, 2, 2)
+    for i, image in enumerate(per_image):
+        for j, view in enumerate(image):
+            assert out[0, i, j, 0] == pytest.approx(view.mean())
+            assert out[0, i, j, 1] == view.shape[0]
+    assert sorted(calls) == sorted([(2, 8, 10, 3), (2, 12, 15, 3), (1, 10, 8, 3),
+                                    (1, 15, 12, 3)])
