@@ -151,9 +151,9 @@ def test_old_config_files_stay_readable_and_newer_ones_are_refused_by_name(tmp_p
     old.pop("conv_kernels")
     assert TrainConfig.from_json(old).conv_kernels == "xla"
     (tmp_path / "config.json").write_text(json.dumps(
-        {"config": {**TrainConfig().to_json(), "augment": "inception", "crop_side": 224}}))
+        {"config": {**TrainConfig().to_json(), "mixup": 0.2, "crop_side": 224}}))
     with pytest.raises(BadInput, match=r"config.json: unknown configuration field\(s\) "
-                                       r"augment, crop_side \(written by a newer version"):
+                                       r"crop_side, mixup \(written by a newer version"):
         TrainConfig.of_run(tmp_path)
     with pytest.raises(BadInput, match="expected the --out folder of a training run"):
         TrainConfig.of_run(tmp_path / "nowhere")

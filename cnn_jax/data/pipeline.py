@@ -75,9 +75,11 @@ class _ImageStore:
 
 
 @dataclasses.dataclass
-class _LoadAndAugment:
-    store: _ImageStore
-    augment: Optional[Augment]
+class _TrainingBatch:
+    """This process's rows of a global batch of (index, epoch), made in the worker:
+    gathered from the arrays and augmented, or decoded and transformed by a stream."""
+    source: _ImageStore | Stream
+    augment: Optional[Augment]   # arrays only: a stream transforms its own images
     seed: int
     process_index: int
     process_count: int
@@ -87,26 +89,14 @@ class _LoadAndAugment:
         per = len(index) // self.process_count
         mine = slice(self.process_index * per, (self.process_index + 1) * per)
         index, epoch = index[mine], epoch[mine]
-        images = self.store.images(index)
-        if self.augment is not None:
-            images = self.augment(images, self.seed, epoch, index)
-        return {IMAGE: images, LABEL: self.store.labels[index], INDEX: index, EPOCH: epoch}
-
-
-@dataclasses.dataclass
-class _DecodeAndAugment:
-    """A stream's batch: each image decoded and transformed in the worker."""
-    stream: Stream
-    seed: int
-    process_index: int
-    process_count: int
-
-    def __call__(self, batch) -> dict:
-        index, epoch = (np.asarray(v) for v in batch)
-        per = len(index) // self.process_count
-        mine = slice(self.process_index * per, (self.process_index + 1) * per)
-        index, epoch = index[mine], epoch[mine]
-        return {**self.stream.train_batch(index, epoch, self.seed), INDEX: index, EPOCH: epoch}
+        if isinstance(self.source, Stream):
+            out = self.source.train_batch(index, epoch, self.seed)
+        else:
+            images = self.source.images(index)
+            if self.augment is not None:
+                images = self.augment(images, self.seed, epoch, index)
+            out = {IMAGE: images, LABEL: self.source.labels[index]}
+        return {**out, INDEX: index, EPOCH: epoch}
 
 
 def train_dataset(arrays: Arrays | Stream, batch_size: int, seed: int,
@@ -129,11 +119,8 @@ def train_dataset(arrays: Arrays | Stream, batch_size: int, seed: int,
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
     ds = ds.map_with_index(_PositionToEpoch(n))
     ds = ds.batch(batch_size, drop_remainder=True)
-    if isinstance(arrays, Stream):
-        ds = ds.map(_DecodeAndAugment(arrays, seed, process_index, process_count))
-    else:
-        ds = ds.map(_LoadAndAugment(_ImageStore(arrays), augment, seed, process_index,
-                                    process_count))
+    source = arrays if isinstance(arrays, Stream) else _ImageStore(arrays)
+    ds = ds.map(_TrainingBatch(source, augment, seed, process_index, process_count))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     workers = default_workers() if workers is None else workers
     if workers > 0:
