@@ -53,6 +53,7 @@ from matplotlib.figure import Figure
 from cnn_jax.data import search_dirs
 from cnn_jax.errors import BadInput, exit_on_bad_input
 from cnn_jax.provenance import hardware, versions
+from cnn_jax.train import distributed
 from cnn_jax.train.config import TrainConfig
 
 # TrainConfig fields an experiment sets for each of its runs, and what sets them
@@ -300,6 +301,7 @@ class Experiment:
     seeds: bool = True                          # --seeds and --seeds-together
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     recipe: Optional[Callable[[Context], dict]] = None  # what --out is guarded with
+    multihost: bool = False                     # many-host flags (cnn_jax.train.distributed)
 
     def __post_init__(self):
         check_presets(self.name, self.presets)
@@ -333,12 +335,16 @@ class Experiment:
                                 "(docs/benchmarks.md)")
         if self.add_arguments:
             self.add_arguments(p)
+        if self.multihost:
+            distributed.add_arguments(p)
         return p
 
     def context(self, argv=None) -> Context:
         """Parse the command line into a Context (exits 2 on bad flags)."""
         p = self.parser()
         args = p.parse_args(argv)
+        if self.multihost:  # before anything asks JAX for its devices
+            distributed.initialize(args)
         if getattr(args, "seeds", None) is not None and args.seeds < 1:
             p.error("--seeds must be at least 1")
         if args.processes is not None and args.processes < 1:
@@ -366,9 +372,12 @@ class Experiment:
               (f", with {' '.join(ctx.args.set)}" if ctx.args.set else ""), file=sys.stderr)
         with removed_if_refused(ctx.out):
             search_dirs(ctx.args.data_dir)  # a mistyped --data-dir: refused before anything
-            guard_out(ctx.out, self.recipe(ctx) if self.recipe else ctx.recipe())
+            recipe = self.recipe(ctx) if self.recipe else ctx.recipe()
+            if jax.process_index() == 0:  # many hosts: process 0 writes, the others train
+                guard_out(ctx.out, recipe)
             report = self.run(ctx)
-        self.write(ctx, report)
+        if jax.process_index() == 0:
+            self.write(ctx, report)
         return 0
 
     def write(self, ctx: Context, report: Report) -> None:

@@ -199,14 +199,21 @@ def mean_train_errors(runs: list[dict]) -> dict:
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
-def check_claims(runs: list[dict]) -> list[dict]:
-    """Fig. 6's claims (CLAIMS) on this run's mean final training errors, each with the
-    numbers it was decided on; those the run's nets cannot test are left out."""
+def check_claims(runs: list[dict], claims: tuple = CLAIMS, name_of=None,
+                 depths: Optional[tuple] = None) -> list[dict]:
+    """Fig. 6's claims (`claims`, each named as in CLAIMS) on this run's mean final
+    training errors, each with the numbers it was decided on; those the run's nets
+    cannot test are left out. `depths`: the (shallow, deep) pair compared (default:
+    the shallowest and deepest trained); `name_of(residual, depth)`: a net's name
+    (default: this experiment's `label`)."""
+    name_of = name_of or label
     err = mean_train_errors(runs)
-    depths = sorted({d for _, d in err})
-    if len(depths) < 2:
-        return []
-    shallow, deep = depths[0], depths[-1]
+    if depths is None:
+        trained = sorted({d for _, d in err})
+        if len(trained) < 2:
+            return []
+        depths = trained[0], trained[-1]
+    shallow, deep = depths
     seeds = len({r["seed"] for r in runs})
     compare = {  # claim -> (a, b): the claim holds when a - b > threshold
         "plain_deeper_trains_worse": ((False, deep), (False, shallow)),
@@ -214,16 +221,16 @@ def check_claims(runs: list[dict]) -> list[dict]:
         "resnet_deeper_no_worse": ((True, shallow), (True, deep)),
     }
     out = []
-    for name, statement, points in CLAIMS:
+    for name, statement, points in claims:
         a, b = compare[name]
         if a not in err or b not in err:
             continue
         margin = err[a] - err[b]
         no_worse = name == "resnet_deeper_no_worse"  # b at most `points` above a
         out.append(claim(
-            name, statement, {label(*a): round(err[a], 2), label(*b): round(err[b], 2)},
-            f"{label(*b)} <= {label(*a)} + {points:g} points" if no_worse else
-            f"{label(*a)} > {label(*b)} + {points:g} points",
+            name, statement, {name_of(*a): round(err[a], 2), name_of(*b): round(err[b], 2)},
+            f"{name_of(*b)} <= {name_of(*a)} + {points:g} points" if no_worse else
+            f"{name_of(*a)} > {name_of(*b)} + {points:g} points",
             margin >= -points if no_worse else margin > points, seeds, unit=" %"))
     return out
 

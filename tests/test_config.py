@@ -116,7 +116,8 @@ def test_the_training_command_line_keeps_its_digest():
     args = vars(build_parser().parse_args(
         ["--model", "resnet8", "--steps", "6", "--batch", "16", "--train-subset", "256",
          "--eval-subset", "200", "--seed", "3", "--workers", "0"]))
-    for k in ("distributed", "coordinator_address", "num_processes", "process_id"):
+    from cnn_jax.train.distributed import FLAGS
+    for k in FLAGS:
         args.pop(k)
     cfg = TrainConfig(**{**args, "model_options": {}, "milestones": tuple(args["milestones"])})
     assert cfg.digest() == "da5c477e89d2ed61", HOW_TO_DECLARE

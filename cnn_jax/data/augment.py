@@ -21,8 +21,9 @@ import numpy as np
 from cnn_jax.errors import BadInput
 
 # --augment: cifar is the arrays' recipe below (crop_pad, flip, colour_shift, pca); the
-# others are the papers' ImageNet transforms on streamed images (cnn_jax.data.streams)
-AUGMENTS = ("cifar", "resnet", "inception", "alexnet")
+# others are the papers' ImageNet transforms on streamed images (cnn_jax.data.streams),
+# and `center`, none: every epoch the same central view (an optimisation test)
+AUGMENTS = ("cifar", "resnet", "inception", "alexnet", "center")
 STREAM_AUGMENTS = AUGMENTS[1:]
 BAD_IMAGES = ("refuse", "skip")   # --bad-images: stop naming the file, or pass over it
 

@@ -11,6 +11,8 @@ then cut from the decoded pixels and resized to the network's input side S:
                ten tries, then the centre), resized to S x S, flip
     alexnet    Krizhevsky et al. 2012, Sec. 2 and 4.1: the central square scaled to
                256 x 256 (by S / 224), a random S x S crop, flip, PCA lighting
+    center     no augmentation: the single test view below at every epoch (a net
+               fitting fixed images tests optimisation, as Fig. 4's training error does)
 
 Decoding is libjpeg-turbo's (simplejpeg) with DCT-domain scaling: the image is decoded
 at the smallest of the scales 1, 1/2, 1/4, 1/8 that keeps the box at least S pixels,
@@ -243,6 +245,8 @@ class Stream:
         raise DataError(f"{self.records.source}: no readable image at all")
 
     def train_batch(self, index: np.ndarray, epoch: np.ndarray, seed: int) -> dict:
+        if self.augment == "center":
+            return self.eval_batch(index)
         box, n = BOXES[self.augment]
         u = uniforms(seed, epoch, index, STREAM_CROP, n)
         flip = uniforms(seed, epoch, index, STREAM_FLIP, 1)[:, 0] < 0.5

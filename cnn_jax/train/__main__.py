@@ -12,9 +12,8 @@ import ast
 import dataclasses
 import sys
 
-import jax
-
 from cnn_jax.errors import BadInput, exit_on_bad_input
+from cnn_jax.train import distributed
 from cnn_jax.train.config import RENAMED, TrainConfig
 from cnn_jax.train.loop import train
 
@@ -41,28 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(*flags, type=type(default), default=default,
                            help=f"default {default}")
-    g = p.add_argument_group("multi-host (jax.distributed)")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() with auto-detection (TPU pods, "
-                        "SLURM, Kubernetes, ...)")
-    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+    distributed.add_arguments(p)
     return p
-
-
-def init_distributed(args) -> None:
-    """Multi-host runs: every process runs this same command (with its own
-    --process-id when the coordinator is given explicitly)."""
-    if not (args.distributed or args.coordinator_address):
-        return
-    # CPU hosts exchange collectives over gloo; accelerators use their own.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if args.coordinator_address:
-        kwargs = dict(coordinator_address=args.coordinator_address,
-                      num_processes=args.num_processes, process_id=args.process_id)
-    jax.distributed.initialize(**kwargs)
 
 
 def parse_options(items) -> dict:
@@ -81,9 +60,8 @@ def parse_options(items) -> dict:
 @exit_on_bad_input
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    init_distributed(args)
-    values = {k: v for k, v in vars(args).items() if k not in (
-        "distributed", "coordinator_address", "num_processes", "process_id")}
+    distributed.initialize(args)
+    values = {k: v for k, v in vars(args).items() if k not in distributed.FLAGS}
     values["model_options"] = parse_options(values["model_options"])
     values["milestones"] = tuple(values["milestones"])
     cfg = TrainConfig(**values)

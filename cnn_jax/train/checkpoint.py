@@ -3,15 +3,20 @@
 Saves are asynchronous (the device-to-host copy blocks, the writing does not) and
 atomic (orbax writes into a temporary folder and renames it); `wait()` before exit.
 Restoring onto a target whose arrays carry the current mesh's shardings lets a
-checkpoint written on 8 devices load on 1 and the reverse.
+checkpoint written on 8 devices load on 1 and the reverse. Many hosts: every process
+saves and restores together (orbax coordinates them; --out must be a filesystem they
+all see), and the data item holds every process's iterator state.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from absl import logging as absl_logging
 from flax import traverse_util
 
@@ -31,8 +36,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+        """Every process calls this at the same step; the data item holds every
+        process's iterator state (`every_process`)."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(every_process(data_state)),
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, step: int, target) -> tuple[Any, dict, dict]:
@@ -42,7 +49,8 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
-        return out["state"], out["data"], out["meta"]
+        data = own_state(out["data"], Path(self.manager.directory) / str(step))
+        return out["state"], data, out["meta"]
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(
@@ -53,6 +61,39 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# ------------------------------------------------------------------ the data iterators
+PROCESSES = "processes"  # a many-host checkpoint's data item: {PROCESSES: [state, ...]}
+
+
+def every_process(data_state: dict) -> dict:
+    """This process's data iterator state, or on many hosts every process's, gathered
+    (process 0 writes the checkpoint's JSON items)."""
+    if jax.process_count() == 1:
+        return data_state
+    raw = np.frombuffer(json.dumps(data_state, sort_keys=True).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size])).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return {PROCESSES: [json.loads(bytes(row[:n])) for row, n in zip(rows, sizes)]}
+
+
+def own_state(saved: dict, where: Path) -> dict:
+    """This process's data iterator state in a checkpoint's data item. Each process
+    keeps its rows of the one global order, so the processes' positions agree and a
+    run may resume on another number of processes; positions that disagree are
+    refused."""
+    if PROCESSES not in saved:
+        return saved
+    states = saved[PROCESSES]
+    if len(states) == jax.process_count():
+        return states[jax.process_index()]
+    if any(s != states[0] for s in states):
+        raise BadInput(f"{where}: written by {len(states)} processes whose data positions "
+                       f"differ; resume it with {len(states)} processes")
+    return states[0]
 
 
 def saved_step(run_dir: Path) -> Optional[int]:

@@ -103,7 +103,8 @@ class TrainConfig:
     warmup_until_error: float = result(0.8)   # ... until training error < 80 %)
     label_smoothing: float = result(0.0)
     # input. augment: cifar (the arrays' crop_pad, flip, colour_shift, pca_colour below),
-    # or the papers' ImageNet transforms on streamed images: resnet | inception | alexnet
+    # or the papers' ImageNet transforms on streamed images: resnet | inception | alexnet,
+    # or center (streamed, no augmentation: the single test view)
     augment: str = added("cifar")
     bad_images: str = added("refuse")         # an unreadable file: refuse (stop) | skip it
     crop_pad: int = result(4)

@@ -1,0 +1,124 @@
+"""Many hosts on one machine: 2 CPU processes under jax.distributed (gloo) on
+imagenet_sample, each reading its half of every global batch, against 1 process with
+the same 2 devices: the same parameters to the bit, a kill of both and a resume to
+the same bits, and refusals before anything is written."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cnn_jax.data.sources import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = SHARED_DATA / "imagenet_sample.tar"
+pytestmark = pytest.mark.skipif(not SAMPLE.exists(), reason=f"{SAMPLE} is absent")
+
+# the issue's command: ResNet-18, scale augmentation, 64 px, 6 steps of 16
+COMMAND = ["--model", "resnet18", "--data", "imagenet_sample", "--augment", "resnet",
+           "--image-size", "64", "--steps", "6", "--batch", "16", "--seed", "3",
+           "--workers", "0", "--no-progress", "--eval-subset", "64", "--eval-batch", "32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def command(out, *extra):
+    return [sys.executable, "-m", "cnn_jax.train", *COMMAND, "--out", str(out), *extra]
+
+
+def env(tmp_path):
+    return dict(os.environ, JAX_PLATFORMS="cpu", CNN_JAX_CACHE_DIR=str(tmp_path / "cache"))
+
+
+def start_two(tmp_path, out, *extra, port=None):
+    port = port or free_port()
+    return [subprocess.Popen(command(out, "--coordinator-address", f"localhost:{port}",
+                                     "--num-processes", "2", "--process-id", str(i),
+                                     "--coordinator-timeout", "120", *extra),
+                             cwd=ROOT, env=env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def finish(procs, timeout=600):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], [o[1] for o in outs]
+
+
+def digest(out) -> str:
+    return json.loads((Path(out) / "results.json").read_text())["final_params_digest"]
+
+
+def train_losses(out) -> list:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The run in one process with 2 CPU devices: the reference."""
+    tmp = tmp_path_factory.mktemp("one")
+    r = subprocess.run(command(tmp / "run", "--cpu-devices", "2", "--log-every", "1"),
+                       cwd=ROOT, env=env(tmp), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path, one_process):
+    codes, errs = finish(start_two(tmp_path, tmp_path / "two", "--log-every", "1"))
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["hardware"]["processes"] == 2
+    assert digest(tmp_path / "two") == digest(one_process)
+    # the same global batches: the same loss at every step
+    assert train_losses(tmp_path / "two") == train_losses(one_process)
+    assert len(train_losses(one_process)) == 6
+
+
+def test_both_processes_killed_then_resumed_give_the_same_bits(tmp_path, one_process):
+    out = tmp_path / "two"
+    procs = start_two(tmp_path, out, "--checkpoint-every", "2", "--log-every", "1")
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "4").is_dir() and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), "a process ended before step 4"
+        time.sleep(0.2)
+    for p in procs:  # both hosts lost at once, mid-run
+        p.send_signal(signal.SIGKILL)
+    finish(procs)
+    assert not (out / "results.json").exists()
+    codes, errs = finish(start_two(tmp_path, out, "--checkpoint-every", "2",
+                                   "--log-every", "1"))
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert "resuming" in errs[0]
+    assert digest(out) == digest(one_process)
+    # every process's iterator position is in the checkpoint
+    saved = json.loads((out / "checkpoints" / "6" / "data" / "metadata").read_text())
+    assert [list(s) for s in saved["processes"]] == [["next_index"]] * 2
+
+
+def test_a_batch_the_processes_do_not_divide_is_refused_before_writing(tmp_path):
+    procs = start_two(tmp_path, tmp_path / "odd", "--batch", "15")
+    codes, errs = finish(procs)
+    assert codes == [2, 2], errs
+    assert "--batch 15" in errs[0] and "divisible" in errs[0]
+    assert not (tmp_path / "odd").exists()
+
+
+def test_a_coordinator_nobody_answers_is_an_error_in_bounded_time(tmp_path):
+    start = time.time()
+    r = subprocess.run(command(tmp_path / "lonely", "--coordinator-address",
+                               f"localhost:{free_port()}", "--num-processes", "2",
+                               "--process-id", "1", "--coordinator-timeout", "3"),
+                       cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--coordinator-address" in r.stderr and "--coordinator-timeout 3" in r.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "lonely").exists()
