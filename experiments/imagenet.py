@@ -51,16 +51,14 @@ from pathlib import Path
 from typing import Optional
 
 import jax
-import matplotlib
-import numpy as np
 
 from cnn_jax.errors import BadInput
 from cnn_jax.evaluate import evaluate
-from cnn_jax.experiment import Context, Experiment, Report, figure, mean_std, train_config
+from cnn_jax.experiment import Context, Experiment, Report, mean_std, train_config
 from cnn_jax.models.resnet import IMAGENET_STAGES
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.sweep import curve, run_all
-from experiments.plain_vs_resnet import check_claims, curves, training_error
+from experiments.plain_vs_resnet import check_claims, plot, training_error
 
 
 # ------------------------------------------------------------------ configuration
@@ -239,25 +237,6 @@ def table(runs: list[dict], note: str) -> str:
     return "\n".join(lines + ["", note])
 
 
-def plot(runs: list[dict], path: Path, title: str, eval_label: str) -> None:
-    """Fig. 4: plain nets left, ResNets right; training error dashed (the mean over
-    seeds, each seed faint), the evaluation split's error solid."""
-    depths = sorted({r["depth"] for r in runs})
-    colours = dict(zip(depths, matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85,
-                                                                         len(depths)))))
-    with figure(path, title, 1, 2, figsize=(12, 4.5), sharey=True) as axes:
-        for ax, residual in zip(axes, (False, True)):
-            for depth in depths:
-                rs = [r for r in runs if r["residual"] == residual and r["depth"] == depth]
-                if rs:
-                    curves(ax, rs, colours[depth], label(residual, depth), True)
-            ax.set_title("plain networks" if not residual else "ResNets (option B)")
-            ax.set_xlabel("iterations")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        axes[0].set_ylabel(f"top-1 error (%)  -- dashed: training, solid: {eval_label}")
-
-
 # ------------------------------------------------------------------ the method
 def run(ctx: Context) -> Report:
     args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
@@ -292,8 +271,11 @@ def run(ctx: Context) -> Report:
         heading=f"Fig. 4's claims, on the final training errors (mean of {seeds} seed(s)):",
         words="" if claims else "No claim of Fig. 4 is tested: they need plain and "
                                 "residual nets of 18 and 34 layers.",
-        plot=lambda path: plot(runs, path, title,
-                               "training images" if on_train else split))
+        # Fig. 4's shape is Fig. 6's (experiments.plain_vs_resnet), with option B
+        plot=lambda path: plot(runs, path, title, milestones=cfg.milestones,
+                               residual_title="ResNets (option B)",
+                               ylabel="top-1 error (%)  -- dashed: training, solid: " +
+                                      ("training images" if on_train else split)))
 
 
 def add_arguments(p) -> None:

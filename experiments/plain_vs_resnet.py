@@ -262,10 +262,11 @@ def table(runs: list[dict], data_note: str, paper_column: bool = True) -> str:
 
 
 def plot(runs: list[dict], path: Path, title: str, test_curves: bool = True,
-         milestones: tuple = ()) -> None:
-    """Fig. 6: plain nets left, ResNets right; training error dashed (the mean over
-    seeds, each seed faint), test error solid; the final error on a training subset as
-    a star; learning-rate drops dotted."""
+         milestones: tuple = (), residual_title: str = "ResNets (option A)",
+         ylabel: Optional[str] = None) -> None:
+    """Fig. 6 (and Fig. 4, experiments.imagenet): plain nets left, ResNets right;
+    training error dashed (the mean over seeds, each seed faint), test error solid; the
+    final error on a training subset as a star; learning-rate drops dotted."""
     depths = sorted({r["depth"] for r in runs})
     colours = dict(zip(depths, matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85,
                                                                          len(depths)))))
@@ -278,12 +279,12 @@ def plot(runs: list[dict], path: Path, title: str, test_curves: bool = True,
             for m in milestones:
                 if m < max(r["curve"]["step"][-1] for r in runs):
                     ax.axvline(m, color="grey", linestyle=":", linewidth=1)
-            ax.set_title("plain networks" if not residual else "ResNets (option A)")
+            ax.set_title("plain networks" if not residual else residual_title)
             ax.set_xlabel("iterations")
             ax.grid(alpha=0.3)
             ax.legend()
-        axes[0].set_ylabel("error (%)  -- dashed: training, solid: test" if test_curves
-                           else "training error (%)")
+        axes[0].set_ylabel(ylabel or ("error (%)  -- dashed: training, solid: test"
+                                      if test_curves else "training error (%)"))
 
 
 def curves(ax, rs: list[dict], colour, name: str, test_curves: bool) -> None:
