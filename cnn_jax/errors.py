@@ -20,6 +20,10 @@ class BadInput(ValueError):
     """Input the user can fix; the message names it and what was expected."""
 
 
+class DataError(BadInput):
+    """Bad or missing data: the message says what was found and what was expected."""
+
+
 def exit_on_bad_input(main: Callable[..., int]) -> Callable[..., int]:
     """A command line's `main`: BadInput prints `error: ...` and returns 2; any other
     exception propagates with its traceback."""

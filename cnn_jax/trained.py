@@ -26,19 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cnn_jax import data as data_lib
-from cnn_jax.data.augment import Normalizer
-from cnn_jax.data.records import streams
-from cnn_jax.data.sources import SHARED_DATA, Arrays
-from cnn_jax.data.streams import Stream
+from cnn_jax.data.dataset import DataSpec, Dataset, open_split
+from cnn_jax.data.ops import Normalizer
+from cnn_jax.data.sources import SHARED_DATA, streams
 from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model, input_shape
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
 from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.train.config import TrainConfig
 from cnn_jax.train.conv_kernels import inference_convolutions, resolve
-from cnn_jax.train.inputs import (make_input_fn, prepare_arrays, source_normaliser,
-                                  split_arrays, training_image_shape, weights_normaliser)
+from cnn_jax.train.inputs import (make_input_fn, source_normaliser, training_image_shape,
+                                  weights_normaliser)
 from cnn_jax.train.metrics import params_digest
 
 
@@ -94,28 +92,29 @@ class Trained:
         logits = self.apply(variables, images)
         return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
 
-    def arrays(self, split: str, data: Optional[str] = None,
-               data_dir: Optional[str] = None) -> Arrays | Stream:
-        """`split` as this network sees it: the run's dataset (or `data`), with its
-        holdout, classes, image size and padding."""
-        if self.config is None:
-            data = data or self.dataset
-            if not data:
-                raise BadInput(f"{self.source}: a weights file does not say which dataset "
-                               f"it was trained on; name it (e.g. --data cifar10)")
-            h, w = self.image_shape[:2]
-            if streams(data):  # full-size images: the papers' test views at the input side
-                return split_arrays(TrainConfig(data=data, augment="inception", image_size=h),
-                                    split, data_dir)
-            arrays = data_lib.load(data, split, data_dir=data_dir)
-            if arrays.images.shape[1:3] != (h, w) and min(arrays.images.shape[1:3]) < min(h, w):
-                raise BadInput(f"{self.source}: {data} holds {arrays.images.shape[1]}x"
-                               f"{arrays.images.shape[2]} images, smaller than the "
-                               f"{h}x{w} this network was trained on")
-            return arrays
-        cfg = self.config if not data else dataclasses.replace(self.config, data=data,
-                                                                classes="")
-        return prepare_arrays(split_arrays(cfg, split, data_dir), cfg.input_pad)
+    def split(self, split: str, data: Optional[str] = None,
+              data_dir: Optional[str] = None) -> Dataset:
+        """`split` as this network sees it: the run's dataset (or `data`) with its
+        holdout, classes, image size and padding; for weights files the named data at
+        the network's input side (full-size images: the papers' test views)."""
+        if self.config is not None:
+            spec = self.config.data_spec(data_dir)
+            if data:
+                spec = dataclasses.replace(spec, name=data, classes="")
+            return open_split(spec, split)
+        data = data or self.dataset
+        if not data:
+            raise BadInput(f"{self.source}: a weights file does not say which dataset "
+                           f"it was trained on; name it (e.g. --data cifar10)")
+        side = self.image_shape[0]
+        spec = DataSpec(data, data_dir, augment="center" if streams(data) else "cifar",
+                        image_size=side if streams(data) else 0)
+        dataset = open_split(spec, split)
+        if min(dataset.image_shape[:2]) < side:
+            raise BadInput(f"{self.source}: {data} holds {dataset.image_shape[0]}x"
+                           f"{dataset.image_shape[1]} images, smaller than the "
+                           f"{side}x{side} this network was trained on")
+        return dataset
 
 
 REFERENCE_DIR = SHARED_DATA.parent / "reference"

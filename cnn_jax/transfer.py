@@ -35,12 +35,14 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from cnn_jax.data.augment import Normalizer
+from cnn_jax.data.ops import Normalizer
+from cnn_jax.data.dataset import Dataset
 from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.data.sources import (IMAGE_SUFFIXES, Arrays, decode_image, fit_image,
                                   is_image_name)
 from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
+from cnn_jax.train.evaluator import evaluate
 from cnn_jax.trained import MODEL_FILE, Trained, load_trained
 
 MODES = ("frozen", "finetune", "full")
@@ -130,15 +132,7 @@ def features(net: Trained, head: str, variables, images):
     return captured["x"].astype(jnp.float32)
 
 
-def data_digest(arrays: Arrays) -> str:
-    h = hashlib.sha256()
-    for i in range(0, len(arrays), 1024):
-        h.update(np.ascontiguousarray(arrays.images[i:i + 1024]).tobytes())
-    h.update(np.asarray(arrays.labels, np.int64).tobytes())
-    return h.hexdigest()[:16]
-
-
-def cached_features(directory: Path, split: str, backbone: Trained, arrays: Arrays,
+def cached_features(directory: Path, split: str, backbone: Trained, arrays: Dataset,
                     batch: int = 100, progress: bool = True) -> tuple[np.ndarray, dict]:
     """The backbone's penultimate activations of `arrays`, computed once and kept in
     `directory/<split>.npy` (memory-mapped when read back). A file made by another
@@ -150,8 +144,8 @@ def cached_features(directory: Path, split: str, backbone: Trained, arrays: Arra
            "options": backbone.options, "source": backbone.source, "resize": backbone.resize,
            "normaliser": None if norm is None else
            hashlib.sha256(np.asarray(norm.mean).tobytes() + np.asarray(norm.std).tobytes()).hexdigest()[:16],
-           "kernels": backbone.kernels, "data": data_digest(arrays), "n": len(arrays),
-           "image_shape": list(arrays.images.shape[1:])}
+           "kernels": backbone.kernels, "data": arrays.digest(), "n": len(arrays),
+           "image_shape": list(arrays.image_shape)}
     file, meta_file = directory / f"{split}.npy", directory / f"{split}.json"
     if file.exists() and meta_file.exists():
         meta = json.loads(meta_file.read_text())
@@ -162,8 +156,7 @@ def cached_features(directory: Path, split: str, backbone: Trained, arrays: Arra
     forward = jax.jit(functools.partial(features, backbone, head_of(backbone)))
     variables = backbone.variables
     # compiled before the clock starts: the time is what every epoch would pay again
-    jax.block_until_ready(forward(variables, np.zeros((batch, *arrays.images.shape[1:]),
-                                                      arrays.images.dtype)))
+    jax.block_until_ready(forward(variables, np.zeros((batch, *arrays.image_shape), np.uint8)))
     start = time.perf_counter()
     tmp = directory / f".{split}.{os.getpid()}.npy"
     out = None
@@ -282,20 +275,19 @@ def predict(classifier: Path, folder: Path, batch: int = 64) -> list[dict]:
     net = load_trained(classifier)
     names, images = read_images(folder, net.image_shape[0])
     forward = jax.jit(net.probabilities)
-    unlabelled = Arrays(images, np.zeros(len(images), np.int32), list(net.classes))
+    unlabelled = Dataset(Arrays(images, np.zeros(len(images), np.int32), list(net.classes)),
+                         images.shape[1])
     probs = np.concatenate([np.asarray(forward(net.variables, b["image"]))[b["mask"] > 0]
                             for b in eval_batches(unlabelled, min(batch, len(images)))])
     return [{"file": f, "class": net.classes[int(p.argmax())], "probability": float(p.max())}
             for f, p in zip(names, probs)]
 
 
-def accuracy(net: Trained, variables: dict, arrays: Arrays, batch: int = 250) -> float:
-    """Single-view accuracy of `variables` (of `net`'s architecture) on `arrays`."""
-    forward = jax.jit(lambda v, x: jnp.argmax(net.apply(v, x), -1))
-    right = 0
-    for b in eval_batches(arrays, batch):
-        right += int(((np.asarray(forward(variables, b["image"])) == b["label"]) * b["mask"]).sum())
-    return right / len(arrays)
+def accuracy(net: Trained, variables: dict, dataset: Dataset, batch: int = 250) -> float:
+    """Single-view accuracy of `variables` (of `net`'s architecture) on `dataset`, by
+    the one evaluator."""
+    forward = jax.jit(lambda v, x: net.apply(v, x)[None])
+    return 1.0 - evaluate(lambda x: forward(variables, x), dataset, batch=batch).metrics[0]["error"]
 
 
 __all__ = ["MODES", "load_backbone", "head_of", "head_name", "stages", "trainable_for",

@@ -49,7 +49,7 @@ import numpy as np
 from cnn_jax.data.pipeline import train_dataset
 from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, mean_std,
                                 train_config)
-from cnn_jax.train.inputs import make_augment, training_arrays
+from cnn_jax.train.inputs import training_split
 from cnn_jax.train.sweep import run_all
 
 # ------------------------------------------------------------------ configuration
@@ -101,8 +101,7 @@ def run_config(setting: str, preset: Preset, seed: int, args, out: Path):
 
 def pipeline_rate(cfg, batches: int) -> float:
     """Images/s of the host pipeline alone for this run's augmentation."""
-    arrays = training_arrays(cfg)
-    it = iter(train_dataset(arrays, cfg.batch, cfg.seed, make_augment(cfg, arrays), cfg.workers))
+    it = iter(train_dataset(training_split(cfg), cfg.batch, cfg.seed, cfg.workers))
     for _ in range(3):  # workers started, buffers full
         next(it)
     start = time.perf_counter()

@@ -39,11 +39,13 @@ import matplotlib.ticker
 import numpy as np
 from tqdm.auto import tqdm
 
+from cnn_jax.data.dataset import subset
+from cnn_jax.data.keys import IMAGE, LABEL, MASK
+from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.errors import BadInput
-from cnn_jax.evaluate import build_groups, load_member, make_views, view_probabilities
+from cnn_jax.evaluate import build_groups, ensemble_scores, load_member
 from cnn_jax.experiment import Context, Experiment, Report, claim, figure
 from cnn_jax.provenance import hardware
-from cnn_jax.train.inputs import subset
 from cnn_jax.trained import REFERENCE_DIR, released_weights
 from experiments import plain_vs_resnet as main_experiment
 from experiments.plain_vs_resnet import Net
@@ -106,11 +108,15 @@ def all_probabilities(groups, test) -> tuple[np.ndarray, np.ndarray]:
     the labels [N]."""
     probs, labels = [], []
     members = sum(len(g.members) for g in groups)
+    scores = ensemble_scores(groups)
     with tqdm(total=len(test), unit="img", desc=f"{members} nets x 10 views") as bar:
-        for b in view_probabilities(groups, test, 10, batch=250):
-            keep = b["mask"] > 0
-            probs.append(b["probs"][:, keep])
-            labels.append(b["label"][keep])
+        for b in eval_batches(test, 250, views="10"):
+            keep = b[MASK] > 0
+            v = b[IMAGE]                                                  # [B, 10, ...]
+            p = jax.nn.softmax(scores(v.reshape(-1, *v.shape[2:])), -1)   # [M, B*10, K]
+            p = np.asarray(p).reshape(p.shape[0], *v.shape[:2], p.shape[-1])
+            probs.append(p[:, keep])
+            labels.append(b[LABEL][keep])
             bar.update(int(keep.sum()))
     return np.concatenate(probs, axis=1), np.concatenate(labels)
 
@@ -124,10 +130,10 @@ def ensemble_errors(probs: np.ndarray, labels: np.ndarray, k: int, views: int) -
             for c in itertools.combinations(range(len(probs)), k)]
 
 
-def images_per_second(groups, k: int, images: np.ndarray, views: int, repeats: int = 3) -> float:
+def images_per_second(groups, k: int, test, n: int, views: int, repeats: int = 3) -> float:
     """Measured rate of the compiled forward passes of the first k networks (in the
-    groups' order) on `views` views of `images` (views cut on the host, as in
-    evaluation)."""
+    groups' order) on `views` views of the first n images of `test` (views cut on the
+    host, as in evaluation)."""
     parts, left = [], k
     for g in groups:  # the first k members: whole groups, then part of one
         take = min(left, len(g.members))
@@ -137,15 +143,15 @@ def images_per_second(groups, k: int, images: np.ndarray, views: int, repeats: i
 
     def once():
         for g, stacked in parts:
-            v = make_views(images, views, g.train_shape[0], g.crop_pad)
-            jax.block_until_ready(g.forward(stacked, v.reshape(-1, *v.shape[2:])))
+            v = test.eval_batch(np.arange(n), str(views))[IMAGE]
+            jax.block_until_ready(g.forward(stacked, v.reshape(-1, *v.shape[-3:])))
     once()  # compile
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         once()
         times.append(time.perf_counter() - t)
-    return len(images) / float(np.median(times))
+    return n / float(np.median(times))
 
 
 def check_claims(probs: np.ndarray, labels: np.ndarray) -> list[dict]:
@@ -206,18 +212,18 @@ def run(ctx: Context) -> Report:
     args, preset = ctx.args, ctx.preset
     members = [load_member(r) for r in member_sources(args, preset, ctx.out, ctx.command)]
     data = args.data or members[0].data or preset.data
-    test = subset(members[0].arrays("test", data, args.data_dir), preset.test_subset)
+    test = subset(members[0].split("test", data, args.data_dir), preset.test_subset)
     groups = build_groups(members)
     names = [Path(m.source).name for g in groups for m in g.members]
     probs, labels = all_probabilities(groups, test)
-    timing_images = np.asarray(test.images[:preset.timing_batch])
+    timing_images = min(preset.timing_batch, len(test))
     rows = []
     combos = [(k, v) for k in range(1, len(members) + 1) for v in VIEWS]
     for k, v in tqdm(combos, desc="ensemble sizes x views: error and speed"):
         errs = ensemble_errors(probs, labels, k, v)
         rows.append({"models": k, "views": v, "error": float(np.mean(errs)),
                      "error_std": float(np.std(errs)), "ensembles": len(errs),
-                     "images_per_s": images_per_second(groups, k, timing_images, v)})
+                     "images_per_s": images_per_second(groups, k, test, timing_images, v)})
     hw = hardware()
     origin = ("from " + args.runs if args.runs else
               "released weights, trained 200 epochs on the lossless CIFAR-10"

@@ -47,15 +47,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cnn_jax import data as data_lib
-from cnn_jax.data.pipeline import eval_batches
+from cnn_jax.data.dataset import subset
+from cnn_jax.data.keys import IMAGE
 from cnn_jax.errors import BadInput
 from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std, train_config
 from cnn_jax.models import create_model
 from cnn_jax.models.layers import BasicBlock
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.checkpoint import load_variables
-from cnn_jax.train.inputs import model_input_shape, subset, training_arrays
+from cnn_jax.train.evaluator import evaluate
+from cnn_jax.train.inputs import model_input_shape, split_of, training_split
 from cnn_jax.train.state import initial_variables
 from cnn_jax.train.sweep import run_all
 from cnn_jax.trained import REFERENCE_DIR, Trained, load_trained, released_weights
@@ -141,16 +142,9 @@ class Probe:
 
     def errors(self, variables: dict, splits: dict, batch: int = 500) -> dict:
         """Single-view error on each named split."""
-        out = {}
-        for name, arrays in splits.items():
-            wrong = n = 0
-            for b in eval_batches(arrays, min(batch, len(arrays))):
-                logits, _ = self.forward(variables, b["image"])
-                keep = b["mask"] > 0
-                wrong += int(np.sum(np.argmax(np.asarray(logits)[keep], -1) != b["label"][keep]))
-                n += int(keep.sum())
-            out[name] = wrong / n
-        return out
+        scores = lambda x: self.forward(variables, x)[0][None]  # noqa: E731
+        return {name: evaluate(scores, split, batch=min(batch, len(split))).metrics[0]["error"]
+                for name, split in splits.items()}
 
     def new_blocks(self, variables: dict, images) -> list[dict]:
         """Per appended block: its conv kernels' norm, the mean |gamma| of its last BN
@@ -297,10 +291,9 @@ def run(ctx: Context) -> Report:
     base_cfg = base_config(base_net, args.data_dir, args.workers)
     data_dir = base_cfg.data_dir
     splits = {
-        "train_error": subset(training_arrays(base_cfg, data_dir), preset.train_images),
-        "test_error": subset(data_lib.load(base_cfg.data, "test", data_dir=data_dir),
-                             preset.test_images)}
-    images = splits["test_error"].images[:min(500, len(splits["test_error"]))]
+        "train_error": subset(training_split(base_cfg, data_dir), preset.train_images),
+        "test_error": subset(split_of(base_cfg, "test", data_dir), preset.test_images)}
+    images = splits["test_error"].eval_batch(np.arange(min(500, len(splits["test_error"]))))[IMAGE]
     jobs = [(arm, seed) for seed in range(seeds) for arm in ARMS]
     configs = [arm_config(arm, base_cfg, preset, seed, base,
                           ctx.out / "arms" / f"{arm}-seed{seed}", args.workers)
@@ -344,7 +337,7 @@ def appended_variables(cfg: TrainConfig, base_net: Trained, base: Path, test) ->
     if not cfg.model_options.get("extra_blocks"):
         return base_net.variables
     model = create_model(cfg.model, num_classes=base_net.num_classes, **cfg.model_options)
-    shape = model_input_shape(test.images.shape[1:], cfg.resize)
+    shape = model_input_shape(test.image_shape, cfg.resize)
     return initial_variables(model, cfg.seed, shape, base_net.variables, str(base))
 
 

@@ -45,12 +45,13 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
+from cnn_jax.data.dataset import subset
 from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, mean_std,
                                 train_config)
 from cnn_jax.models.layers import ConvBN
 from cnn_jax.train import TrainConfig
-from cnn_jax.train.inputs import subset
+from cnn_jax.train.evaluator import evaluate
 from cnn_jax.train.sweep import run_all
 from cnn_jax.trained import load_trained, released_weights
 
@@ -100,7 +101,7 @@ def layer_responses(source, images: int, data: Optional[str] = None, data_dir=No
     order): the std of its response after BN, per channel over images and positions,
     averaged over channels. Test images of `data` (default: the run's dataset)."""
     net = load_trained(source)
-    test = subset(net.arrays("test", data, data_dir), images)
+    test = subset(net.split("test", data, data_dir), images)
 
     def is_3x3_bn(module, method):
         return (isinstance(module, nn.BatchNorm) and isinstance(module.parent, ConvBN)
@@ -116,12 +117,12 @@ def layer_responses(source, images: int, data: Optional[str] = None, data_dir=No
     names: list = []   # layer order, recorded while tracing (jit sorts a dict's keys)
 
     @jax.jit
-    def moments(variables, x, labels, mask):
-        logits, state = net.apply(variables, x, capture_intermediates=is_3x3_bn,
-                                  mutable=["intermediates"])
+    def moments(variables, x, mask):
+        _, state = net.apply(variables, x, capture_intermediates=is_3x3_bn,
+                             mutable=["intermediates"])
         w = mask[:, None, None, None]
         names.clear()
-        out = [(jnp.sum(mask * (jnp.argmax(logits, -1) != labels)),)]  # then one per layer
+        out = []
         for name, r in walk(state["intermediates"]):
             r = r.astype(jnp.float32)
             names.append(name)
@@ -131,12 +132,13 @@ def layer_responses(source, images: int, data: Optional[str] = None, data_dir=No
 
     sums = None
     for b in eval_batches(test, batch):
-        m = moments(net.variables, b["image"], b["label"], b["mask"].astype(np.float32))
+        m = moments(net.variables, b["image"], b["mask"].astype(np.float32))
         m = jax.tree.map(lambda v: np.asarray(v, np.float64), m)
         sums = m if sums is None else jax.tree.map(np.add, sums, m)
-    (wrong,), *layers = sums
-    std = [float(np.mean(np.sqrt(np.maximum(s2 / n - (s / n) ** 2, 0.0)))) for s, s2, n in layers]
-    return {"layers": names, "std": std, "images": len(test), "test_error": wrong / len(test)}
+    std = [float(np.mean(np.sqrt(np.maximum(s2 / n - (s / n) ** 2, 0.0)))) for s, s2, n in sums]
+    logits = jax.jit(lambda v, x: net.apply(v, x)[None])
+    error = evaluate(lambda x: logits(net.variables, x), test, batch=batch).metrics[0]["error"]
+    return {"layers": names, "std": std, "images": len(test), "test_error": error}
 
 
 # ------------------------------------------------------------------ outputs

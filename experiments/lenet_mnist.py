@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from cnn_jax import data as data_lib
+from cnn_jax.data.sources import Decode, open_source
 from cnn_jax.cost import profile
 from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, mean_std,
                                 train_config)
@@ -102,7 +102,7 @@ def run_config(variant: str, preset: Preset, seed: int, args, out: Path, n_train
 
 
 def count_train(data: str, data_dir) -> int:
-    return len(data_lib.load(data, "train", data_dir=data_dir).labels)
+    return len(open_source(data, "train", data_dir=data_dir, decode=Decode()))
 
 
 def macs(variant: str) -> int:

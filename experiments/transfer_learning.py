@@ -68,7 +68,8 @@ from cnn_jax.data import DataError
 from cnn_jax.errors import BadInput, exit_on_bad_input
 from cnn_jax.experiment import Context, Experiment, Report, figure, guard_out, mean_std
 from cnn_jax.train import TrainConfig
-from cnn_jax.train.inputs import source_normaliser, split_arrays, subset, training_arrays
+from cnn_jax.data.dataset import subset
+from cnn_jax.train.inputs import source_normaliser, split_of, training_split
 from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.train.steps import is_trainable
 from cnn_jax.train.sweep import run_all
@@ -148,8 +149,8 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str, seed: in
     if done.exists() and (out / MODEL_FILE).exists():
         return json.loads(done.read_text())
     start = time.perf_counter()
-    train = training_arrays(base)
-    val = subset(split_arrays(base, eval_split), base.eval_subset)
+    train = training_split(base)
+    val = subset(split_of(base, eval_split), base.eval_subset)
     features = features or out / "features"
     f_train, info = cached_features(features, "train", backbone, train)
     f_val, _ = cached_features(features, eval_split, backbone, val)
@@ -339,8 +340,8 @@ def demonstration(ctx: Context) -> Report:
     target = TrainConfig(model=preset.model, classes=TARGET_CLASSES,
                          train_subset=5 * preset.per_class, eval_subset=preset.test_subset,
                          out="", **common)
-    train = training_arrays(target)
-    test = subset(split_arrays(target, "test"), preset.test_subset)
+    train = training_split(target)
+    test = subset(split_of(target, "test"), preset.test_subset)
     report = data_report(train, test, f"the test/ folder ({len(test):,} images of the five "
                                       f"new classes)")
     print_report(report)
@@ -372,11 +373,11 @@ def evaluation_split(base):
     """(config, split, what it is in words): the data's own test/ or val/ folder, else a
     fixed stratified 20 % of train/."""
     try:
-        held = split_arrays(base, "test")  # test/, or val/ where there is no test/
-        folder = held.path.name.split("_")[0] if held.path else "test"
+        held = split_of(base, "test")  # test/, or val/ where there is no test/
+        folder = held.source.split or "test"
         return base, "test", f"its {folder}/ folder ({len(held):,} images)"
     except DataError:
-        train = training_arrays(base)
+        train = training_split(base)
         holdout = max(len(train.classes), round(0.2 * len(train)))
         return (dataclasses.replace(base, holdout=holdout), "val",
                 f"a fixed stratified 20 % of its train/ images ({holdout:,}; there is no "
@@ -401,8 +402,8 @@ def users_run(ctx: Context) -> Report:
     base = TrainConfig(model=backbone.model_name, data=data, image_size=backbone.image_shape[0],
                        workers=args.workers, out="", progress=False)
     base, eval_split, scored = evaluation_split(base)
-    train = training_arrays(base)
-    report = data_report(train, split_arrays(base, eval_split), scored)
+    train = training_split(base)
+    report = data_report(train, split_of(base, eval_split), scored)
     print(f"{backbone.model_name} from {backbone.source}: {len(train.classes)} classes, "
           f"{len(train)} training images", file=sys.stderr)
     print_report(report)

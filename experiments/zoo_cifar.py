@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnn_jax import data as data_lib
+from cnn_jax.data.sources import Decode, open_source
 from cnn_jax.cost import profile
 from cnn_jax.experiment import Context, Experiment, Report, figure, mean_std, train_config
 from cnn_jax.models import create_model
@@ -147,8 +147,8 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 def run(ctx: Context) -> Report:
     args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
     data = args.data or preset.data
-    train = data_lib.load(data, "train", data_dir=args.data_dir)
-    image_shape, num_classes = train.images.shape[1:], len(train.classes)
+    train = open_source(data, "train", data_dir=args.data_dir, decode=Decode())
+    image_shape, num_classes = train.image_shape, len(train.classes)
     jobs = [(k, seed) for seed in range(seeds) for k in args.nets]
     configs = [run_config(k, preset, seed, args, ctx.out / "nets" / f"{k}-seed{seed}")
                for k, seed in jobs]

@@ -1,11 +1,18 @@
 """ImageNet-size training input, side by side in one run on the same images and the
 same number of worker processes:
 
-  ours         cnn_jax's stream: inception crop (random-resized, area 0.08-1, aspect
-               3/4-4/3) at 224, flip, PCA lighting, batched by grain into uint8
-               batches ready for the device (the lighting's shift travels as [B, 3])
+  ours         cnn_jax's input: inception crop (random-resized, area 0.08-1, aspect
+               3/4-4/3) at 224 with an antialiased resize, flip, PCA lighting,
+               batched by grain into uint8 batches ready for the device (the
+               lighting's shift travels as [B, 3])
   torchvision  DataLoader over the same files: RandomResizedCrop(224),
                RandomHorizontalFlip, ToTensor, Normalize (Pillow decodes), float32
+  torchvision_v2  DataLoader, transforms.v2 on uint8 tensors: decode_image (libjpeg),
+               RandomResizedCrop(224, antialias=True), RandomHorizontalFlip, PCA
+               lighting (ImageNet's basis, float32 out)
+  dali_cpu     NVIDIA DALI's CPU pipeline (when nvidia-dali-cuda120 is installed):
+               decoders.image_random_crop (the same area and aspect ranges), resize
+               (antialiased), flip, as many threads as workers; uint8 out
   floor        decoding only, every image whole, by the fastest decoder we found
                (simplejpeg, libjpeg-turbo), in as many processes
 
@@ -25,16 +32,18 @@ import time
 
 import numpy as np
 
+from cnn_jax.data import ops
+from cnn_jax.data.dataset import Dataset
 from cnn_jax.data.pipeline import train_dataset
-from cnn_jax.data.records import Records, open_records
-from cnn_jax.data.streams import Stream
+from cnn_jax.data.sources import Source as Records
+from cnn_jax.data.sources import open_stored
 from cnn_jax.errors import exit_on_bad_input
 from cnn_jax.provenance import available_cores, hardware
 
 
 def ours(records: Records, workers: int, batch: int, batches: int, side: int) -> float:
-    stream = Stream(records, side, "inception", lighting=True)
-    it = iter(train_dataset(stream, batch, seed=0, workers=workers))
+    dataset = Dataset(records, side, ops.InceptionCrop(), flip=True, lighting=ops.Lighting())
+    it = iter(train_dataset(dataset, batch, seed=0, workers=workers))
     for _ in range(2 * workers + 1):  # warm-up: every worker started, buffers filled
         next(it)
     start = time.perf_counter()
@@ -67,12 +76,36 @@ class _TorchImages:
         return self.transform(Image.open(io.BytesIO(data)).convert("RGB")), label
 
 
+class _TorchV2Images(_TorchImages):
+    """transforms.v2 on uint8 tensors, decoded by torchvision.io (libjpeg-turbo)."""
+
+    def __init__(self, records: Records, side: int):
+        import torch
+        import torchvision.transforms.v2 as T  # optional: the benchmark's comparison only
+        self.records = records
+        self.transform = T.Compose([T.RandomResizedCrop(side, antialias=True),
+                                    T.RandomHorizontalFlip()])
+        basis = ops.IMAGENET_PCA
+        self.eigen = torch.tensor(basis.eigenvectors * basis.eigenvalues[None] * 255.0,
+                                  dtype=torch.float32)
+
+    def __getitem__(self, i):
+        import torch
+        from torchvision.io import ImageReadMode, decode_image
+        data, label = self.records.read(i)
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                           mode=ImageReadMode.RGB)
+        img = self.transform(img)
+        shift = self.eigen @ (0.1 * torch.randn(3))          # PCA lighting
+        return img.to(torch.float32) + shift[:, None, None], label
+
+
 def torchvision_rate(records: Records, workers: int, batch: int, batches: int,
-                     side: int) -> float:
+                     side: int, dataset=_TorchImages) -> float:
     import torch  # optional: the benchmark's comparison only
     torch.set_num_threads(1)
     loader = torch.utils.data.DataLoader(
-        _TorchImages(records, side), batch_size=batch, shuffle=True, num_workers=workers,
+        dataset(records, side), batch_size=batch, shuffle=True, num_workers=workers,
         drop_last=True, persistent_workers=workers > 0)
     it = _endless(loader)
     for _ in range(2 * workers + 1):
@@ -83,6 +116,48 @@ def torchvision_rate(records: Records, workers: int, batch: int, batches: int,
     return batches * batch / (time.perf_counter() - start)
 
 
+def dali_cpu_rate(records: Records, workers: int, batch: int, batches: int,
+                  side: int) -> tuple:
+    """(images/s, None) of DALI's CPU pipeline, or (None, why not)."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types  # optional benchmark peer
+    except ImportError as e:
+        return None, f"nvidia-dali-cuda120 is not installed ({e})"
+    order = np.random.default_rng(0).permutation(len(records))
+
+    def files():
+        k = 0
+        while True:
+            idx = [order[(k + j) % len(order)] for j in range(batch)]
+            k += batch
+            reads = [records.read(int(i)) for i in idx]
+            yield ([np.frombuffer(d, np.uint8) for d, _ in reads],
+                   [np.array(label, np.int32) for _, label in reads])
+
+    @pipeline_def(batch_size=batch, num_threads=max(1, workers), device_id=None,
+                  exec_dynamic=True)
+    def pipe():
+        jpegs, labels = fn.external_source(source=files(), num_outputs=2, dtype=[
+            types.UINT8, types.INT32])
+        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
+                                               random_area=[0.08, 1.0],
+                                               random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.resize(images, resize_x=side, resize_y=side, antialias=True)
+        images = fn.flip(images, horizontal=fn.random.coin_flip())
+        return images, labels
+    try:
+        p = pipe()
+        p.build()
+        for _ in range(2):
+            p.run()
+        start = time.perf_counter()
+        for _ in range(batches):
+            p.run()
+        return batches * batch / (time.perf_counter() - start), None
+    except Exception as e:  # a DALI build that cannot run here
+        return None, f"DALI's CPU pipeline failed: {type(e).__name__}: {str(e)[:300]}"
+
+
 def _endless(loader):
     while True:
         yield from loader
@@ -90,7 +165,7 @@ def _endless(loader):
 
 def _decode_all(args) -> int:
     import simplejpeg
-    from cnn_jax.data.streams import decode
+    from cnn_jax.data.ops import decode
     records, indices = args
     for i in indices:
         data, _ = records.read(int(i))
@@ -117,9 +192,14 @@ def floor_rate(records: Records, workers: int, images: int) -> float:
 
 def versions() -> dict:
     from importlib.metadata import version
-    return {p: version(p) for p in ("jax", "grain", "simplejpeg", "opencv-python-headless",
-                                    "pillow", "numpy", "torch", "torchvision")} | {
-        "python": platform.python_version()}
+    out = {}
+    for p in ("jax", "grain", "simplejpeg", "opencv-python-headless", "pillow", "numpy",
+              "torch", "torchvision", "nvidia-dali-cuda120"):
+        try:
+            out[p] = version(p)
+        except Exception:  # an optional peer that is not installed
+            out[p] = None
+    return out | {"python": platform.python_version()}
 
 
 @exit_on_bad_input
@@ -134,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--passes", type=float, default=2.0, help="passes over the data each")
     p.add_argument("--json", action="store_true", help="only the JSON line on stdout")
     args = p.parse_args(argv)
-    records = open_records(args.data, "train", args.data_dir)
+    records = open_stored(args.data, "train", args.data_dir)
     batches = max(1, round(args.passes * len(records) / args.batch))
     images = batches * args.batch
     r = {"data": args.data, "images": len(records), "workers": args.workers,
@@ -142,15 +222,28 @@ def main(argv=None) -> int:
     r["ours_img_per_s"] = ours(records, args.workers, args.batch, batches, args.side)
     r["torchvision_img_per_s"] = torchvision_rate(records, args.workers, args.batch, batches,
                                                   args.side)
+    r["torchvision_v2_img_per_s"] = torchvision_rate(records, args.workers, args.batch,
+                                                     batches, args.side, _TorchV2Images)
+    r["dali_cpu_img_per_s"], why = dali_cpu_rate(records, args.workers, args.batch, batches,
+                                                 args.side)
+    if why:
+        r["dali_cpu_missing"] = why
+        print(f"dali_cpu: null, {why}", file=sys.stderr)
     r["floor_img_per_s"] = floor_rate(records, args.workers, images)
     r["ratio"] = r["ours_img_per_s"] / r["torchvision_img_per_s"]
+    r["ratio_v2"] = r["ours_img_per_s"] / r["torchvision_v2_img_per_s"]
+    r["ratio_dali_cpu"] = (r["ours_img_per_s"] / r["dali_cpu_img_per_s"]
+                           if r["dali_cpu_img_per_s"] else None)
     r["floor_over_ours"] = r["floor_img_per_s"] / r["ours_img_per_s"]
-    r.update(decoder="simplejpeg (libjpeg-turbo, DCT scaling 1/2-1/8), OpenCV resize",
+    r.update(decoder="simplejpeg (libjpeg-turbo, DCT scaling 1/2-1/8), OpenCV resize "
+                     "(INTER_AREA when shrinking)",
              torchvision_decoder="Pillow", cores=available_cores(), hardware=hardware(),
              versions=versions())
     if not args.json:
         print(f"{args.workers} worker(s): ours {r['ours_img_per_s']:.0f} img/s, torchvision "
-              f"{r['torchvision_img_per_s']:.0f} ({r['ratio']:.2f}x), decode-only floor "
+              f"{r['torchvision_img_per_s']:.0f} ({r['ratio']:.2f}x), transforms.v2 "
+              f"{r['torchvision_v2_img_per_s']:.0f} ({r['ratio_v2']:.2f}x), DALI CPU "
+              f"{r['dali_cpu_img_per_s'] or 'n/a'}, decode-only floor "
               f"{r['floor_img_per_s']:.0f} ({r['floor_over_ours']:.2f}x ours)", file=sys.stderr)
     print(json.dumps(r))
     return 0

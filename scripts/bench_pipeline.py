@@ -14,6 +14,7 @@ device-resident random data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -24,9 +25,9 @@ import time
 import numpy as np
 
 
-def pipeline_rate(arrays, augment, workers, batch, batches) -> float:
+def pipeline_rate(dataset, workers, batch, batches) -> float:
     from cnn_jax.data.pipeline import train_dataset
-    it = iter(train_dataset(arrays, batch, seed=0, augment=augment, workers=workers))
+    it = iter(train_dataset(dataset, batch, seed=0, workers=workers))
     for _ in range(max(3, 2 * workers)):  # warm-up: workers started, buffers full
         next(it)
     t = time.perf_counter()
@@ -73,7 +74,7 @@ def normalise_placement(images: np.ndarray, repeats: int = 20) -> dict:
     """ms per batch: normalise on the host then send float32, vs send uint8 and
     normalise on the device (both end as float32 on the device)."""
     import jax
-    from cnn_jax.data.augment import Normalizer
+    from cnn_jax.data.ops import Normalizer
 
     norm = Normalizer.from_data(images, per_pixel=True)
     on_device = jax.jit(lambda x: norm(x))
@@ -111,23 +112,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-    from cnn_jax.data import load
-    from cnn_jax.data.augment import Augment, cached_pca_basis
+    from cnn_jax.data.dataset import DataSpec, open_split, with_pca
     from cnn_jax.data.pipeline import default_workers
 
-    arrays = load(args.data, "train", data_dir=args.data_dir)
-    pca_file = arrays.path.with_name("train_pca.npz") if arrays.path is not None else None
-    basis = cached_pca_basis(arrays.images, pca_file)
+    spec = DataSpec(args.data, args.data_dir)
     settings = {
-        "none": Augment(),
-        "crop+flip": Augment(crop_pad=4, flip=True),
-        "crop+flip+pca": Augment(crop_pad=4, flip=True, pca=basis),
+        "none": open_split(dataclasses.replace(spec, crop_pad=0, flip=False), "train"),
+        "crop+flip": open_split(spec, "train"),
+        "crop+flip+pca": with_pca(open_split(spec, "train"),
+                                  dataclasses.replace(spec, pca_colour=True)),
     }
+    arrays = settings["none"].source
     workers = args.workers or sorted({0, default_workers()})
     pipeline = []
     for w in workers:
-        for name, aug in settings.items():
-            rate = pipeline_rate(arrays, aug, w, args.batch, args.batches)
+        for name, dataset in settings.items():
+            rate = pipeline_rate(dataset, w, args.batch, args.batches)
             pipeline.append({"workers": w, "augment": name, "img_per_s": rate})
             print(f"pipeline workers={w} augment={name}: {rate:,.0f} img/s", file=sys.stderr)
     steps = {}

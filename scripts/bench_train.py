@@ -103,11 +103,9 @@ def pipeline_ms(window, batch: int, k: int, calls: int, repeats: int, data_dir=N
     """Median ms per step of `window` fed by the training loop's input path: grain
     (CIFAR-10, crop + mirror) -> prefetch thread -> device."""
     import jax
-    from cnn_jax.data import load
-    from cnn_jax.data.augment import Augment
+    from cnn_jax.data.dataset import DataSpec, open_split
     from cnn_jax.data.pipeline import ChunkPrefetcher, stack_batches, train_dataset
-    arrays = load("cifar10", "train", data_dir=data_dir)
-    it = iter(train_dataset(arrays, batch, 0, Augment(crop_pad=4, flip=True)))
+    it = iter(train_dataset(open_split(DataSpec("cifar10", data_dir), "train"), batch, 0))
 
     def to_device(bs):  # as the training loop's: [k, B, ...] chunks, or one batch
         host = stack_batches(bs) if k > 1 else {key: bs[0][key] for key in ("image", "label")}

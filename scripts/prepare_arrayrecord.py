@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cnn_jax.data.records import DATASET_FILE, open_records, write_arrayrecord
-from cnn_jax.data.sources import SPLITS, MissingSplit
+from cnn_jax.data.sources import (DATASET_FILE, SPLITS, MissingSplit, open_stored,
+                                  write_arrayrecord)
 from cnn_jax.errors import BadInput, exit_on_bad_input
 
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     splits = {}
     for split in SPLITS:
         try:
-            splits[split] = open_records(name, split, args.data_dir)
+            splits[split] = open_stored(name, split, args.data_dir)
         except MissingSplit:
             continue
     if not splits:

@@ -16,7 +16,7 @@ from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.checkpoint import merge_variables
-from cnn_jax.train.inputs import training_arrays
+from cnn_jax.train.inputs import training_split
 from helpers import count, quick_variables
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -92,9 +92,9 @@ def test_init_from_starts_from_the_run_and_bad_paths_are_refused(tmp_path):
 
 def test_train_subset_is_fixed_and_stratified():
     cfg = TrainConfig(data="synthetic:8x8x3:10:500:50", train_subset=100)
-    a, b = training_arrays(cfg), training_arrays(cfg)
-    assert len(a) == 100 and np.array_equal(a.images, b.images)
-    full = np.bincount(training_arrays(TrainConfig(data=cfg.data)).labels, minlength=10)
+    a, b = training_split(cfg), training_split(cfg)
+    assert len(a) == 100 and np.array_equal(a.normaliser_images(), b.normaliser_images())
+    full = np.bincount(training_split(TrainConfig(data=cfg.data)).labels, minlength=10)
     assert np.all(np.abs(np.bincount(a.labels, minlength=10) - 100 * full / full.sum()) <= 1)
     assert TrainConfig().digest() == TrainConfig(train_subset=0, init_from="").digest()
     assert TrainConfig().digest() != cfg.digest()
@@ -127,7 +127,7 @@ def test_layer_responses_smoke_and_the_stem_std_by_hand(tmp_path):
     run_dir = Path(nets["resnet8"]["source"])
     m = load_trained(run_dir)
     images = data_lib.load(CIFAR_LIKE, "test").images[:50]
-    x = make_normaliser("per_pixel", training_arrays(m.config).images)(images)
+    x = make_normaliser("per_pixel", training_split(m.config).normaliser_images())(images)
     p, s = m.variables["params"]["stem"], m.variables["batch_stats"]["stem"]["bn"]
     y = jax.lax.conv_general_dilated(x, p["conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -11,7 +11,10 @@ import pytest
 
 from cnn_jax.errors import BadInput
 from cnn_jax import data as data_lib
-from cnn_jax.evaluate import build_groups, evaluate, load_member, make_views, view_probabilities
+from cnn_jax.data import ops
+from cnn_jax.data.dataset import Dataset
+from cnn_jax.data.sources import Arrays
+from cnn_jax.evaluate import build_groups, evaluate, load_member
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.loop import train
 
@@ -30,6 +33,13 @@ def runs(tmp_path_factory):
         train(cfg)
         out.append(root / f"seed{seed}")
     return out
+
+
+def make_views(images, views, side):
+    """The test views of a batch of decoded images, as the evaluator makes them."""
+    d = Dataset(Arrays(images, np.zeros(len(images), np.int32), ["a", "b"]), side)
+    v = d.eval_batch(np.arange(len(images)), str(views))["image"]
+    return v[:, None] if views == 1 else v
 
 
 def test_views_of_a_32x32_image_are_the_padded_corners_centre_and_mirrors():
@@ -56,20 +66,19 @@ def test_views_of_large_images_resize_the_shorter_side_then_crop():
     # dark, the right one bright, the mirror of the left crop is the left crop flipped
     assert v[0, 0].mean() < 50 and v[0, 1].mean() > 50
     np.testing.assert_array_equal(v[0, 5], v[0, 0, :, ::-1])
-    with pytest.raises(BadInput, match="smaller than the 224x224 views"):
-        make_views(np.zeros((1, 100, 100, 3), np.uint8), 1, 224)
+    assert ops.shorter_side((300, 400), 256) == (256, 341)
 
 
 def test_single_view_equals_the_training_loops_evaluation(runs):
     """The same error as the loop's last evaluation, with the same convolutions: oneDNN's
     where the loop used them (CPUs, cnn_jax.onednn), XLA's elsewhere."""
     from cnn_jax import onednn
-    r = evaluate([runs[0]], views=1, batch=16)
+    r = evaluate([runs[0]], views="1", batch=16)
     trained = json.loads((runs[0] / "results.json").read_text())
     assert r["n_examples"] == 37
     assert r["error"] == pytest.approx(trained["final_test_error"], abs=1e-6)
     g = build_groups([load_member(runs[0])])[0]
-    hlo = g.forward.lower(g.stacked, np.zeros((2, *g.train_shape), np.uint8)).compile().as_text()
+    hlo = g.forward.lower(g.stacked, np.zeros((2, 16, 16, 3), np.uint8)).compile().as_text()
     assert (onednn.TARGETS["forward"] in hlo) == (trained["conv_kernels"] == "onednn")
 
 
@@ -88,18 +97,20 @@ def test_a_fine_tuned_run_normalised_as_its_source_is_evaluated(runs, tmp_path):
 
 
 def test_ensemble_average_is_the_mean_of_the_members_softmaxes(runs):
+    import jax
     test = data_lib.load(DATA, "test")
     members = [load_member(r) for r in runs]
     both = build_groups(members)
     assert len(both) == 1 and len(both[0].members) == 2   # one compiled call for the two
-    joint = list(view_probabilities(both, test, 10, batch=16))
-    alone = [list(view_probabilities(build_groups([m]), test, 10, batch=16)) for m in members]
-    for k, batch in enumerate(joint):
-        np.testing.assert_allclose(batch["probs"][0], alone[0][k]["probs"][0], atol=1e-6)
-        np.testing.assert_allclose(batch["probs"][1], alone[1][k]["probs"][0], atol=1e-6)
-    probs = np.concatenate([b["probs"][:, b["mask"] > 0] for b in joint], axis=1)
-    labels = np.concatenate([b["label"][b["mask"] > 0] for b in joint])
-    expected = np.mean(np.argmax(probs.mean(axis=(0, 2)), -1) != labels)
+    views = make_views(test.images, 10, 16)                      # [N, 10, 16, 16, 3]
+    flat = views.reshape(-1, 16, 16, 3)
+    joint = np.asarray(both[0].forward(both[0].stacked, flat))  # [2, N*10, K]
+    for i, m in enumerate(members):
+        g = build_groups([m])[0]
+        np.testing.assert_allclose(joint[i], np.asarray(g.forward(g.stacked, flat))[0],
+                                   atol=1e-5)
+    probs = np.asarray(jax.nn.softmax(joint, -1)).reshape(2, len(test), 10, -1)
+    expected = np.mean(np.argmax(probs.mean(axis=(0, 2)), -1) != test.labels)
     assert evaluate(runs, views=10, batch=16)["error"] == pytest.approx(expected)
 
 
@@ -118,7 +129,7 @@ def test_cli_contract_and_bad_input(runs, tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])
-    assert last["views"] == 10 and last["models"] == 2 and last["n_examples"] == 37
+    assert last["views"] == "10" and last["models"] == 2 and last["n_examples"] == 37
     assert 0 <= last["error"] <= 1 and len(last["per_class_error"]) == 10
     assert json.loads((tmp_path / "e.json").read_text())["error"] == last["error"]
     bad = subprocess.run([sys.executable, "-m", "cnn_jax.evaluate", "--checkpoint",

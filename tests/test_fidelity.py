@@ -23,8 +23,8 @@ import pytest
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from cnn_jax.data import load
-from cnn_jax.data.augment import Augment, Normalizer
+from cnn_jax.data import DataSpec, load, open_split
+from cnn_jax.data.ops import Normalizer
 from cnn_jax.data.pipeline import stack_batches, train_dataset
 from cnn_jax.data.sources import SHARED_DATA
 from cnn_jax.evaluate import evaluate
@@ -128,7 +128,7 @@ def setup():
                     f"images with random labels make the comparison chaotic)")
     arrays = load("cifar10", "train")
     normaliser = Normalizer.from_data(arrays.images, per_pixel=True)
-    data = iter(train_dataset(arrays, BATCH, seed=0, augment=Augment(crop_pad=4, flip=True),
+    data = iter(train_dataset(open_split(DataSpec("cifar10"), "train"), BATCH, seed=0,
                               workers=0))
     batches = [next(data) for _ in range(20)]
     model = create_model("resnet20", num_classes=10)

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import pytest
 
 from cnn_jax.errors import BadInput
+from cnn_jax.data.dataset import Dataset, subset
 from cnn_jax.data.sources import Arrays
 from cnn_jax.train import TrainConfig
-from cnn_jax.train.inputs import (make_input_fn, make_normaliser, model_input_shape,
-                                  prepare_arrays, subset)
+from cnn_jax.train.inputs import make_input_fn, make_normaliser, model_input_shape
 
 
 def test_lecun_scale_maps_background_and_ink_as_in_the_paper():
@@ -19,10 +19,13 @@ def test_lecun_scale_maps_background_and_ink_as_in_the_paper():
 
 def test_padding_centres_the_digit_in_a_32x32_field():
     images = np.full((3, 28, 28, 1), 200, np.uint8)
-    a = prepare_arrays(Arrays(images, np.arange(3), ["a", "b", "c"]), 2)
-    assert a.images.shape == (3, 32, 32, 1) and a.path is None
-    assert (a.images[:, 2:30, 2:30] == 200).all()
-    assert a.images.sum() == images.sum()  # the border is background (0)
+    d = Dataset(Arrays(images, np.arange(3), ["a", "b", "c"]), 28, input_pad=2)
+    padded = d.eval_batch(np.arange(3))["image"]
+    assert d.image_shape == padded.shape[1:] == (32, 32, 1)
+    assert (padded[:, 2:30, 2:30] == 200).all()
+    assert padded.sum() == images.sum()  # the border is background (0)
+    np.testing.assert_array_equal(d.train_batch(np.arange(3), np.zeros(3), 0)["image"], padded)
+    np.testing.assert_array_equal(d.normaliser_images(), padded)
 
 
 def test_standardisation_gives_zero_mean_unit_variance_per_channel():

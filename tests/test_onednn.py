@@ -129,20 +129,19 @@ def test_a_train_step_on_onednn_is_xlas_step_and_repeats_bit_for_bit():
 
 def test_the_eval_step_takes_the_train_steps_convolutions():
     """With the train step's kernels "onednn", evaluation runs its convolutions on
-    oneDNN too: the same sums as XLA's within 1e-5, and no XLA convolution left."""
+    oneDNN too: the same logits as XLA's within 1e-4, and no XLA convolution left."""
     _needs(jnp.float32)
     _, state, batch = _resnet8_step("xla")
-    batch = {**batch, "mask": jnp.ones(6)}
     model = create_model("resnet8", num_classes=4)
-    sums = {}
+    logits = {}
     for conv in ("xla", "onednn"):
         step = jax.jit(make_eval_step(model, lambda im: im / 255.0, conv))
-        sums[conv] = step(state, batch)
-    hlo = step.lower(state, batch).compile().as_text()
+        logits[conv] = np.asarray(step(state, batch["image"]))
+    hlo = step.lower(state, batch["image"]).compile().as_text()
     assert hlo.count(f'custom_call_target="{onednn.TARGETS["forward"]}"') == 7
     assert "convolution(" not in hlo
-    assert sums["onednn"]["error"] == sums["xla"]["error"]
-    np.testing.assert_allclose(sums["onednn"]["loss"], sums["xla"]["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(logits["onednn"].argmax(-1), logits["xla"].argmax(-1))
+    np.testing.assert_allclose(logits["onednn"], logits["xla"], rtol=1e-4, atol=1e-5)
 
 
 def test_only_plain_float_convolutions_go_to_onednn():

@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 
 from cnn_jax.errors import BadInput
-from cnn_jax.data.sources import DataError, read_imagefolder
+from cnn_jax.data.sources import DataError, load, open_stored
 from cnn_jax.models import create_model
 from cnn_jax.train.checkpoint import load_variables
-from cnn_jax.train.inputs import select_classes, source_normaliser
+from cnn_jax.data.dataset import select_classes
+from cnn_jax.train.inputs import source_normaliser
 from cnn_jax.train.state import TrainState
 from cnn_jax.train.metrics import cross_entropy
 from cnn_jax.train.steps import freeze, make_optimizer, make_train_step
@@ -100,13 +101,14 @@ def test_frozen_model_on_disk_matches_the_cached_features(demo):
     """The saved network (backbone + new softmax) classifies the held-out images as the
     softmax on their cached features did."""
     from cnn_jax.train import TrainConfig
-    from cnn_jax.train.inputs import split_arrays, subset
+    from cnn_jax.data.dataset import subset
+    from cnn_jax.train.inputs import split_of
     from cnn_jax.trained import load_trained
     from cnn_jax.transfer import accuracy
     net = load_trained(demo / "frozen" / "seed0")
     assert net.classes == ("5", "6", "7", "8", "9") and net.config is None
     cfg = TrainConfig(data=CIFAR_LIKE, classes="5,6,7,8,9", eval_subset=100)
-    val = subset(split_arrays(cfg, "test"), 100)
+    val = subset(split_of(cfg, "test"), 100)
     acc = accuracy(net, net.variables, val)
     reported = json.loads((demo / "results.json").read_text())["runs"][0]["val_accuracy"]
     assert abs(acc - reported) <= 1 / len(val)
@@ -148,14 +150,17 @@ def test_heads_and_stages_of_the_zoo():
 
 # ------------------------------------------------------------------ the feature cache
 def test_feature_cache_is_reused_only_for_the_same_backbone_and_data(demo, tmp_path):
-    from cnn_jax.data.sources import synthetic_arrays
+    from cnn_jax.data.dataset import Dataset
+    from cnn_jax.data.sources import Arrays, synthetic_arrays
     backbone = load_backbone(demo / "pretrain")
-    arrays = synthetic_arrays("synthetic:32x32x3:10:20:10", "train")
+    source = synthetic_arrays("synthetic:32x32x3:10:20:10", "train")
+    arrays = Dataset(source, 32)
     first, info = cached_features(tmp_path, "train", backbone, arrays, progress=False)
     again, info2 = cached_features(tmp_path, "train", backbone, arrays, progress=False)
     assert not info["cached"] and info2["cached"] and isinstance(again, np.memmap)
     np.testing.assert_array_equal(first, again)
-    other = dataclasses_replace(arrays, images=np.asarray(arrays.images)[::-1].copy())
+    other = Dataset(Arrays(np.asarray(source.images)[::-1].copy(), source.labels,
+                           source.classes), 32)
     _, info3 = cached_features(tmp_path, "train", backbone, other, progress=False)
     assert not info3["cached"]   # other images: rebuilt
     backbone.variables["params"]["stem"]["conv"]["kernel"] = \
@@ -163,11 +168,6 @@ def test_feature_cache_is_reused_only_for_the_same_backbone_and_data(demo, tmp_p
     rebuilt, info4 = cached_features(tmp_path, "train", backbone, other, progress=False)
     assert not info4["cached"]   # another backbone: rebuilt
     assert not np.array_equal(rebuilt, np.load(tmp_path / "train.npy")[::-1] * 0 + first[::-1])
-
-
-def dataclasses_replace(a, **kw):
-    import dataclasses
-    return dataclasses.replace(a, **kw)
 
 
 # ------------------------------------------------------------------ a user's own photos
@@ -245,8 +245,12 @@ def test_torchvision_weights_as_a_frozen_backbone(tmp_path):
 
 # ------------------------------------------------------------------ data pieces
 def test_class_folders_without_splits_and_images_of_any_size(tmp_path):
-    split = read_imagefolder(photos(tmp_path / "p"), size=(32, 32), crop=True)
-    assert list(split) == ["train"] and split["train"].images.shape == (12, 32, 32, 3)
+    root = photos(tmp_path / "p")
+    assert open_stored(f"imagefolder:{root}", "train").classes == ["cats", "dogs"]
+    with pytest.raises(DataError, match="no 'test' split"):
+        open_stored(f"imagefolder:{root}", "test")
+    split = load(f"imagefolder:{root}", "train", size=(32, 32), crop=True)
+    assert split.images.shape == (12, 32, 32, 3)
     # cover-and-crop keeps the aspect ratio: a wide stripe image keeps its stripes' width
     wide = tmp_path / "w" / "train"
     for c in ("x", "y"):
@@ -254,7 +258,7 @@ def test_class_folders_without_splits_and_images_of_any_size(tmp_path):
         img = np.zeros((20, 80, 3), np.uint8)
         img[:, 30:50] = 255  # centre quarter bright
         Image.fromarray(img).save(wide / c / "i.png")
-    out = read_imagefolder(tmp_path / "w", size=(20, 20), crop=True)["train"].images[0]
+    out = load(f"imagefolder:{tmp_path / 'w'}", "train", size=(20, 20), crop=True).images[0]
     assert out[:, 0].max() == 255 and out[:, 10].min() == 255  # all bright: the centre
 
 
@@ -270,10 +274,10 @@ def test_select_classes_relabels_in_the_given_order():
 
 def test_runs_save_their_normaliser(demo):
     from cnn_jax.train import TrainConfig
-    from cnn_jax.train.inputs import make_normaliser, training_arrays
+    from cnn_jax.train.inputs import make_normaliser, training_split
     saved = source_normaliser(str(demo / "pretrain"))
     cfg = TrainConfig.from_json(json.loads((demo / "pretrain" / "config.json").read_text())["config"])
-    np.testing.assert_allclose(saved.mean, make_normaliser("per_pixel", training_arrays(cfg).images).mean)
+    np.testing.assert_allclose(saved.mean, make_normaliser("per_pixel", training_split(cfg).normaliser_images()).mean)
 
 
 # ------------------------------------------------------------------ bad input
@@ -296,7 +300,7 @@ def test_bad_input_is_a_clear_error(demo, tmp_path):
     r = run("--predict", tmp_path / "ok", "--out", tmp_path / "o4")
     assert r.returncode == 2 and "model.json" in r.stderr
     with pytest.raises(DataError, match="at least two"):
-        read_imagefolder(one, size=(32, 32), crop=True)
+        load(f"imagefolder:{one}", "train", size=(32, 32), crop=True)
 
 
 def test_the_demonstration_refuses_the_flags_of_your_own_datas_runs(tmp_path):

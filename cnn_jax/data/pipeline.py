@@ -1,9 +1,10 @@
 """The grain pipeline: shuffled, augmented batches on host CPUs, sharded onto devices.
 
 Training order. A grain `MapDataset` of example *indices* is shuffled (reseeded every
-epoch from the seed), repeated, and batched; each batch of indices then gathers its
-images from the (memory-mapped) array and augments them as one vectorised numpy
-operation, in `workers` processes that run ahead of the device. The random choices
+epoch from the seed), repeated, and batched; each batch of indices is then made by
+the dataset's ops (cnn_jax.data.dataset: a vectorised gather and augmentation of
+decoded arrays, or images decoded and cut one by one), in `workers` processes that
+run ahead of the device. The random choices
 depend only on (seed, epoch, example index), and the iterator's state is grain's own
 (`get_state` / `set_state`), so a resumed run sees exactly the batches it would have.
 
@@ -23,12 +24,9 @@ import grain
 import numpy as np
 from absl import flags
 
-from cnn_jax.data.augment import Augment
-from cnn_jax.data.keys import EPOCH, IMAGE, INDEX, LABEL, MASK, SHIFT, TRAINING
-from cnn_jax.data.sources import Arrays
-from cnn_jax.data.streams import Stream
+from cnn_jax.data.dataset import Dataset
+from cnn_jax.data.keys import EPOCH, INDEX, MASK, PADDING, SHIFT, SKIPPED, TRAINING
 from cnn_jax.errors import BadInput
-
 
 
 def default_workers() -> int:
@@ -48,38 +46,11 @@ def _ensure_absl_flags():
         flags.FLAGS.mark_as_parsed()
 
 
-class _ImageStore:
-    """The images, reopened lazily in each worker: a memory map of the cached .npy
-    when there is one (nothing large is pickled to the workers), else the array."""
-
-    def __init__(self, arrays: Arrays):
-        self.path = arrays.path
-        self.rows = arrays.indices
-        self.array = None if arrays.path is not None else np.asarray(arrays.images)
-        self.labels = np.asarray(arrays.labels)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if self.path is not None:
-            state["array"] = None
-        return state
-
-    def images(self, idx: np.ndarray) -> np.ndarray:
-        if self.array is None:
-            self.array = np.load(self.path, mmap_mode="r")
-        rows = idx if self.rows is None else self.rows[idx]
-        order = np.argsort(rows)  # sorted reads from the memory map, then restore order
-        out = np.empty((len(rows), *self.array.shape[1:]), self.array.dtype)
-        out[order] = self.array[rows[order]]
-        return out
-
-
 @dataclasses.dataclass
 class _TrainingBatch:
-    """This process's rows of a global batch of (index, epoch), made in the worker:
-    gathered from the arrays and augmented, or decoded and transformed by a stream."""
-    source: _ImageStore | Stream
-    augment: Optional[Augment]   # arrays only: a stream transforms its own images
+    """This process's rows of a global batch of (index, epoch), made in the worker by
+    the dataset's training ops."""
+    dataset: Dataset
     seed: int
     process_index: int
     process_count: int
@@ -89,38 +60,17 @@ class _TrainingBatch:
         per = len(index) // self.process_count
         mine = slice(self.process_index * per, (self.process_index + 1) * per)
         index, epoch = index[mine], epoch[mine]
-        if isinstance(self.source, Stream):
-            out = self.source.train_batch(index, epoch, self.seed)
-        else:
-            images = self.source.images(index)
-            if self.augment is not None:
-                images = self.augment(images, self.seed, epoch, index)
-            out = {IMAGE: images, LABEL: self.source.labels[index]}
-        return {**out, INDEX: index, EPOCH: epoch}
+        return {**self.dataset.train_batch(index, epoch, self.seed), INDEX: index, EPOCH: epoch}
 
 
-def train_dataset(arrays: Arrays | Stream, batch_size: int, seed: int,
-                  augment: Optional[Augment] = None, workers: Optional[int] = None,
-                  process_index: int = 0, process_count: int = 1):
-    """An endless grain IterDataset of augmented training batches.
-
-    `batch_size` is the global batch; each process gets batch_size / process_count
-    rows. Batches run across epoch boundaries (iterations, not epochs, are the unit,
-    as in He et al.); each example's epoch is passed to the augmentation. A Stream
-    decodes and transforms its images in the workers; `augment` is for arrays.
-    """
-
+def _check_batch(batch_size: int, process_count: int) -> None:
     if batch_size % process_count:
         raise BadInput(f"global batch {batch_size} is not divisible by the "
                        f"{process_count} processes")
-    n = len(arrays)
-    if batch_size > n:
-        raise BadInput(f"batch size {batch_size} exceeds the {n} training examples")
-    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
-    ds = ds.map_with_index(_PositionToEpoch(n))
-    ds = ds.batch(batch_size, drop_remainder=True)
-    source = arrays if isinstance(arrays, Stream) else _ImageStore(arrays)
-    ds = ds.map(_TrainingBatch(source, augment, seed, process_index, process_count))
+
+
+def _in_workers(ds, workers: Optional[int]):
+    """A grain MapDataset as an iterator, made by `workers` processes (default: cores - 1)."""
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     workers = default_workers() if workers is None else workers
     if workers > 0:
@@ -128,6 +78,25 @@ def train_dataset(arrays: Arrays | Stream, batch_size: int, seed: int,
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=2))
     return it
+
+
+def train_dataset(dataset: Dataset, batch_size: int, seed: int, workers: Optional[int] = None,
+                  process_index: int = 0, process_count: int = 1):
+    """An endless grain IterDataset of augmented training batches.
+
+    `batch_size` is the global batch; each process gets batch_size / process_count
+    rows. Batches run across epoch boundaries (iterations, not epochs, are the unit,
+    as in He et al.); each example's epoch is passed to the augmentation.
+    """
+    _check_batch(batch_size, process_count)
+    n = len(dataset)
+    if batch_size > n:
+        raise BadInput(f"batch size {batch_size} exceeds the {n} training examples")
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+    ds = ds.map_with_index(_PositionToEpoch(n))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(_TrainingBatch(dataset, seed, process_index, process_count))
+    return _in_workers(ds, workers)
 
 
 @dataclasses.dataclass
@@ -138,74 +107,49 @@ class _PositionToEpoch:
         return index, position // self.n
 
 
-def eval_batches(arrays: Arrays | Stream, batch_size: int, process_index: int = 0,
-                 process_count: int = 1, protocol: str = "single",
+def eval_batches(dataset: Dataset, batch_size: int, process_index: int = 0,
+                 process_count: int = 1, views: str = "1",
                  workers: Optional[int] = None) -> Iterator[dict]:
-    """Every example exactly once, in order, in batches of `batch_size` (global); the
-    last batch is padded by repeating example 0 and carries `mask` 0 on the padding.
-    A Stream's batches are decoded by `workers` processes as the test `protocol`
-    (cnn_jax.data.streams.PROTOCOLS) says, in order. Raises at the end if the count of
-    real examples differs from the split's size."""
-    n = len(arrays)
-    if batch_size % process_count:
-        raise BadInput(f"global batch {batch_size} is not divisible by the "
-                       f"{process_count} processes")
+    """Every example exactly once, in order, in batches of `batch_size` (global), as
+    the test `views` say (ops.VIEWS); the last batch is padded by repeating example 0
+    and carries `mask` 0 on the padding (and on files left out as unreadable). Decoded
+    arrays are gathered here; other images are decoded by `workers` processes, in
+    order. Raises at the end if the count of examples differs from the split's size."""
+    n = len(dataset)
+    _check_batch(batch_size, process_count)
     per = batch_size // process_count
     starts = list(range(0, n, batch_size))
-    if isinstance(arrays, Stream):
-        ds = grain.MapDataset.source(starts).map(
-            _EvalViews(arrays, batch_size, n, protocol, process_index, per))
-        batches = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        workers = default_workers() if workers is None else workers
-        if workers > 0:
-            _ensure_absl_flags()
-            batches = batches.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=workers, per_worker_buffer_size=2))
-    else:
-        batches = map(_EvalRows(_ImageStore(arrays), batch_size, n, process_index, per),
-                      starts)
+    views_of = _EvalViews(dataset, batch_size, n, views, process_index, per)
+    batches = map(views_of, starts) if dataset.batched else \
+        _in_workers(grain.MapDataset.source(starts).map(views_of), workers)
     seen = 0
     for batch in batches:
-        seen += int(batch[MASK].sum()) if process_count == 1 else 0
+        seen += len(batch[INDEX][batch[PADDING] > 0]) if process_count == 1 else 0
         yield batch
     if process_count == 1 and seen != n:
         raise AssertionError(f"evaluation covered {seen} examples, expected {n}")
 
 
-def _padded(start: int, batch_size: int, n: int, process_index: int, per: int):
-    """This process's indices of the global batch at `start` (padding: example 0), mask."""
-    index = np.arange(start, start + batch_size)
-    mask = index < n
-    mine = slice(process_index * per, (process_index + 1) * per)
-    return np.where(mask, index, 0)[mine], mask[mine].astype(np.float32)
-
-
-@dataclasses.dataclass
-class _EvalRows:
-    store: _ImageStore
-    batch_size: int
-    n: int
-    process_index: int
-    per: int
-
-    def __call__(self, start: int) -> dict:
-        index, mask = _padded(start, self.batch_size, self.n, self.process_index, self.per)
-        return {IMAGE: self.store.images(index), LABEL: self.store.labels[index],
-                MASK: mask, INDEX: index}
-
-
 @dataclasses.dataclass
 class _EvalViews:
-    stream: Stream
+    dataset: Dataset
     batch_size: int
     n: int
-    protocol: str
+    views: str
     process_index: int
     per: int
 
     def __call__(self, start: int) -> dict:
-        index, mask = _padded(start, self.batch_size, self.n, self.process_index, self.per)
-        return {**self.stream.eval_batch(index, self.protocol), MASK: mask, INDEX: index}
+        """This process's part of the global batch at `start` (padding: example 0)."""
+        index = np.arange(start, start + self.batch_size)
+        real = index < self.n
+        mine = slice(self.process_index * self.per, (self.process_index + 1) * self.per)
+        index, real = np.where(real, index, 0)[mine], real[mine].astype(np.float32)
+        batch = self.dataset.eval_batch(index, self.views)
+        mask = real * batch.get(MASK, 1.0)
+        skipped = batch.get(SKIPPED, np.zeros(0, np.int64))
+        return {**batch, MASK: np.asarray(mask, np.float32), PADDING: real, INDEX: index,
+                SKIPPED: np.unique(skipped[np.isin(skipped, index[real > 0])])}
 
 
 # ------------------------------------------------------------------ devices
@@ -218,7 +162,7 @@ def to_global_array(batch: dict, sharding) -> dict:
 
 def training_keys(batch: dict) -> tuple:
     """What of a host batch a training step receives."""
-    return TRAINING + ((SHIFT,) if SHIFT in batch else ())
+    return TRAINING + tuple(k for k in (SHIFT, MASK) if k in batch)
 
 
 def stack_batches(batches: list[dict], keys: tuple = TRAINING) -> dict:

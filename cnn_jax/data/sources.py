@@ -1,10 +1,23 @@
-"""Where images come from: ImageFolder directories and archives, the named datasets
-(`cifar10`, `mnist`, local archives first, then TFDS), and synthetic data.
+"""Where records come from: one kind of dataset, random access by index.
 
-Every source ends as a pair of arrays: uint8 images [N, H, W, C] and int32 labels [N].
-Decoded ImageFolder data are cached as memory-mappable `.npy` files in the project's
-own cache directory (`CNN_JAX_CACHE_DIR`, default `<project>/.cache`), keyed by the
-archive's content, so a changed archive is never served stale.
+    source = open_source("cifar10", "train")              # decoded pixels (cached)
+    source = open_source("imagenet_sample", "train")      # encoded JPEGs, read in place
+    record, label = source.read(17)   # a uint8 [H, W, C] array, or the file's bytes
+
+Every split of every dataset is a `Source`: `len`, `labels`, `classes`, `read(i)`,
+`where(i)` (the file behind record i, for messages). The kinds:
+  * `Arrays`: records that are already pixels (uint8 [N, H, W, C], usually a memory map
+    of the decoded cache), with a batched `pixels(index)` for the numpy fast path;
+  * an ImageFolder (<root>/<split>/<class>/<image> or <root>/<class>/<image>) as a
+    directory, or an uncompressed .tar read in place through a cached offsets index;
+  * ArrayRecord shards of scripts/prepare_arrayrecord.py (`arrayrecord:DIR`): each
+    record is the label (int32, little-endian) then the file's bytes;
+  * TFDS through `tfds.data_source` (ArrayRecord builds; `tfds:NAME`), left encoded;
+  * `Subset`: records `keep` of another source (a holdout, a subset, some classes).
+Small datasets (DATASETS' `decode`) are decoded once into the cache and memory-mapped;
+large ones stream. One scanner (`scan`) reads every ImageFolder, one fingerprint keys
+every cache entry, one TFDS reader serves both. Nothing here transforms an image:
+cnn_jax.data.ops does that.
 """
 from __future__ import annotations
 
@@ -17,52 +30,203 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tarfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from cnn_jax.cache import PROJECT_ROOT, cache_dir
-from cnn_jax.errors import BadInput
+from cnn_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
 # what PIL reads (the first frame of an animated GIF); other files in a class folder
-# are skipped and reported (Arrays.skipped, a warning)
+# are skipped and reported (Source.skipped, a warning)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
                   ".pgm")
 SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 2  # bump when the cached layout changes (2: more suffixes, skipped files)
+CACHE_FORMAT = 3     # bump when the decoded cache's layout changes (3: one scanner)
+INDEX_FORMAT = 2     # bump when the offsets index changes (2: skipped files with reasons)
+LABEL = struct.Struct("<i")    # an ArrayRecord record: label, then the encoded image
+DATASET_FILE = "dataset.json"  # beside ArrayRecord shards: classes, splits, shards
 
-
-class DataError(BadInput):
-    """Bad or missing data: the message says what was found and what was expected."""
+# The named datasets: found locally first (an ImageFolder archive or folder named like
+# the dataset), else through TFDS. `decode`: small enough to decode into the cache.
+DATASETS = {
+    "cifar10": {"tfds": "cifar10", "decode": True},
+    "mnist": {"tfds": "mnist", "decode": True},
+    "imagenet_sample": {"tfds": None, "decode": False},
+    "imagenet2012": {"tfds": "imagenet2012", "decode": False},
+}
+TFDS_PREPARE = {
+    "imagenet2012": "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
+                    "image-net.org) in ~/tensorflow_datasets/downloads/manual/ (or "
+                    "<data_dir>/downloads/manual/), then prepare it once with: tfds build "
+                    "imagenet2012 --file_format=array_record [--data_dir DIR]"}
 
 
 class MissingSplit(DataError):
     """The dataset has no such split (e.g. an ImageFolder without test/)."""
 
 
-@dataclasses.dataclass
-class Arrays:
-    images: np.ndarray   # uint8 [N, H, W, C], possibly a read-only memory map
-    labels: np.ndarray   # int32 [N]
-    classes: list[str]
-    path: Optional[Path] = None         # the cached images .npy, when there is one
-    indices: Optional[np.ndarray] = None  # rows of that file these arrays hold
-    skipped: tuple = ()                 # (file, reason) of the split's files not read
+# ------------------------------------------------------------------ the sources
+class Source:
+    """One split of a dataset: `read(i)` -> (record, label)."""
+
+    source: str            # what it was opened from (for messages)
+    classes: list
+    labels: np.ndarray     # int32 [N]
+    skipped: tuple = ()    # (file, reason) of the split's files that are not in it
+    split: str = ""        # the stored split it was read from (test/ may be val/)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def read(self, i: int):
+        raise NotImplementedError
+
+    def where(self, i: int) -> str:
+        return f"{self.source}[{i}]"
+
+    def take(self, keep, labels=None, classes=None) -> "Source":
+        """Records `keep` of this source, optionally relabelled."""
+        return Subset(self, keep, labels, classes)
+
+    def __getstate__(self):  # open files and readers are reopened in each process
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
+
+
+class Arrays(Source):
+    """Records that are already pixels: uint8 [N, H, W, C], a memory map of the decoded
+    cache (`path`, rows `indices` of it: reopened in each worker, nothing large is
+    pickled) or an array in memory."""
+
+    def __init__(self, images, labels, classes, path: Optional[Path] = None,
+                 indices: Optional[np.ndarray] = None, skipped: tuple = (), source: str = ""):
+        self.images, self.labels, self.classes = images, np.asarray(labels, np.int32), classes
+        self.path, self.indices, self.skipped = path, indices, tuple(skipped)
+        self.source = source or (str(path) if path else "arrays")
+
     @property
     def image_shape(self) -> tuple:
         return tuple(self.images.shape[1:])
+
+    def read(self, i):
+        return np.asarray(self.images[int(i)]), int(self.labels[i])
+
+    def pixels(self, index: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, C] of rows `index`, read from the memory map in sorted order."""
+        index = np.asarray(index)
+        if getattr(self, "_open_map", None) is None:
+            self._open_map = np.load(self.path, mmap_mode="r") if self.path is not None \
+                else np.asarray(self.images)
+        rows = index if self.path is None or self.indices is None else self.indices[index]
+        order = np.argsort(rows)
+        out = np.empty((len(rows), *self._open_map.shape[1:]), self._open_map.dtype)
+        out[order] = self._open_map[rows[order]]
+        return out
+
+    def take(self, keep, labels=None, classes=None) -> "Arrays":
+        """Rows `keep`: still arrays (rows of the same memory map)."""
+        keep = np.asarray(keep, np.int64)
+        rows = keep if self.indices is None else self.indices[keep]
+        taken = Arrays(self.images[keep], self.labels[keep] if labels is None else labels,
+                      self.classes if classes is None else classes, self.path,
+                      rows if self.path is not None else None, self.skipped, self.source)
+        taken.split = self.split
+        return taken
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if self.path is not None:
+            state["images"] = None  # a memory map: each process maps it again
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.images is None:
+            whole = np.load(self.path, mmap_mode="r")
+            self.images = whole if self.indices is None else whole[self.indices]
+
+
+class Subset(Source):
+    """Records `keep` of `base` (a holdout, a subset, some classes relabelled)."""
+
+    def __init__(self, base: Source, keep: np.ndarray, labels: Optional[np.ndarray] = None,
+                 classes: Optional[list] = None):
+        self.base, self.keep = base, np.asarray(keep, np.int64)
+        self.labels = base.labels[self.keep] if labels is None else np.asarray(labels, np.int32)
+        self.classes = base.classes if classes is None else classes
+        self.source, self.skipped, self.split = base.source, base.skipped, base.split
+
+    def read(self, i):
+        data, _ = self.base.read(int(self.keep[i]))
+        return data, int(self.labels[i])
+
+    def where(self, i):
+        return self.base.where(int(self.keep[i]))
+
+
+class FolderRecords(Source):
+    def __init__(self, root: Path, names: list, labels: np.ndarray, classes: list, skipped=()):
+        self.source, self.names, self.labels, self.classes = str(root), names, labels, classes
+        self.skipped = tuple(skipped)
+
+    def read(self, i):
+        return (Path(self.source) / self.names[i]).read_bytes(), int(self.labels[i])
+
+    def where(self, i):
+        return str(Path(self.source) / self.names[i])
+
+
+class TarRecords(Source):
+    def __init__(self, archive: Path, names: list, offsets: np.ndarray, sizes: np.ndarray,
+                 labels: np.ndarray, classes: list, skipped=()):
+        self.source, self.names, self.labels, self.classes = str(archive), names, labels, classes
+        self.offsets, self.sizes, self.skipped = offsets, sizes, tuple(skipped)
+
+    def read(self, i):
+        if getattr(self, "_open_fd", None) is None:
+            self._open_fd = os.open(self.source, os.O_RDONLY)
+        data = os.pread(self._open_fd, int(self.sizes[i]), int(self.offsets[i]))
+        if len(data) != self.sizes[i]:
+            raise DataError(f"{self.where(i)}: archive truncated (read {len(data)} of "
+                            f"{self.sizes[i]} bytes)")
+        return data, int(self.labels[i])
+
+    def where(self, i):
+        return f"{self.source}:{self.names[i]}"
+
+
+class ArrayRecords(Source):
+    def __init__(self, shards: list, labels: np.ndarray, classes: list, source: str):
+        self.shards, self.labels, self.classes, self.source = shards, labels, classes, source
+
+    def read(self, i):
+        if getattr(self, "_open_source", None) is None:
+            from array_record.python import array_record_data_source as ards  # in workers
+            self._open_source = ards.ArrayRecordDataSource(self.shards)
+        record = self._open_source[int(i)]
+        return record[LABEL.size:], LABEL.unpack_from(record)[0]
+
+
+class TfdsRecords(Source):
+    def __init__(self, name: str, split: str, data_dir: Optional[str], labels: np.ndarray,
+                 classes: list):
+        self.source, self.name, self.split, self.data_dir = f"tfds:{name}", name, split, data_dir
+        self.labels, self.classes = labels, classes
+
+    def read(self, i):
+        if getattr(self, "_open_source", None) is None:
+            self._open_source = tfds_source(self.name, self.split, self.data_dir)[0]
+        r = self._open_source[int(i)]
+        return bytes(r["image"]), int(r["label"])
 
 
 # ------------------------------------------------------------------ locations
@@ -89,7 +253,47 @@ def find_local(name: str, data_dir: Optional[str] = None) -> tuple[Optional[Path
     return None, looked
 
 
-# ------------------------------------------------------------------ ImageFolder reading
+def fingerprint(root: Path) -> str:
+    """What keys a cache entry of `root`: an archive's size, time and first and last MiB
+    (not all of a 140 GB file); a folder's listing with every file's size and time."""
+    h = hashlib.sha256(str(root).encode())
+    if root.is_file():
+        st = root.stat()
+        h.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
+        with open(root, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, st.st_size - (1 << 20)))
+            h.update(f.read())
+    else:
+        for p in sorted(root.rglob("*")):
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cached(final: Path, build) -> None:
+    """Make `final` (a file or folder under the cache) by `build(tmp)` once: written
+    whole and renamed into place; a second process waits on a lock instead of
+    building it twice."""
+    if final.exists():
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.exists():
+            return
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        try:
+            build(tmp)
+            os.replace(tmp, final)
+        finally:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp.exists():
+                tmp.unlink()
+
+
+# ------------------------------------------------------------------ the ImageFolder scanner
 def _member_parts(path: str) -> Optional[tuple[Optional[str], str, str]]:
     """'<root>/<split>/<class>/<file>' (root optional) -> (split, class, file);
     '<class>/<file>' (torchvision's ImageFolder: no split folders) -> (None, class, file);
@@ -102,6 +306,154 @@ def _member_parts(path: str) -> Optional[tuple[Optional[str], str, str]]:
 
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _listing(root: Path) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(path inside, offset, size) of every file, sorted by path (offset -1 where it
+    cannot be read in place: a folder or a compressed archive); and the folders."""
+    if root.is_dir():
+        paths = sorted(root.rglob("*"))
+        return ([(p.relative_to(root).as_posix(), -1, 0) for p in paths if p.is_file()],
+                [p.relative_to(root).as_posix() for p in paths if p.is_dir()])
+    try:
+        with tarfile.open(root, "r:*") as tar:
+            members = list(tar)
+            in_place = tar.fileobj is not None and type(tar.fileobj).__name__ == "BufferedReader"
+            return (sorted((m.name, m.offset_data if in_place else -1, m.size)
+                           for m in members if m.isfile()),
+                    [m.name for m in members if m.isdir()])
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{root}: cannot read the archive ({e}); expected a .tar, .tar.gz "
+                        f"or .tar.xz laid out <root>/<split>/<class>/<image>") from None
+
+
+def _refuse_empty_classes(root: Path, per_split: dict, folders: list[str]) -> None:
+    """A class folder (a sibling of class folders with images) that holds none."""
+    with_images = {(split, cls) for split, items in per_split.items() for cls, _ in items}
+    splits = {split for split, _ in with_images}
+    empty = []
+    for folder in folders:
+        parsed = _member_parts(folder + "/-")
+        if parsed and parsed[0] in splits and (parsed[0], parsed[1]) not in with_images \
+                and not any(f.startswith(folder.rstrip("/") + "/") for f in folders):
+            empty.append(folder)
+    if empty:
+        raise DataError(f"{root}: class folder(s) with no images: "
+                        f"{', '.join(str(root / e) for e in sorted(empty))}")
+
+
+def _check_classes(root: Path, per_split: dict) -> list[str]:
+    """The class names (sorted folder names), refusing fewer than two classes and
+    splits whose class folders differ."""
+    class_sets = {s: sorted({c for c, _ in items}) for s, items in per_split.items()}
+    reference_split = "train" if "train" in class_sets else sorted(class_sets)[0]
+    classes = class_sets[reference_split]
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class folder ({', '.join(classes)}); "
+                        f"classification needs at least two, one folder of images per class")
+    for split, cs in class_sets.items():
+        if cs != classes:
+            raise DataError(
+                f"{root}: split '{split}' has classes {cs} but '{reference_split}' has "
+                f"{classes}; every split must have the same class folders")
+    return classes
+
+
+def scan(root: Path) -> dict:
+    """The index of an ImageFolder folder or archive: classes, and per split the files
+    (sorted by path), their labels, offsets and sizes (for reading an uncompressed tar
+    in place), and the files that are not images. Files outside any split folder
+    count as train."""
+    per_split: dict = {}
+    skipped: dict = {}
+    files, folders = _listing(root)
+    for name, offset, size in files:
+        parsed = _member_parts(name)
+        if parsed is None:
+            continue
+        split, cls, file = parsed
+        if not is_image_name(file):
+            skipped.setdefault(split, []).append(
+                [name, f"not an image file (reads {', '.join(IMAGE_SUFFIXES)})"])
+            continue
+        per_split.setdefault(split, []).append((cls, (name, offset, size)))
+    if not per_split:
+        raise DataError(f"{root}: found no images laid out <root>/<split>/<class>/<image> "
+                        f"or <root>/<class>/<image> with suffix {', '.join(IMAGE_SUFFIXES)}")
+    _refuse_empty_classes(root, per_split, folders)
+    if not set(per_split) & set(SPLITS):  # <top folder>/<class>/<image>: no split folders
+        per_split = {"train": [item for items in per_split.values() for item in items]}
+        skipped = {"train": [item for items in skipped.values() for item in items]}
+    for parts in (per_split, skipped):
+        if None in parts:
+            parts.setdefault("train", []).extend(parts.pop(None))
+    classes = _check_classes(root, per_split)
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {s: {"names": [f[0] for _, f in items], "offsets": [f[1] for _, f in items],
+                  "sizes": [f[2] for _, f in items], "labels": [index[c] for c, _ in items]}
+              for s, items in per_split.items()}
+    return {"source": str(root), "classes": classes, "splits": splits, "skipped": skipped}
+
+
+def _exists(root: Path) -> Path:
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"{root}: no such file or directory (expected an ImageFolder "
+                        f"directory or a .tar/.tar.gz/.tar.xz archive)")
+    return root
+
+
+def imagefolder_index(root: Path) -> dict:
+    """`scan(root)`, cached under its fingerprint."""
+    root = _exists(root)
+    final = cache_dir() / "index" / f"{root.name}-{INDEX_FORMAT}-{fingerprint(root)}.json"
+    if not final.exists():
+        _cached(final, lambda tmp: tmp.write_text(json.dumps(scan(root))))
+        for split, files in json.loads(final.read_text())["skipped"].items():
+            if files:
+                log.warning("%s: skipped %d file(s) of '%s', e.g. %s: %s", root,
+                            len(files), split, *files[0])
+    return json.loads(final.read_text())
+
+
+def _split_of(index: dict, root: Path, split: str) -> dict:
+    if split not in index["splits"]:
+        raise MissingSplit(f"{root}: has no '{split}' split; found {sorted(index['splits'])}")
+    return index["splits"][split]
+
+
+def imagefolder_records(root: Path, split: str) -> Source:
+    """A split of an ImageFolder folder or uncompressed tar, its files left encoded."""
+    root = _exists(root)
+    index = imagefolder_index(root)
+    s = _split_of(index, root, split)
+    labels = np.asarray(s["labels"], np.int32)
+    skipped = [tuple(f) for f in index["skipped"].get(split, ())]
+    if root.is_dir():
+        return FolderRecords(root, s["names"], labels, index["classes"], skipped)
+    if any(o < 0 for o in s["offsets"]):
+        raise DataError(f"{root}: cannot read it in place (a compressed archive); streaming "
+                        f"reads an uncompressed .tar or a folder (unpack a .tar.gz/.tar.xz "
+                        f"first, or write ArrayRecord shards: scripts/prepare_arrayrecord.py)")
+    return TarRecords(root, s["names"], np.asarray(s["offsets"], np.int64),
+                      np.asarray(s["sizes"], np.int64), labels, index["classes"], skipped)
+
+
+# ------------------------------------------------------------------ the decoded cache
+def decode_image(data: bytes, where: str, channels: Optional[int]) -> np.ndarray:
+    """uint8 [H, W, C] by Pillow: channels None keeps the file's own (grayscale -> 1,
+    colour -> 3), 1 or 3 convert."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if channels == 1 or (channels is None and im.mode in ("L", "1", "I;16", "I")):
+                im = im.convert("L")
+            else:
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for bad files
+        raise DataError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def fit_image(img: np.ndarray, size: tuple, crop: bool) -> np.ndarray:
@@ -124,251 +476,174 @@ def fit_image(img: np.ndarray, size: tuple, crop: bool) -> np.ndarray:
     return out[..., None] if out.ndim == 2 else out
 
 
-def _iter_files(root: Path, bar: tqdm) -> Iterator[tuple[str, bytes]]:
-    """(path inside the dataset, bytes) for every file, in sorted path order."""
+def _file_bytes(root: Path, index: dict):
+    """(split, position, path, bytes) of every image of the index, in the archive's or
+    the folder's sorted order (a compressed archive is read once, front to back)."""
+    where = {name: (split, k) for split, s in index["splits"].items()
+             for k, name in enumerate(s["names"])}
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-        bar.reset(total=len(files))
-        for p in files:
-            yield p.relative_to(root).as_posix(), p.read_bytes()
+        for name in sorted(where):
+            yield (*where[name], name, (root / name).read_bytes())
         return
-    try:
-        with tarfile.open(root, "r:*") as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-            bar.reset(total=len(members))
-            for m in members:
-                yield m.name, tar.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{root}: cannot read the archive ({e}); expected a .tar, .tar.gz "
-                        f"or .tar.xz laid out <root>/<split>/<class>/<image>") from None
+    with tarfile.open(root, "r:*") as tar:
+        for m in tar:
+            if m.isfile() and m.name in where:
+                yield (*where[m.name], m.name, tar.extractfile(m).read())
 
 
-def _empty_class_dirs(root: Path, split: str) -> list[str]:
-    if not root.is_dir():
-        return []
-    return sorted(str(d) for d in root.glob(f"**/{split}/*") if d.is_dir()
-                  and not any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()))
-
-
-def decode_image(data: bytes, where: str, channels: Optional[int]) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if channels == 1 or (channels is None and im.mode in ("L", "1", "I;16", "I")):
-                im = im.convert("L")
-            else:
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # PIL raises many types for bad files
-        raise DataError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def read_imagefolder(root: Path, channels: Optional[int] = None, skip_bad: bool = False,
-                     size: Optional[tuple[int, int]] = None, crop: bool = False
-                     ) -> dict[str, Arrays]:
-    """Decode every split of an ImageFolder directory or archive in one pass.
-
-    Layout: <root>/<split>/<class>/<image> with splits train, val, test; or
-    <root>/<class>/<image> (no split folders: everything is 'train').
-    channels: None keeps each file's own (grayscale -> 1, colour -> 3), 1 or 3 convert.
-    size: (H, W) to resize every image to (crop=True: keep the aspect ratio, scale to
-    cover and centre-crop); None requires all images to share one size.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"{root}: no such file or directory (expected an ImageFolder "
-                        f"directory or a .tar/.tar.gz/.tar.xz archive)")
-    per_split, skipped = _decode_files(root, channels, skip_bad, size, crop)
-    for split, files in skipped.items():
-        if files:
-            log.warning("%s: skipped %d file(s) of '%s', e.g. %s: %s", root, len(files),
-                        split, files[0][0], files[0][1])
-    classes = _check_classes(root, per_split)
-    index = {c: i for i, c in enumerate(classes)}
-    return {split: Arrays(np.stack([img for _, img in items]),
-                          np.array([index[c] for c, _ in items], np.int32), classes,
-                          skipped=tuple(skipped.get(split, ())))
-            for split, items in per_split.items()}
-
-
-def _decode_files(root: Path, channels, skip_bad, size, crop):
-    """Every image of the folder or archive as (class, array) per split, and the files
-    skipped per split as (path, reason). Files outside any split folder count as train."""
-    per_split: dict[str, list] = {}
-    skipped: dict[str, list] = {}
-    first_shape: dict = {}
-    bar = tqdm(desc=f"decoding {root.name}", unit="file", leave=False, mininterval=2.0)
-    for path, data in _iter_files(root, bar):
-        bar.update()
-        parsed = _member_parts(path)
-        if parsed is None:
-            continue
-        split, cls, file = parsed
-        where = f"{root}:{path}" if root.is_file() else str(root / path)
-        if not is_image_name(file):
-            skipped.setdefault(split, []).append(
-                (path, f"not an image file (reads {', '.join(IMAGE_SUFFIXES)})"))
-            continue
+def _decode_split_files(root: Path, index: dict, channels, skip_bad, size, crop):
+    """Every split's images decoded, its labels, and the files skipped (with reasons)."""
+    images = {s: [None] * len(v["names"]) for s, v in index["splits"].items()}
+    skipped = {s: [list(f) for f in v] for s, v in index["skipped"].items()}
+    first: dict = {}
+    total = sum(len(v) for v in images.values())
+    for split, k, name, data in tqdm(_file_bytes(root, index), total=total, leave=False,
+                                     desc=f"decoding {root.name}", unit="file", mininterval=2):
+        where = f"{root}:{name}" if root.is_file() else str(root / name)
         try:
             img = decode_image(data, where, channels)
         except DataError as e:
             if not skip_bad:
                 raise
-            skipped.setdefault(split, []).append((path, str(e).split(": ", 1)[-1]))
+            skipped.setdefault(split, []).append([name, str(e).split(": ", 1)[-1]])
             continue
         if size is not None:
             img = fit_image(img, size, crop)
-        if not first_shape:
-            first_shape.update(shape=img.shape, where=where)
-        elif img.shape != first_shape["shape"]:
+        if not first:
+            first.update(shape=img.shape, where=where)
+        elif img.shape != first["shape"]:
             raise DataError(
-                f"{where}: image of shape {img.shape} but {first_shape['where']} has "
-                f"{first_shape['shape']}; all images must share one size and channel count "
+                f"{where}: image of shape {img.shape} but {first['where']} has "
+                f"{first['shape']}; all images must share one size and channel count "
                 f"(pass size=(H, W) to resize, channels=1 or 3 to convert)")
-        per_split.setdefault(split, []).append((cls, img))
-    bar.close()
-    if not per_split:
-        raise DataError(f"{root}: found no images laid out <root>/<split>/<class>/<image> "
-                        f"or <root>/<class>/<image> with suffix {', '.join(IMAGE_SUFFIXES)}")
-    if not set(per_split) & set(SPLITS):  # <top folder>/<class>/<image>: no split folders
-        per_split = {"train": [item for items in per_split.values() for item in items]}
-        skipped = {"train": [item for items in skipped.values() for item in items]}
-    for parts in (per_split, skipped):
-        if None in parts:
-            parts.setdefault("train", []).extend(parts.pop(None))
-    return per_split, skipped
-
-
-def _check_classes(root: Path, per_split) -> list[str]:
-    """The class names (sorted folder names), refusing empty class folders, fewer than
-    two classes, and splits whose class folders differ."""
-    class_sets = {s: sorted({c for c, _ in items}) for s, items in per_split.items()}
-    for split in per_split:
-        empty = _empty_class_dirs(root, split)
-        if empty:
-            raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}")
-    if root.is_dir() and not (set(per_split) - {"train"}) and not (root / "train").is_dir():
-        empty = [str(d) for d in sorted(root.iterdir()) if d.is_dir() and not any(
-            f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*"))]
-        if empty:
-            raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}")
-    reference_split = "train" if "train" in class_sets else sorted(class_sets)[0]
-    classes = class_sets[reference_split]
-    if len(classes) < 2:
-        raise DataError(f"{root}: found {len(classes)} class folder ({', '.join(classes)}); "
-                        f"classification needs at least two, one folder of images per class")
-    for split, cs in class_sets.items():
-        if cs != classes:
-            raise DataError(
-                f"{root}: split '{split}' has classes {cs} but '{reference_split}' has "
-                f"{classes}; every split must have the same class folders")
-    return classes
-
-
-# ------------------------------------------------------------------ cache
-def _fingerprint(root: Path) -> str:
-    """Content hash of an archive (or of a directory's listing with sizes and mtimes)."""
-    h = hashlib.sha256()
-    if root.is_file():
-        with open(root, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        for p in sorted(root.rglob("*")):
-            st = p.stat()
-            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+        images[split][k] = img
+    out = {}
+    for split, imgs in images.items():
+        keep = [k for k, img in enumerate(imgs) if img is not None]
+        labels = np.asarray(index["splits"][split]["labels"], np.int32)[keep]
+        out[split] = (np.stack([imgs[k] for k in keep]), labels)
+    return out, skipped
 
 
 def cached_imagefolder(root: Path, split: str, channels: Optional[int] = None,
                        skip_bad: bool = False, size: Optional[tuple] = None,
                        crop: bool = False) -> Arrays:
-    """`read_imagefolder` through the cache: decode once, then memory-map.
-
-    All splits are written together into `<cache>/<name>-<hash>/`; the folder appears
-    by an atomic rename only when complete, and a file lock makes a second process
-    wait for the first instead of decoding twice.
-    """
-    root = Path(root).resolve()
-    if not root.exists():
-        raise DataError(f"{root}: no such file or directory")
+    """A split of an ImageFolder (folder or any tar) decoded once into the cache, then
+    memory-mapped. All splits are written together into `<cache>/<name>-<key>/`."""
+    root = _exists(root)
     options = f"c{channels}-s{'x'.join(map(str, size)) if size else 'native'}-b{int(skip_bad)}"
     if size and crop:
-        options += "-crop"  # (absent otherwise: existing caches keep their keys)
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{_fingerprint(root)}|{options}".encode()).hexdigest()[:16]
+        options += "-crop"
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{fingerprint(root)}|{options}".encode()).hexdigest()[:16]
     name = re.sub(r"(\.tar(\.xz|\.gz)?|\.tgz)$", "", root.name)
     final = cache_dir() / f"{name}-{key}"
-    if not (final / "meta.json").exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with open(final.parent / f".{final.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here
-            if not (final / "meta.json").exists():
-                _write_cache(root, final, channels, skip_bad, size, crop)
+
+    def build(tmp: Path):
+        index = scan(root)
+        decoded, skipped = _decode_split_files(root, index, channels, skip_bad, size, crop)
+        tmp.mkdir(parents=True)
+        for s, (images, labels) in decoded.items():
+            np.save(tmp / f"{s}_images.npy", images)
+            np.save(tmp / f"{s}_labels.npy", labels)
+        for s, files in skipped.items():
+            if files:
+                log.warning("%s: skipped %d file(s) of '%s', e.g. %s: %s", root, len(files),
+                            s, *files[0])
+        (tmp / "meta.json").write_text(json.dumps(
+            {"source": str(root), "classes": index["classes"],
+             "splits": {s: len(labels) for s, (_, labels) in decoded.items()},
+             "skipped": skipped}, indent=1))
+    _cached(final, build)
     meta = json.loads((final / "meta.json").read_text())
     if split not in meta["splits"]:
         raise MissingSplit(f"{root}: has no '{split}' split; found {sorted(meta['splits'])}")
     images_path = final / f"{split}_images.npy"
-    return Arrays(np.load(images_path, mmap_mode="r"),
-                  np.load(final / f"{split}_labels.npy"), meta["classes"], images_path,
-                  skipped=tuple(tuple(f) for f in meta.get("skipped", {}).get(split, ())))
+    return Arrays(np.load(images_path, mmap_mode="r"), np.load(final / f"{split}_labels.npy"),
+                  meta["classes"], images_path,
+                  skipped=tuple(tuple(f) for f in meta["skipped"].get(split, ())),
+                  source=str(root))
 
 
-def _write_cache(root, final, channels, skip_bad, size, crop=False) -> None:
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+# ------------------------------------------------------------------ ArrayRecord shards
+def arrayrecord_records(folder: Path, split: str) -> Source:
+    folder = Path(folder).expanduser()
+    meta_file = folder / DATASET_FILE
+    if not meta_file.exists():
+        raise DataError(f"arrayrecord:{folder}: no {DATASET_FILE} there; expected the "
+                        f"output folder of scripts/prepare_arrayrecord.py")
+    meta = json.loads(meta_file.read_text())
+    if split not in meta["splits"]:
+        raise MissingSplit(f"arrayrecord:{folder}: has no '{split}' split; found "
+                           f"{sorted(meta['splits'])}")
+    shards = [str(folder / s) for s in meta["splits"][split]["shards"]]
+    missing = [s for s in shards if not Path(s).exists()]
+    if missing:
+        raise DataError(f"arrayrecord:{folder}: shard(s) missing: {', '.join(missing)}")
+    labels = np.load(folder / f"{split}_labels.npy").astype(np.int32)
+    return ArrayRecords(shards, labels, meta["classes"], f"arrayrecord:{folder}")
+
+
+def write_arrayrecord(records: Source, folder: Path, split: str, shards: int,
+                      on_record=lambda: None) -> list[str]:
+    """The records of one split as `shards` ArrayRecord files in `folder` (the bytes
+    as they are, no re-encoding), its labels beside them; returns the shard names.
+    Records go to shards in contiguous runs, so global index order is kept."""
+    from array_record.python.array_record_module import ArrayRecordWriter  # script only
+    n = len(records)
+    names = [f"{split}-{k:05d}-of-{shards:05d}.array_record" for k in range(shards)]
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    for k, name in enumerate(names):
+        tmp = folder / f".{name}.tmp"
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        for i in range(bounds[k], bounds[k + 1]):
+            data, label = records.read(i)
+            writer.write(LABEL.pack(label) + data)
+            on_record()
+        writer.close()
+        os.replace(tmp, folder / name)
+    np.save(folder / f"{split}_labels.npy", records.labels)
+    return names
+
+
+# ------------------------------------------------------------------ TFDS
+def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool = False):
+    """(tfds.data_source with images left encoded, label names): the one TFDS reader.
+    `download`: prepare it first where TFDS can (the small named datasets)."""
     try:
-        decoded = read_imagefolder(root, channels, skip_bad, size, crop)
-        for split, arr in decoded.items():
-            np.save(tmp / f"{split}_images.npy", arr.images)
-            np.save(tmp / f"{split}_labels.npy", arr.labels)
-        classes = next(iter(decoded.values())).classes
-        meta = {"source": str(root), "classes": classes,
-                "splits": {s: len(a.labels) for s, a in decoded.items()},
-                "skipped": {s: [list(f) for f in a.skipped] for s, a in decoded.items()},
-                "shape": list(next(iter(decoded.values())).images.shape[1:])}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(final, ignore_errors=True)  # a half-written folder cannot exist,
-        os.replace(tmp, final)                    # but a stale one from a crash might
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        import tensorflow_datasets as tfds  # heavy and optional: only on this path
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        if download:
+            builder.download_and_prepare()
+        source = builder.as_data_source(split=split,
+                                        decoders={"image": tfds.decode.SkipDecoding()})
+        classes = list(builder.info.features["label"].names)
+    except Exception as e:  # not installed, not prepared, not an ArrayRecord build, offline
+        how = TFDS_PREPARE.get(name, f"prepare it once with: tfds build {name} "
+                                     f"--file_format=array_record [--data_dir DIR]")
+        raise DataError(f"TFDS dataset {name!r} (split {split!r}) is not prepared for "
+                        f"random access ({type(e).__name__}: {str(e)[:300]}); {how}") from None
+    return source, classes
 
 
-# ------------------------------------------------------------------ splits
-def stratified_holdout(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Indices of a validation set of `size` examples with every class represented in
-    proportion (500 per class for 5,000 of CIFAR-10), chosen by a fixed seed."""
-    if not 0 < size < len(labels):
-        raise DataError(f"validation holdout must be between 1 and {len(labels) - 1} "
-                        f"examples; got {size}")
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.floor(counts * size / len(labels)).astype(int)
-    # hand out what rounding left over to the largest classes, in class order
-    for c in np.argsort(-counts, kind="stable")[: size - quota.sum()]:
-        quota[c] += 1
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
-    return np.sort(np.concatenate(picked))
+def tfds_records(name: str, split: str, data_dir: Optional[str],
+                 download: bool = False) -> Source:
+    """Labels are read once (every record, a pass over the data) and cached."""
+    source, classes = tfds_source(name, split, data_dir, download)
+    key = hashlib.sha256(f"{name}|{split}|{data_dir}|{len(source)}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "index" / f"tfds-{name}-{split}-{key}-labels.npy"
+    _cached(cached, lambda tmp: np.save(open(tmp, "wb"), np.array(
+        [int(source[i]["label"]) for i in range(len(source))], np.int32)))
+    return TfdsRecords(name, split, data_dir, np.load(cached), classes)
 
 
-# ------------------------------------------------------------------ named datasets
-NAMED = {"cifar10": {"tfds": "cifar10"}, "mnist": {"tfds": "mnist"}}
+def decoded(records: Source, channels: Optional[int] = None) -> Arrays:
+    """Every record of a (small) encoded source decoded into memory."""
+    images = np.stack([decode_image(records.read(i)[0], records.where(i), channels)
+                       for i in range(len(records))])
+    return Arrays(images, records.labels, records.classes, source=records.source)
 
 
-def _tfds_arrays(name: str, split: str, data_dir: Optional[str]) -> Arrays:
-    import tensorflow_datasets as tfds  # heavy and optional: only on this path
-
-    builder = tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare()
-    source = builder.as_data_source(split=split)
-    records = [source[i] for i in range(len(source))]
-    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
-    labels = np.array([int(r["label"]) for r in records], np.int32)
-    classes = list(builder.info.features["label"].names)
-    return Arrays(images, labels, classes)
-
-
+# ------------------------------------------------------------------ synthetic
 def _parse_synthetic(spec: str) -> dict:
     """'synthetic[:HxWxC[:classes[:train_size[:test_size]]]]'."""
     parts = spec.split(":")[1:]
@@ -391,70 +666,132 @@ def synthetic_arrays(spec: str, split: str) -> Arrays:
     n = s["sizes"][split]
     images = rng.integers(0, 256, (n, *s["shape"]), dtype=np.uint8)
     labels = rng.integers(0, s["classes"], n).astype(np.int32)
-    return Arrays(images, labels, [str(i) for i in range(s["classes"])])
+    return Arrays(images, labels, [str(i) for i in range(s["classes"])], source=spec)
 
 
-def load(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int = 0,
-         holdout_seed: int = 0, channels: Optional[int] = None, skip_bad: bool = False,
-         size: Optional[tuple] = None, crop: bool = False) -> Arrays:
-    """One split of a dataset as arrays.
+# ------------------------------------------------------------------ splits
+def stratified_holdout(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Indices of a validation set of `size` examples with every class represented in
+    proportion (500 per class for 5,000 of CIFAR-10), chosen by a fixed seed."""
+    if not 0 < size < len(labels):
+        raise DataError(f"validation holdout must be between 1 and {len(labels) - 1} "
+                        f"examples; got {size}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(counts * size / len(labels)).astype(int)
+    # hand out what rounding left over to the largest classes, in class order
+    for c in np.argsort(-counts, kind="stable")[: size - quota.sum()]:
+        quota[c] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked))
 
-    name: 'cifar10', 'mnist', 'imagefolder:PATH' or 'synthetic[:HxWxC:classes:n:n]'.
-    split: 'train', 'val' or 'test'. With `holdout=N`, 'val' is a stratified N-example
-    holdout of the training set and 'train' is the rest; 'val' without a holdout size
-    takes 10 % of train (5,000 for CIFAR-10). An ImageFolder without a test/ folder
-    is evaluated on its val/ folder.
-    """
-    if split not in SPLITS:
-        raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    base_split = "test" if split == "test" else "train"
+
+# ------------------------------------------------------------------ by name
+def streams(name: str) -> bool:
+    """Whether `name` is a dataset read encoded (never decoded into the cache)."""
+    named = DATASETS.get(name)
+    return (named is not None and not named["decode"]) or \
+        name.startswith(("arrayrecord:", "tfds:"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """How a decoded source is made: channels (None: the files' own), size (H, W) to
+    resize to (crop: cover and centre-crop), and whether unreadable files are skipped."""
+    channels: Optional[int] = None
+    size: Optional[tuple] = None
+    crop: bool = False
+    skip_bad: bool = False
+
+
+def open_stored(name: str, split: str, data_dir: Optional[str] = None,
+                decode: Optional[Decode] = None) -> Source:
+    """The stored split `split` of `name` as it is (no fallback, no holdout): decoded
+    pixels when `decode` is given (or the dataset is synthetic), else the encoded
+    records."""
+    source = _stored(name, split, data_dir, decode)
+    source.split = split
+    return source
+
+
+def _stored(name: str, split: str, data_dir: Optional[str], decode: Optional[Decode]
+            ) -> Source:
     if name.startswith("synthetic"):
-        arrays = synthetic_arrays(name, base_split)
-    elif name.startswith("imagefolder:"):
+        return synthetic_arrays(name, split)
+    if name.startswith("imagefolder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
-        try:
-            arrays = cached_imagefolder(path, base_split, channels, skip_bad, size, crop)
-        except MissingSplit:
-            if base_split != "test":
-                raise
-            try:
-                arrays = cached_imagefolder(path, "val", channels, skip_bad, size, crop)
-            except MissingSplit:
-                raise DataError(f"{path}: no test/ or val/ folder to evaluate on; hold out "
-                                f"part of the training images instead (--holdout N)") from None
-    elif name in NAMED:
-        arrays = _named(name, base_split, data_dir, channels, skip_bad, size)
-    else:
-        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(NAMED)}, "
-                        f"imagefolder:PATH or synthetic[:HxWxC:classes:n_train:n_test]")
-    if split == "test" or (split == "train" and not holdout):
-        return arrays
-    val_idx = stratified_holdout(arrays.labels, holdout or len(arrays.labels) // 10,
-                                 holdout_seed)
-    keep = val_idx if split == "val" else np.setdiff1d(np.arange(len(arrays.labels)), val_idx)
-    return Arrays(arrays.images[keep], arrays.labels[keep], arrays.classes, arrays.path, keep,
-                  arrays.skipped)
+        if decode is None:
+            return imagefolder_records(path, split)
+        return cached_imagefolder(path, split, decode.channels, decode.skip_bad, decode.size,
+                                  decode.crop)
+    if name.startswith("arrayrecord:"):
+        return arrayrecord_records(Path(name.split(":", 1)[1]), split)
+    if name.startswith("tfds:"):
+        return tfds_records(name[5:], split, data_dir)
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}, "
+                        f"imagefolder:PATH, arrayrecord:DIR, tfds:NAME or "
+                        f"synthetic[:HxWxC:classes:n_train:n_test]")
+    return _named(name, split, data_dir, decode)
 
 
-def _named(name, split, data_dir, channels, skip_bad, size) -> Arrays:
+def _named(name: str, split: str, data_dir: Optional[str], decode: Optional[Decode]) -> Source:
     local, looked = find_local(name, data_dir)
     if local is not None:
         passed = [d for d in search_dirs(data_dir)[:-1] if not local.is_relative_to(d)]
         if passed and local.is_relative_to(SHARED_DATA):
             log.warning("%s: not in %s; reading %s", name, ", ".join(map(str, passed)), local)
-        return cached_imagefolder(local, split, channels, skip_bad, size)
+        return open_stored(f"imagefolder:{local}", split, data_dir, decode)
+    tfds_name = DATASETS[name]["tfds"]
+    if tfds_name is None:
+        raise DataError(f"dataset {name!r} not found; looked in:\n  " + "\n  ".join(looked))
     try:
-        return _tfds_arrays(NAMED[name]["tfds"], split, data_dir)
-    except Exception as e:  # offline, not installed, or not prepared
+        records = tfds_records(tfds_name, split, data_dir, download=DATASETS[name]["decode"])
+    except DataError as e:
         places = "\n  ".join(looked)
         raise DataError(
             f"dataset {name!r} not found. Looked for a local copy in:\n  {places}\n"
-            f"then tried TFDS, which failed: {type(e).__name__}: {str(e)[:500]}\n"
+            f"then tried TFDS, which failed: {str(e)[:600]}\n"
             f"Pass --data-dir or set CNN_JAX_DATA_DIR to a folder holding {name}.tar.xz "
             f"(ImageFolder layout), or run where TFDS can download.") from None
+    return records if decode is None else decoded(records, decode.channels)
 
 
-def load_arrays(name: str, split: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """`(images uint8 [N, H, W, C], labels int [N])`: see `load` for the arguments."""
-    a = load(name, split, **kwargs)
-    return a.images, a.labels
+def open_source(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int = 0,
+                holdout_seed: int = 0, decode: Optional[Decode] = None) -> Source:
+    """One split of a dataset.
+
+    name: 'cifar10', 'mnist', 'imagenet_sample', 'imagenet2012', 'imagefolder:PATH',
+    'arrayrecord:DIR', 'tfds:NAME' or 'synthetic[:HxWxC:classes:n:n]'. `decode`: decode
+    into the cache (Arrays) with these options; None reads the files encoded.
+    split: 'train', 'val' or 'test'. With `holdout=N`, 'val' is a stratified N-example
+    holdout of the training set and 'train' is the rest; 'val' without a holdout size
+    is the dataset's own val/ if it has one, else 10 % of train. 'test' is test/, else
+    val/ (MissingSplit when neither exists).
+    """
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if split == "test":
+        try:
+            return open_stored(name, "test", data_dir, decode)
+        except MissingSplit:
+            try:
+                return open_stored(name, "val", data_dir, decode)
+            except MissingSplit:
+                raise MissingSplit(f"{name}: no test/ or val/ split to evaluate on; hold "
+                                   f"out part of the training images instead (--holdout N)"
+                                   ) from None
+    base = open_stored(name, "train", data_dir, decode)
+    if split == "train" and not holdout:
+        return base
+    val = stratified_holdout(base.labels, holdout or len(base) // 10, holdout_seed)
+    return base.take(val if split == "val" else np.setdiff1d(np.arange(len(base)), val))
+
+
+def load(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int = 0,
+         holdout_seed: int = 0, channels: Optional[int] = None, skip_bad: bool = False,
+         size: Optional[tuple] = None, crop: bool = False) -> Arrays:
+    """One split of a small dataset, decoded: `open_source` with `Decode(...)`."""
+    return open_source(name, split, data_dir=data_dir, holdout=holdout,
+                       holdout_seed=holdout_seed,
+                       decode=Decode(channels, size, crop, skip_bad))

@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     split = next(s for s in ("test", "val", "train_set") if f"final_{s}_error" in results)
     print(f"done: {results['steps']} steps, train error {results['final_train_error']:.4f}, "
           f"{split} error {results[f'final_{split}_error']:.4f}, "
-          f"digest {results['final_params_digest'][:16]}")
+          f"digest {results['final_params_digest'][:16]}"
+          + (f", {results['skipped_images']} unreadable file(s) left out"
+             if results.get("skipped_images") else ""))
     return 0
 
 

@@ -24,7 +24,8 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from cnn_jax.data.augment import AUGMENTS, BAD_IMAGES
+from cnn_jax.data.dataset import DataSpec
+from cnn_jax.data.ops import AUGMENTS, BAD_IMAGES
 from cnn_jax.errors import BadInput
 
 CONV_KERNELS = ("auto", "xla", "matmul", "onednn")  # cnn_jax.train.conv_kernels; "auto" first
@@ -77,8 +78,9 @@ class TrainConfig:
     eval_subset: int = added(0)     # >0: evaluate on a fixed stratified subset of this many
     train_subset: int = added(0)    # >0: train on a fixed stratified subset of this many
     classes: str = added("")        # train and evaluate on these classes only ("0,1", "cat,dog")
-    # >0: the network's input side. Arrays: ImageFolder images resized to cover it and
-    # centre-cropped; streams: the side of the crops (0: 224)
+    # >0: the side S of the square images delivered to the network (before input_pad
+    # and resize): decoded ImageFolder images are stored covering S, centre-cropped;
+    # streamed ones are cut to S. 0: a decoded dataset's own size; 224 for streams
     image_size: int = added(0)
     # a run's --out, or torchvision/timm weights (.pth/.safetensors): start from its
     # variables where names match
@@ -165,6 +167,13 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["milestones"] = list(d["milestones"])
         return d
+
+    def data_spec(self, data_dir: Optional[str] = None) -> DataSpec:
+        """What this run's data is (cnn_jax.data.dataset.DataSpec): the fields it holds."""
+        return DataSpec(self.data, data_dir or self.data_dir, self.holdout, self.classes,
+                        self.train_subset, self.eval_subset, self.image_size, self.augment,
+                        self.crop_pad, self.flip, self.colour_shift, self.pca_colour,
+                        self.input_pad, self.bad_images)
 
     def seedless(self) -> dict:
         """Every field but the seed and the output folder: what runs trained together

@@ -24,19 +24,21 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from cnn_jax.data.keys import INDEX, SKIPPED
-from cnn_jax.data.pipeline import (ChunkPrefetcher, eval_batches, stack_batches,
-                                   to_global_array, training_keys)
+from cnn_jax.data.dataset import open_split
+from cnn_jax.data.keys import SKIPPED
+from cnn_jax.data.pipeline import ChunkPrefetcher, stack_batches, to_global_array, training_keys
 from cnn_jax.data.sources import DataError
 from cnn_jax.errors import BadInput
 from cnn_jax.provenance import hardware, versions
 from cnn_jax.train.checkpoint import Checkpointer, drop_modules, load_pretrained
 from cnn_jax.train.config import TrainConfig, changed_fields
-from cnn_jax.train.inputs import prepare_arrays, save_normaliser, split_arrays
+from cnn_jax.train.evaluator import evaluate
+from cnn_jax.train.inputs import save_normaliser
 from cnn_jax.train.metrics import (ALIASES, OBJECTIVE, REPORTED, STEP_KEYS, MetricsLog, in_words,
-                                   means, params_digest)
+                                   params_digest)
 from cnn_jax.train.setup import Setup, build
 from cnn_jax.train.state import TrainState, initial_variables
 
@@ -315,7 +317,7 @@ class StepLoop:
         self.chunk_sharding = setup.sharding(None, *lead, "data")  # [k, ...]: k steps
         self.wall_start = time.perf_counter()
         self.window_images, self.window_start = 0, time.perf_counter()
-        self.skipped = 0  # unreadable files passed over (--bad-images skip), this session
+        self.skipped: set = set()  # unreadable files left out (--bad-images skip), this session
 
     def run(self, state, data_iter, step: int, on_steps=None):
         cfg = self.cfg
@@ -369,8 +371,9 @@ class StepLoop:
     def to_device(self, host_batches):
         """k host batches -> the compiled call's input (runs on the prefetch thread)."""
         keys = training_keys(host_batches[0] if not self.setup.together else host_batches[0][0])
-        self.skipped += sum(int(b.get(SKIPPED, 0)) for draw in host_batches
-                            for b in (draw if self.setup.together else [draw]))
+        for draw in host_batches:
+            for b in (draw if self.setup.together else [draw]):
+                self.skipped.update(b.get(SKIPPED, np.zeros(0, np.int64)).tolist())
         if self.setup.together:  # each draw holds one batch per run: [S, B, ...], stacked below
             host_batches = [{key: [b[key] for b in draw] for key in keys}
                             for draw in host_batches]
@@ -404,19 +407,14 @@ class StepLoop:
         shown = self.runs[0].last_train
         self.bar.set_postfix_str(f"{in_words(shown, 'train_')} lr {shown['lr']:.3g}")
 
-    def evaluate(self, state, arrays=None) -> list[dict]:
-        """Each run's metrics (and count) on `arrays` (default: the evaluation split)."""
-        sums = None
-        for batch in eval_batches(self.setup.eval_arrays if arrays is None else arrays,
-                                  self.setup.eval_batch, jax.process_index(),
-                                  jax.process_count(), workers=self.cfg.workers):
-            batch.pop(SKIPPED, None)
-            del batch[INDEX]
-            r = self.setup.eval_step(state, to_global_array(batch, self.setup.sharding("data")))
-            sums = r if sums is None else jax.tree.map(jnp.add, sums, r)
-        seeds = self.setup.seeds
-        sums = {k: np.asarray(v).reshape(seeds) for k, v in jax.device_get(sums).items()}
-        return [means({k: v[i] for k, v in sums.items()}) for i in range(seeds)]
+    def evaluate(self, state, dataset=None) -> list[dict]:
+        """Each run's metrics (and count) on `dataset` (default: the evaluation split),
+        single view, by the one evaluator."""
+        ev = evaluate(lambda images: self.setup.eval_step(state, images),
+                      self.setup.eval_arrays if dataset is None else dataset,
+                      batch=self.setup.eval_batch, workers=self.cfg.workers,
+                      to_device=lambda b: to_global_array(b, self.setup.sharding("data")))
+        return ev.metrics
 
     def log_evaluation(self, state, step: int) -> None:
         split = self.setup.eval_split
@@ -492,16 +490,29 @@ def final_evaluations(setup: Setup, runs: list[_Run], loop: StepLoop, state, ste
             run.last_eval = {"step": step, **{f"eval_{k}": v for k, v in ev.items()}}
     if cfg.holdout:  # selection used the holdout; the test set is read once, at the end
         try:
-            test_arrays = split_arrays(dataclasses.replace(cfg, holdout=0), "test")
+            test = open_split(dataclasses.replace(cfg.data_spec(), holdout=0), "test")
         except DataError:  # an ImageFolder of the user's without test/ (or val/) images
-            test_arrays = None
-        if test_arrays is not None:
-            for run, test in zip(runs, loop.evaluate(state, prepare_arrays(test_arrays,
-                                                                            cfg.input_pad))):
-                run.last_eval.update({f"final_test_{k}": test[k] for k in REPORTED})
+            test = None
+        if test is not None:
+            for run, m in zip(runs, loop.evaluate(state, test)):
+                run.last_eval.update({f"final_test_{k}": m[k] for k in REPORTED})
     if cfg.eval_train_set:  # how well the final weights fit the training images themselves
         for run, fit in zip(runs, loop.evaluate(state, setup.train_arrays)):
             run.last_eval.update({f"final_train_set_{k}": fit[k] for k in REPORTED})
+
+
+def files_left_out(ids: set) -> int:
+    """How many files (their indices in the training split) this session left out as
+    unreadable, each once, over all processes: a file may reach any process's rows
+    in one epoch and another's in the next."""
+    if jax.process_count() == 1:
+        return len(ids)
+    ids_array = np.asarray(sorted(ids), np.int64)
+    longest = int(multihost_utils.process_allgather(np.array(len(ids_array))).max())
+    padded = np.full(max(longest, 1), -1, np.int64)
+    padded[:len(ids_array)] = ids_array
+    every = multihost_utils.process_allgather(padded)
+    return int(len(np.setdiff1d(np.unique(every), [-1])))
 
 
 def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: int,
@@ -509,6 +520,7 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
     """Each run's results.json (written atomically) and its content."""
     final_evaluations(setup, runs, loop, state, step)
     cfg, split, out = setup.cfg, setup.eval_split, []
+    skipped = files_left_out(loop.skipped)
     for i, run in enumerate(runs):
         own = loop.run_state(state, i)
         train_records = [r for r in run.log.read() if f"train_{OBJECTIVE}" in r]
@@ -528,7 +540,7 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
             **({"trained_together": [r.cfg.seed for r in runs]} if setup.together else {}),
             "hardware": hardware(), "versions": versions(), "command": command,
             "conv_kernels": setup.conv_kernels, "config": run.cfg.to_json(),
-            **({"skipped_images": loop.skipped} if cfg.bad_images == "skip" else {}),
+            **({"skipped_images": skipped} if cfg.bad_images == "skip" else {}),
         }
         if jax.process_index() == 0:
             tmp = run.out / "results.json.tmp"

@@ -70,9 +70,13 @@ STEP_METRICS = tuple(m for m in METRICS if m.name != OBJECTIVE)
 STEP_KEYS = (OBJECTIVE, *(m.name for m in STEP_METRICS), "lr")  # what a train step returns
 
 
-def batch_means(logits, labels) -> dict:
-    """The train step's metrics but its objective: means over the batch."""
-    return {m.name: jnp.mean(m.per_example(logits, labels)) for m in STEP_METRICS}
+def batch_means(logits, labels, weights=None) -> dict:
+    """The train step's metrics but its objective: means over the batch (over the
+    examples of weight 1, where unreadable files are left out)."""
+    if weights is None:
+        return {m.name: jnp.mean(m.per_example(logits, labels)) for m in STEP_METRICS}
+    n = jnp.maximum(jnp.sum(weights), 1.0)
+    return {m.name: jnp.sum(m.per_example(logits, labels) * weights) / n for m in STEP_METRICS}
 
 
 def masked_sums(logits, labels, mask) -> dict:

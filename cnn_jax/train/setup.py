@@ -14,18 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnn_jax.data.augment import Normalizer
+from cnn_jax.data.dataset import DataSpec, Dataset, open_split
+from cnn_jax.data.ops import Normalizer
 from cnn_jax.data.pipeline import default_workers, train_dataset
-from cnn_jax.data.sources import Arrays, MissingSplit
-from cnn_jax.data.streams import Stream
+from cnn_jax.data.sources import MissingSplit
 from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.train import schedules
 from cnn_jax.train.config import TrainConfig, covers, module_names
 from cnn_jax.train.conv_kernels import resolve
-from cnn_jax.train.inputs import (make_augment, make_input_fn, make_normaliser,
-                                  model_input_shape, normaliser_images, prepare_arrays,
-                                  split_arrays, streaming, subset, training_arrays)
+from cnn_jax.train.inputs import (make_input_fn, make_normaliser, model_input_shape,
+                                  training_split)
 from cnn_jax.train.steps import (compile_steps, freeze, make_eval_step, make_optimizer,
                                  make_train_step)
 
@@ -39,8 +38,8 @@ class Setup:
     seeds: int                   # runs trained at once (1: a single run)
     mesh: Mesh
     # input
-    train_arrays: Arrays | Stream
-    eval_arrays: Arrays | Stream  # the evaluation split, padded as the model sees it
+    train_arrays: Dataset        # the training split with its ops
+    eval_arrays: Dataset         # the evaluation split
     eval_split: str              # "val" (a holdout), "test", or TRAIN_SET (no other split)
     eval_batch: int              # a multiple of the device count
     normaliser: Optional[Normalizer]
@@ -52,7 +51,7 @@ class Setup:
     conv_kernels: str            # cnn_jax.train.conv_kernels: recorded, they change rounding
     step_one: Callable           # (state, batch) -> (state, metrics)
     step_many: Callable          # (state, [k] batches) -> (state, [k] metrics)
-    eval_step: Callable          # (state, batch) -> sums of loss, errors, count
+    eval_step: Callable          # (state, images) -> logits [S, B, K]
     n_params: int
 
     @property
@@ -82,37 +81,40 @@ def make_mesh(cfg: TrainConfig) -> Mesh:
 
 
 def build_input(cfgs: list[TrainConfig], mesh: Mesh) -> dict:
-    """Phase 2: the training and evaluation arrays, the normaliser (from the training
-    images, or --init-from's), the augmentation and one grain dataset per run; the
-    runs share the host's worker processes."""
+    """Phase 2: the training and evaluation splits, the normaliser (from the training
+    images, or --init-from's) and one grain dataset per run; the runs share the host's
+    worker processes."""
     cfg, seeds = cfgs[0], len(cfgs)
-    train_arrays = training_arrays(cfg)
-    eval_split = "val" if cfg.holdout else "test"
-    try:
-        eval_arrays = split_arrays(cfg, eval_split)
-    except MissingSplit:  # a stream with only train/ (imagenet_sample): say so, and use it
-        if not streaming(cfg):
-            raise
-        print(f"{cfg.data} has no test/ or val/ split: evaluating on the training images "
-              f"(reported as train_set)", file=sys.stderr)
-        eval_split, eval_arrays = TRAIN_SET, split_arrays(cfg, "train")
-    eval_arrays = subset(eval_arrays, cfg.eval_subset)
+    spec = cfg.data_spec()
+    train = training_split(cfg)
+    eval_split, evaluation = evaluation_split(spec)
     n_dev = mesh.devices.size
-    eval_batch = -(-min(cfg.eval_batch, len(eval_arrays)) // n_dev) * n_dev
-    normaliser = make_normaliser(cfg.normalise, normaliser_images(train_arrays), cfg.init_from,
+    eval_batch = -(-min(cfg.eval_batch, len(evaluation)) // n_dev) * n_dev
+    normaliser = make_normaliser(cfg.normalise, train.normaliser_images(), cfg.init_from,
                                  cfg.model)
-    augment = make_augment(cfg, train_arrays)
     workers = cfg.workers if seeds == 1 else \
         (cfg.workers if cfg.workers is not None else default_workers()) // seeds
-    datasets = tuple(train_dataset(train_arrays, cfg.batch, c.seed, augment, workers,
-                                   jax.process_index(), jax.process_count()) for c in cfgs)
-    return {"train_arrays": train_arrays, "eval_arrays": prepare_arrays(eval_arrays, cfg.input_pad),
-            "eval_split": eval_split, "eval_batch": eval_batch, "normaliser": normaliser,
-            "input_shape": model_input_shape(train_arrays.image_shape, cfg.resize),
+    datasets = tuple(train_dataset(train, cfg.batch, c.seed, workers, jax.process_index(),
+                                   jax.process_count()) for c in cfgs)
+    return {"train_arrays": train, "eval_arrays": evaluation, "eval_split": eval_split,
+            "eval_batch": eval_batch, "normaliser": normaliser,
+            "input_shape": model_input_shape(train.image_shape, cfg.resize),
             "datasets": datasets}
 
 
-def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Arrays,
+def evaluation_split(spec: DataSpec) -> tuple[str, Dataset]:
+    """The split a run evaluates on and reports: its holdout ('val'), else 'test' (or
+    val/); a dataset with neither evaluates its training images (TRAIN_SET)."""
+    split = "val" if spec.holdout else "test"
+    try:
+        return split, open_split(spec, split, spec.eval_subset)
+    except MissingSplit:  # imagenet_sample has only train/: say so, and use it
+        print(f"{spec.name} has no test/ or val/ split: evaluating on the training images "
+              f"(reported as train_set)", file=sys.stderr)
+        return TRAIN_SET, open_split(spec, "train", spec.eval_subset)
+
+
+def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Dataset,
                 normaliser: Optional[Normalizer], input_shape: tuple) -> dict:
     """Phase 3: the model, the optimizer and schedule, the convolution kernels, and the
     train and eval steps compiled over the mesh (`seeds` runs vmapped into one)."""

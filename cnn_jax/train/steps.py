@@ -25,7 +25,7 @@ from cnn_jax.data.keys import IMAGE, LABEL, MASK, SHIFT
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
 from cnn_jax.train.config import covers
 from cnn_jax.train.conv_kernels import inference_convolutions, resolve, training_convolutions
-from cnn_jax.train.metrics import OBJECTIVE, batch_means, cross_entropy, masked_sums
+from cnn_jax.train.metrics import OBJECTIVE, batch_means, cross_entropy
 from cnn_jax.train.schedules import NEVER
 from cnn_jax.train.state import TrainState
 
@@ -122,24 +122,32 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
 
     run = grouped_forward if bn_group else forward
 
-    def loss_fn(params, batch_stats, images, labels, rng):
+    def mean(values, weights):
+        """The batch mean; with weights (a mask leaving out unreadable files), over them."""
+        if weights is None:
+            return values.mean()
+        return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def loss_fn(params, batch_stats, images, labels, rng, weights=None):
         if trainable:  # frozen weights are constants: XLA drops their gradients' work
             params = {k: v if is_trainable(k, trainable) else jax.lax.stop_gradient(v)
                       for k, v in params.items()}
         logits, new = run(params, batch_stats, normalise(images), rng)
-        loss = cross_entropy(logits, labels, label_smoothing).mean()
+        loss = mean(cross_entropy(logits, labels, label_smoothing), weights)
         for aux in new.get("intermediates", {}).get("aux_logits", ()):
-            loss = loss + AUX_LOSS_WEIGHT * cross_entropy(aux, labels, label_smoothing).mean()
+            loss = loss + AUX_LOSS_WEIGHT * mean(cross_entropy(aux, labels, label_smoothing),
+                                                 weights)
         return loss, (logits, new.get("batch_stats", {}))
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         images = batch[IMAGE]
-        if SHIFT in batch:  # a stream's PCA lighting: one RGB shift per image
+        if SHIFT in batch:  # colour ops of full-size images: one RGB shift per image
             images = images.astype(jnp.float32) + batch[SHIFT][:, None, None, :]
+        weights = batch.get(MASK)  # present only where unreadable files are left out
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, images, batch[LABEL], rng)
-        metrics = batch_means(logits, batch[LABEL])
+            state.params, state.batch_stats, images, batch[LABEL], rng, weights)
+        metrics = batch_means(logits, batch[LABEL], weights)
         lr = lr_fn(state.step, state.warmup_end)
         direction, opt_state = tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
@@ -153,18 +161,17 @@ def make_train_step(model, tx, lr_fn: Callable, normalise: Callable, *,
 
 
 def make_eval_step(model, normalise: Callable, conv_kernels: str = "xla"):
-    """eval_step(state, batch) -> every declared metric summed over the unmasked
-    examples, and their count (cnn_jax.train.metrics.masked_sums).
+    """eval_step(state, images) -> logits [B, K] in inference mode: the scores the
+    evaluator (cnn_jax.train.evaluator) turns into the declared metrics.
     `conv_kernels="onednn"`: the convolutions on oneDNN, as the train step's (CPUs; the
     other kernel choices differ in gradients only)."""
 
-    def eval_step(state: TrainState, batch):
+    def eval_step(state: TrainState, images):
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
         with inference_convolutions(conv_kernels):
-            logits = model.apply(variables, normalise(batch[IMAGE]), train=False)
-        return masked_sums(logits, batch[LABEL], batch[MASK])
+            return model.apply(variables, normalise(images), train=False)
 
     return eval_step
 
@@ -191,7 +198,8 @@ def seeds_at_once(train_step):
 def compile_steps(train_step, eval_step, mesh, seeds: int = 1):
     """jit with the state replicated, batches sharded along `data`, state donated.
     `seeds` > 1: S runs at once (seeds_at_once), states and batches [S, ...]; each
-    run is evaluated on the same evaluation batch."""
+    run is evaluated on the same evaluation batch. The eval step's logits come out
+    [S, B, K] (S = 1 for one run), sharded as the batch."""
     replicated = NamedSharding(mesh, P())
     lead = (None,) if seeds > 1 else ()
     batch = NamedSharding(mesh, P(*lead, "data"))
@@ -199,10 +207,12 @@ def compile_steps(train_step, eval_step, mesh, seeds: int = 1):
     if seeds > 1:
         train_step = seeds_at_once(train_step)
         eval_step = jax.vmap(eval_step, in_axes=(0, None))
+    else:
+        eval_step = (lambda step: lambda state, images: step(state, images)[None])(eval_step)
     one = jax.jit(train_step, in_shardings=(replicated, batch),
                   out_shardings=(replicated, replicated), donate_argnums=0)
     many = jax.jit(multi_step(train_step), in_shardings=(replicated, chunk),
                    out_shardings=(replicated, replicated), donate_argnums=0)
     evaluate = jax.jit(eval_step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-                       out_shardings=replicated)
+                       out_shardings=NamedSharding(mesh, P(None, "data")))
     return one, many, evaluate

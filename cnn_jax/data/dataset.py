@@ -1,0 +1,347 @@
+"""A split as the network sees it: a source and the preprocessing ops a preset composes.
+
+    spec = DataSpec("imagenet_sample", augment="resnet", image_size=224)
+    train = open_split(spec, "train")          # no TrainConfig needed
+    batch = train.train_batch(index, epoch, seed)
+    views = train.eval_batch(index, "10")
+
+`DataSpec` says what the data is (name, folder, holdout, classes, subsets, image size,
+augmentation, bad-image policy); TrainConfig holds one (`TrainConfig.data_spec`).
+"Image size" has one meaning: the side S of the square images the pipeline delivers
+to the network (before `input_pad` and the device-side `resize`). Decoded ImageFolder
+arrays are stored at S (covered and centre-cropped); streamed images are cut to S;
+0 keeps a decoded dataset's own size and streams at 224.
+
+`Dataset` works the same on every source. Decoded arrays of one size take the
+vectorised numpy path (a gather, then each op on the whole batch); anything else
+(encoded JPEGs of every size) goes image by image through the same ops, decoding no
+more pixels than the crop needs. Unreadable files are refused (naming the file) or,
+with bad_images="skip", left out: their slot carries mask 0 and zero pixels, and the
+batch lists them (SKIPPED) so that each file is counted once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Optional
+
+import numpy as np
+
+from cnn_jax.data import ops
+from cnn_jax.data.keys import IMAGE, LABEL, MASK, SHIFT, SKIPPED
+from cnn_jax.data.sources import (Arrays, Decode, MissingSplit, Source, open_source,
+                                  stratified_holdout, streams)
+from cnn_jax.errors import BadInput, DataError
+
+log = logging.getLogger(__name__)
+
+STREAM_SIDE = 224            # a streamed dataset's default side
+SAMPLE = 500                 # images a streamed normaliser is estimated from
+LIGHTING = ("resnet", "alexnet")   # the presets with PCA lighting
+CROPS = {"resnet": ops.ScaleCrop(), "inception": ops.InceptionCrop(),
+         "alexnet": ops.AlexNetCrop(), "center": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """What the data is and how it is prepared: enough to open any split of it."""
+    name: str = "cifar10"
+    data_dir: Optional[str] = None
+    holdout: int = 0          # >0: 'val' is a stratified holdout of train, 'train' the rest
+    classes: str = ""         # only these classes ("0,1" or "cat,dog"), relabelled
+    train_subset: int = 0     # >0: a fixed stratified subset of the training images
+    eval_subset: int = 0      # >0: ... of the evaluation images
+    image_size: int = 0       # the side S of the images delivered (see the module doc)
+    augment: str = "cifar"    # the preset: cifar (the ops below) | resnet | inception | alexnet | center
+    crop_pad: int = 4         # cifar: pad-and-crop by this many pixels (0: off)
+    flip: bool = True
+    colour_shift: float = 0.0
+    pca_colour: bool = False  # PCA lighting (the training images' basis for decoded arrays)
+    input_pad: int = 0        # zero-pad every image first (LeNet: MNIST 28 -> 32)
+    bad_images: str = "refuse"
+
+    @property
+    def streams(self) -> bool:
+        """Whether images are read encoded (a dataset too large to decode, or a folder
+        of images of every size under an ImageNet preset) rather than decoded into the
+        cache. Any preset runs on either."""
+        return streams(self.name) or (self.augment != "cifar" and
+                                      self.name.startswith("imagefolder:"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A split: its source, the side S, and the ops a preset composes."""
+    source: Source
+    side: int
+    crop: object = None                 # PadCrop / ScaleCrop / InceptionCrop / AlexNetCrop / None
+    flip: bool = False
+    colour_shift: Optional[ops.ColourShift] = None
+    lighting: Optional[ops.Lighting] = None
+    input_pad: int = 0
+    view_pad: int = 4                   # images of side S: the test views' padding
+    bad_images: str = "refuse"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def classes(self) -> list:
+        return self.source.classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.source.labels
+
+    @property
+    def skipped(self) -> tuple:
+        """(file, reason) of the split's files that are not images (or not decodable)."""
+        return self.source.skipped
+
+    @property
+    def image_shape(self) -> tuple:
+        """(H, W, C) of the images delivered (after input_pad)."""
+        if self.batched:
+            h, w, c = self.source.image_shape
+            return (h + 2 * self.input_pad, w + 2 * self.input_pad, c)
+        return (self.delivered_side, self.delivered_side, 3)
+
+    @property
+    def batched(self) -> bool:
+        """Decoded arrays of one size whose ops all have a vectorised form."""
+        return isinstance(self.source, Arrays) and (self.crop is None or
+                                                    isinstance(self.crop, ops.PadCrop))
+
+    def take(self, keep, labels=None, classes=None) -> "Dataset":
+        """Examples `keep` of this split, optionally relabelled."""
+        return dataclasses.replace(self, source=self.source.take(keep, labels, classes))
+
+    # -------------------------------------------------------------- reading
+    def _read(self, i: int, view):
+        """view(record, where) of record i, or None where it is unreadable and bad
+        images are skipped."""
+        record, label = self.source.read(int(i))
+        try:
+            return view(record, self.source.where(int(i))), label
+        except DataError as e:
+            if self.bad_images != "skip":
+                raise DataError(f"record {i}: {e} (--bad-images skip leaves unreadable "
+                                f"files out)") from None
+            log.warning("leaving out record %d: %s", i, e)
+            return None, label
+
+    def _per_image(self, index, view, shape, dtype=np.uint8) -> dict:
+        """The batch of view(record, where, k) over `index`: an unreadable record is
+        left out (zeros, mask 0, listed in SKIPPED) where bad images are skipped."""
+        images = np.zeros((len(index), *shape), dtype)
+        labels, mask = np.zeros(len(index), np.int32), np.ones(len(index), np.float32)
+        for k, i in enumerate(index):
+            img, labels[k] = self._read(i, lambda r, w, k=k: view(r, w, k))
+            if img is None:
+                mask[k] = 0
+            else:
+                images[k] = img
+        out = {IMAGE: images, LABEL: labels}
+        if self.bad_images == "skip":
+            out[MASK], out[SKIPPED] = mask, np.asarray(index)[mask == 0].astype(np.int64)
+        return out
+
+    def _padded(self, img: np.ndarray) -> np.ndarray:
+        return ops.pad(img, self.input_pad) if self.input_pad else img
+
+    @property
+    def delivered_side(self) -> int:
+        return self.side + 2 * self.input_pad
+
+    # -------------------------------------------------------------- training
+    def train_batch(self, index: np.ndarray, epoch: np.ndarray, seed: int) -> dict:
+        """The training views of examples `index` at `epoch`: uint8, or float32 where
+        colour ops ran on decoded arrays; other images send their colour as SHIFT
+        [B, 3], added on the device (a uint8 transfer)."""
+        index = np.asarray(index)
+        crop_u = None if self.crop is None else \
+            ops.uniforms(seed, epoch, index, ops.STREAM_CROP, self.crop.draws)
+        flip_u = ops.uniforms(seed, epoch, index, ops.STREAM_FLIP, 1) if self.flip else None
+        colours = [c for c in (self.colour_shift, self.lighting) if c is not None]
+        if self.batched:
+            x = self._padded(self.source.pixels(index))
+            if self.crop is not None:
+                x = self.crop.batch(x, crop_u)
+            if flip_u is not None:
+                x = ops.Flip().batch(x, flip_u)
+            for colour in colours:
+                x = ops.add_shift(x, colour.shift(seed, epoch, index, x.shape[-1]))
+            return {IMAGE: x, LABEL: self.labels[index]}
+        out = self._per_image(index, lambda r, w, k: self._train_view(r, w, crop_u, flip_u, k),
+                              self.image_shape)
+        if colours:
+            out[SHIFT] = np.sum([c.shift(seed, epoch, index, 3) for c in colours],
+                                axis=0).astype(np.float32)
+        return out
+
+    def _train_view(self, record, where, crop_u, flip_u, k) -> np.ndarray:
+        s = self.side
+        if self.crop is None:
+            img = self._padded(self.single_view(record, where))
+        elif isinstance(self.crop, ops.PadCrop):
+            img = self.crop.one(self._padded(ops.decode(record, where)), crop_u[k])
+        else:
+            hw = ops.image_size(record, where)
+            img = self._padded(ops.cut(record, where, self.crop.box(hw, s, crop_u[k]), (s, s), hw))
+        return ops.Flip().one(img, flip_u[k]) if flip_u is not None else img
+
+    # -------------------------------------------------------------- evaluation
+    def single_view(self, record, where: str) -> np.ndarray:
+        """The centre view: an image of side S itself; any other image's centre S x S
+        after its shorter side is resized to 256 / 224 * S."""
+        return ops.ten_views(ops.view_source(record, where, self.side, 0), self.side)[ops.CENTRE]
+
+    def eval_batch(self, index: np.ndarray, views: str = "1") -> dict:
+        """views '1': [B, H, W, C], the centre view; '2' and '10': [B, V, H, W, C]
+        (ops.pick of the ten views); 'multiscale': a list per image of its five
+        whole-image views (their shapes differ). Images of side S are padded by
+        `view_pad` for their ten views (CIFAR), so their centre view is the image."""
+        index = np.asarray(index)
+        if views == "multiscale":
+            return self._per_image_list(index, lambda r, w: ops.multiscale_views(r, w, self.side))
+        size = self.delivered_side
+        if self.batched and self.source.image_shape[:2] == (self.side, self.side):
+            x = self._padded(self.source.pixels(index))
+            if views != "1":
+                x = ops.pick(ops.ten_views_batch(ops.pad(x, self.view_pad), size), views)
+            return {IMAGE: x, LABEL: self.labels[index]}
+        if views == "1":
+            return self._per_image(index, lambda r, w, k: self._padded(self.single_view(r, w)),
+                                   self.image_shape)
+        n = 10 if views == "10" else 2
+        return self._per_image(index, lambda r, w, k: ops.pick(ops.ten_views(
+            ops.view_source(self._padded(r) if isinstance(r, np.ndarray) else r, w, size,
+                            self.view_pad), size)[None], views)[0],
+            (n, size, size, self.image_shape[-1]))
+
+    def _per_image_list(self, index, view) -> dict:
+        images, labels, mask = [], [], []
+        for i in index:
+            v, label = self._read(i, view)
+            images.append(v)
+            labels.append(label)
+            mask.append(v is not None)
+        out = {IMAGE: images, LABEL: np.asarray(labels, np.int32)}
+        if self.bad_images == "skip":
+            m = np.asarray(mask, np.float32)
+            out[MASK], out[SKIPPED] = m, np.asarray(index)[m == 0].astype(np.int64)
+        return out
+
+    def digest(self) -> str:
+        """What identifies these examples (a cache key): the pixels of decoded arrays,
+        else the files behind the records; and the labels."""
+        h = hashlib.sha256()
+        if self.batched:
+            for i in range(0, len(self), 1024):
+                h.update(np.ascontiguousarray(self.source.images[i:i + 1024]).tobytes())
+        else:
+            h.update("\n".join(self.source.where(i) for i in range(len(self))).encode())
+            h.update(f"{self.side}|{self.input_pad}".encode())
+        h.update(np.asarray(self.labels, np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+    def normaliser_images(self, n: int = SAMPLE) -> np.ndarray:
+        """What a data-derived normaliser is computed from: all the training images of
+        decoded arrays (padded), else the single views of a fixed spread of n."""
+        if self.batched:
+            return self._padded(self.source.images) if self.input_pad else self.source.images
+        index = np.unique(np.linspace(0, len(self) - 1, min(n, len(self))).astype(int))
+        batch = self.eval_batch(index)
+        return batch[IMAGE][batch[MASK] > 0] if MASK in batch else batch[IMAGE]
+
+    def pca_images(self) -> np.ndarray:
+        return self.normaliser_images()
+
+
+# ------------------------------------------------------------------ opening a split
+def check(spec: DataSpec) -> None:
+    if spec.augment not in ops.AUGMENTS:
+        raise BadInput(f"--augment: must be one of {', '.join(ops.AUGMENTS)}; got "
+                       f"{spec.augment!r}")
+    if spec.augment == "cifar" and streams(spec.name):
+        raise BadInput(f"--augment cifar: {spec.name} streams full-size images of every "
+                       f"size; choose one of {', '.join(ops.AUGMENTS[1:])}")
+
+
+def stored_split(spec: DataSpec, split: str) -> Source:
+    """The source of `split` (held out and class-selected; not yet subset)."""
+    check(spec)
+    decode = None
+    if not spec.streams:
+        size = (spec.image_size, spec.image_size) if spec.image_size else None
+        decode = Decode(size=size, crop=size is not None)
+    source = open_source(spec.name, split, data_dir=spec.data_dir, holdout=spec.holdout,
+                         decode=decode)
+    return select_classes(source, spec.classes)
+
+
+def open_split(spec: DataSpec, split: str, subset_size: Optional[int] = None,
+               training: bool = False) -> Dataset:
+    """`split` ('train', 'val' or 'test') of `spec` as a Dataset, with the preset's
+    training ops (used by train_batch) and its test views. `subset_size`: a fixed
+    stratified subset (default: the spec's train_subset for 'train' when training)."""
+    source = stored_split(spec, split)
+    size = spec.train_subset if subset_size is None and training else (subset_size or 0)
+    source = subset(source, size)
+    if spec.augment != "cifar":
+        lighting = spec.augment in LIGHTING or spec.pca_colour
+        side = spec.image_size or (STREAM_SIDE if spec.streams else source.image_shape[0])
+        return Dataset(source, side, CROPS[spec.augment],
+                       spec.augment != "center", None, ops.Lighting() if lighting else None,
+                       spec.input_pad, spec.crop_pad or 4, spec.bad_images)
+    return Dataset(source, source.image_shape[0], ops.PadCrop(spec.crop_pad)
+                   if spec.crop_pad else None, spec.flip,
+                   ops.ColourShift(spec.colour_shift) if spec.colour_shift else None, None,
+                   spec.input_pad, spec.crop_pad or 4, spec.bad_images)
+
+
+def with_pca(train: Dataset, spec: DataSpec) -> Dataset:
+    """The training split with PCA lighting from its own images' basis (decoded
+    arrays: cached beside the decoded cache when the split is a whole stored one)."""
+    if not spec.pca_colour or not train.batched:
+        return train
+    src = train.source
+    whole = src.path is not None and src.indices is None and not train.input_pad
+    basis = ops.cached_pca_basis(train.normaliser_images(),
+                                 src.path.with_name("train_pca.npz") if whole else None)
+    return dataclasses.replace(train, lighting=ops.Lighting(basis))
+
+
+def subset(split, size: int):
+    """A fixed stratified subset of `size` examples of a Source or Dataset (all of
+    them when size is 0 or not smaller)."""
+    if not size or size >= len(split):
+        return split
+    return split.take(stratified_holdout(split.labels, size, seed=0))
+
+
+def select_classes(source, spec: str):
+    """Only the classes of `spec` ("0,1,2" or "cat,dog"), relabelled 0.. in its order."""
+    if not spec:
+        return source
+    wanted = [c.strip() for c in spec.split(",") if c.strip()]
+    index = []
+    for c in wanted:
+        if c in source.classes:
+            index.append(source.classes.index(c))
+        elif c.isdigit() and int(c) < len(source.classes):
+            index.append(int(c))
+        else:
+            raise BadInput(f"--classes: {c!r} is neither a class name nor an index of "
+                           f"{source.classes}")
+    if len(set(index)) != len(index) or len(index) < 2:
+        raise BadInput(f"--classes: need at least two different classes; got {spec!r}")
+    relabel = np.full(len(source.classes), -1, np.int32)
+    relabel[index] = np.arange(len(index))
+    keep = np.flatnonzero(relabel[source.labels] >= 0)
+    return source.take(keep, relabel[source.labels[keep]], [source.classes[i] for i in index])
+
+
+__all__ = ["DataSpec", "Dataset", "open_split", "stored_split", "with_pca", "subset",
+           "select_classes", "MissingSplit"]
