@@ -43,7 +43,6 @@ from cnn_jax.train.sweep import curve, run_all
 # ------------------------------------------------------------------ configuration
 PAPER_ERROR = {"lenet5_classic": 0.95}  # Sec. III.C, no distortions
 TARGET_ERROR = 1.0                      # what the textbook net must reach here (%)
-TRAIN_IMAGES = 60_000
 
 
 @dataclasses.dataclass(frozen=True)

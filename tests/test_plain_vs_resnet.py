@@ -8,9 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cnn_jax.errors import BadInput
+from cnn_jax.evaluate import evaluate
 
 DATA = "synthetic:32x32x3:10:128:100"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -49,12 +52,20 @@ def test_smoke_preset_writes_the_contract_outputs(sweep):
         for key in ("name", "depth", "residual", "params", "seed", "final_train_error",
                     "final_test_error", "curve", "wall_s", "img_per_s"):
             assert key in x, key
-        assert 0 <= x["final_train_error"] <= 1 and 0 <= x["final_test_error"] <= 1
         assert x["params"] == 75_290
         assert x["curve"]["step"] == [2, 4, 6]
         assert len(x["curve"]["train_error"]) == 3 and len(x["curve"]["test_error"]) == 2
+        # the reported test error is the saved net's, as the one evaluator finds it again
+        run_dir = sweep / "nets" / f"{x['name']}-seed0"
+        again = evaluate([run_dir], views="1")
+        assert again["error"] == pytest.approx(x["final_test_error"], abs=1e-9)
+        assert x["curve"]["test_error"][-1] == pytest.approx(x["final_test_error"], abs=1e-9)
+        own = json.loads((run_dir / "results.json").read_text())
+        assert own["final_train_error"] == pytest.approx(x["final_train_error"], abs=1e-9)
     assert results["runs"][1]["residual"] and not results["runs"][0]["residual"]
-    assert (sweep / "curves.png").stat().st_size > 10_000
+    png = np.asarray(Image.open(sweep / "curves.png").convert("RGB"))
+    assert png.shape[0] > 300 and png.shape[1] > 600          # a figure, not a stub
+    assert len(np.unique(png.reshape(-1, 3), axis=0)) > 20    # curves drawn in colours
     table = (sweep / "table.md").read_text()
     assert "| ResNet | 8 |" in table and "| plain | 8 |" in table
     assert "python -m experiments.plain_vs_resnet" in table
