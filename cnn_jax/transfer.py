@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from cnn_jax.data.ops import Normalizer
 from cnn_jax.data.dataset import Dataset
 from cnn_jax.data.pipeline import eval_batches
-from cnn_jax.data.sources import (IMAGE_SUFFIXES, Arrays, decode_image, fit_image,
-                                  is_image_name)
+from cnn_jax.data.imagefolder import IMAGE_SUFFIXES, decode_image, fit_image, is_image_name
+from cnn_jax.data.sources import Arrays
 from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model
 from cnn_jax.train.evaluator import evaluate

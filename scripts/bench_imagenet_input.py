@@ -235,8 +235,8 @@ def main(argv=None) -> int:
     r["ratio_dali_cpu"] = (r["ours_img_per_s"] / r["dali_cpu_img_per_s"]
                            if r["dali_cpu_img_per_s"] else None)
     r["floor_over_ours"] = r["floor_img_per_s"] / r["ours_img_per_s"]
-    r.update(decoder="simplejpeg (libjpeg-turbo, DCT scaling 1/2-1/8), OpenCV resize "
-                     "(INTER_AREA when shrinking)",
+    r.update(decoder="simplejpeg (libjpeg-turbo, DCT scaling 1/2-1/8), antialiased resize "
+                     "(Pillow's when shrinking, OpenCV's bilinear when enlarging)",
              torchvision_decoder="Pillow", cores=available_cores(), hardware=hardware(),
              versions=versions())
     if not args.json:

@@ -80,7 +80,8 @@ def test_folder_and_tar_give_the_same_records_and_the_index_is_cached(tmp_path, 
         assert as_dir.read(i)[0] == files[as_dir.names[i]]   # sorted path order
     assert as_tar.where(4).endswith("pets.tar:pets/train/dog/1.JPEG")
     # built once: a second opening reads the cached index, scanning nothing
-    monkeypatch.setattr(R, "scan", lambda root: pytest.fail("rescanned"))
+    from cnn_jax.data import imagefolder as scanner
+    monkeypatch.setattr(scanner, "scan", lambda root: pytest.fail("rescanned"))
     again = R.open_stored(f"imagefolder:{archive}", "train")
     assert again.read(8) == as_tar.read(8)
     with pytest.raises(MissingSplit, match="no 'test' split"):

@@ -8,7 +8,7 @@ dataset's (cnn_jax.data.dataset).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
