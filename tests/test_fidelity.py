@@ -169,8 +169,10 @@ def test_the_train_step_agrees_with_pytorch_step_by_step(setup):
     print(worst)  # measured: loss 5e-7, update and momentum 6e-4, BN 1e-7 (Zen 4, oneDNN)
     assert int(state.step) == 20
     assert worst["loss"] < 2e-6          # the loss of the same batch from the same state
-    assert worst["update"] < 2e-3        # rounding, and ReLUs that flip at 0 in one of them
-    assert worst["momentum"] < 2e-3
+    # rounding, and ReLUs that flip at 0 in one of them: 6e-4 on a Zen 4 EPYC, 5.2e-3 on
+    # an AMX Xeon (the same batches; measured there before and after the data refactor)
+    assert worst["update"] < 1e-2
+    assert worst["momentum"] < 1e-2
     assert worst["bn_mean"] < 1e-5
     assert worst["bn_var"] < 1e-5        # without the n/(n-1) factor: 5e-5 at 8x8
 
