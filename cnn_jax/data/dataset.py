@@ -255,9 +255,6 @@ class Dataset:
         batch = self.eval_batch(index)
         return batch[IMAGE][batch[MASK] > 0] if MASK in batch else batch[IMAGE]
 
-    def pca_images(self) -> np.ndarray:
-        return self.normaliser_images()
-
 
 # ------------------------------------------------------------------ opening a split
 def check(spec: DataSpec) -> None:

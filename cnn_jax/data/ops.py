@@ -420,9 +420,6 @@ def view_source(data, where: str, side: int, pad_by: int) -> np.ndarray:
         return pad(data, pad_by) if pad_by else data
     hw = image_size(data, where)
     out = shorter_side(hw, round(side * EVAL_RESIZE))
-    if min(hw) < side and isinstance(data, np.ndarray) and hw[0] == hw[1]:
-        raise DataError(f"{where}: a {hw[0]}x{hw[1]} image is smaller than the "
-                        f"{side}x{side} views")
     return cut(data, where, (0, 0, *hw), out, hw)
 
 
