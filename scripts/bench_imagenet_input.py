@@ -193,7 +193,7 @@ def floor_rate(records: Records, workers: int, images: int) -> float:
 def versions() -> dict:
     from importlib.metadata import version
     out = {}
-    for p in ("jax", "grain", "simplejpeg", "opencv-python-headless", "pillow", "numpy",
+    for p in ("jax", "grain", "simplejpeg", "opencv-python-headless", "pillow", "numba", "numpy",
               "torch", "torchvision", "nvidia-dali-cuda120"):
         try:
             out[p] = version(p)
@@ -236,7 +236,8 @@ def main(argv=None) -> int:
                            if r["dali_cpu_img_per_s"] else None)
     r["floor_over_ours"] = r["floor_img_per_s"] / r["ours_img_per_s"]
     r.update(decoder="simplejpeg (libjpeg-turbo, DCT scaling 1/2-1/8), antialiased resize "
-                     "(Pillow's when shrinking, OpenCV's bilinear when enlarging)",
+                     "(Pillow's resample compiled by numba when shrinking, OpenCV's bilinear "
+                     "when enlarging)",
              torchvision_decoder="Pillow", cores=available_cores(), hardware=hardware(),
              versions=versions())
     if not args.json:

@@ -353,16 +353,29 @@ def psnr(a, b) -> float:
 @needs_sample
 def test_shrinking_is_antialiased_as_pil_and_torchvision(cache):
     """Our resize against PIL's antialiased bilinear (= torchvision antialias=True) on
-    real photographs shrunk 1.3-2x: at least 40 dB (plain bilinear gives ~35)."""
+    real photographs shrunk 1.3-2x, whole or cut (strided views): Pillow's resample,
+    off by at most 1 where Pillow takes its two passes in the other order (plain
+    bilinear is ~35 dB away, the issue's bound 40 dB)."""
     records = R.open_stored("imagenet_sample", "train")
-    scores = []
+    worst, exact, scores = 0, 0, []
     for i in range(0, 1000, 50):
         img = A.decode(records.read(i)[0], "x")
         for factor in (1.3, 1.6, 2.0):
             out = (round(img.shape[0] / factor), round(img.shape[1] / factor))
-            pil = np.asarray(Image.fromarray(img).resize(out[::-1], Image.BILINEAR))
-            scores.append(psnr(A.resize(img, out), pil))
-    assert min(scores) >= 40, sorted(scores)[:3]
+            for src in (img, img[5:, 7:-3]):
+                pil = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize(
+                    out[::-1], Image.BILINEAR))
+                ours = A.resize(src, out)
+                worst = max(worst, int(np.abs(ours.astype(int) - pil).max()))
+                exact += np.array_equal(ours, pil)
+                scores.append(psnr(ours, pil))
+    assert worst <= 1 and min(scores) >= 50, (worst, sorted(scores)[:3])
+    assert exact >= len(scores) // 2   # same-factor shrinks: Pillow's order, bit-exact
+    gray = img[..., :1]                # one channel, and a shrink along one axis only
+    np.testing.assert_array_equal(A.resize(gray, (gray.shape[0] // 3, gray.shape[1]))[..., 0],
+                                  np.asarray(Image.fromarray(np.ascontiguousarray(
+                                      gray[..., 0])).resize((gray.shape[1], gray.shape[0] // 3),
+                                                            Image.BILINEAR)))
 
 
 def test_test_views_round_crop_boxes_as_torchvision():

@@ -39,6 +39,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from cnn_jax.data.resample import resample
 from cnn_jax.errors import BadInput, DataError
 
 cv2.setNumThreads(1)  # one worker process, one thread: the workers are the parallelism
@@ -136,19 +137,16 @@ def decode(data, where: str, min_hw: tuple[int, int] = (0, 0)) -> np.ndarray:
 
 
 def resize(img: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear. Shrinking is antialiased exactly as torchvision's antialias=True and
-    PIL's resize are (the triangle filter widened by the factor: Pillow's own code;
-    OpenCV's INTER_AREA is a box filter, 26-36 dB away at 2x); enlarging is OpenCV's
-    bilinear, the same filter and faster."""
+    """Bilinear. Shrinking is antialiased exactly as PIL's resize and torchvision's
+    antialias=True are (the triangle filter widened by the factor: `resample`; OpenCV's
+    INTER_AREA is a box filter, 26-36 dB away at 2x); enlarging is OpenCV's bilinear,
+    the same filter and faster."""
     if img.shape[:2] == tuple(out_hw):
         return img
     if out_hw[0] >= img.shape[0] and out_hw[1] >= img.shape[1]:
         out = cv2.resize(img, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_LINEAR)
-    else:
-        gray = img.shape[-1] == 1
-        pil = Image.fromarray(img[..., 0] if gray else img)
-        out = np.asarray(pil.resize((out_hw[1], out_hw[0]), Image.BILINEAR))
-    return out.reshape(*out_hw, img.shape[-1])
+        return out.reshape(*out_hw, img.shape[-1])
+    return resample(img, out_hw)
 
 
 def cut(data, where: str, box, out_hw: tuple[int, int], size: Optional[tuple] = None
