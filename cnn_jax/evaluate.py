@@ -39,6 +39,7 @@ import numpy as np
 
 from cnn_jax.data.ops import BAD_IMAGES, VIEWS
 from cnn_jax.errors import BadInput, exit_on_bad_input
+from cnn_jax.files import write_atomic
 from cnn_jax.train.evaluator import ENSEMBLE
 from cnn_jax.train.evaluator import evaluate as evaluate_with
 from cnn_jax.train.metrics import METRICS, in_words
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else default_output(r)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(r, indent=1))
+        write_atomic(out, json.dumps(r, indent=1))
         print(f"wrote {out}", file=sys.stderr)
     except OSError as e:
         print(f"warning: could not write {out} ({e.strerror})", file=sys.stderr)

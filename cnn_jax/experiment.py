@@ -52,6 +52,7 @@ from matplotlib.figure import Figure
 
 from cnn_jax.data import search_dirs
 from cnn_jax.errors import BadInput, exit_on_bad_input
+from cnn_jax.files import atomic, write_atomic
 from cnn_jax.provenance import hardware, versions
 from cnn_jax.train import distributed
 from cnn_jax.train.config import TrainConfig
@@ -186,7 +187,7 @@ def guard_out(out: Path, recipe: dict) -> None:
             raise OutputInUse(
                 f"--out {out} holds results of a different configuration (differs in: "
                 f"{', '.join(diff)}); nothing was changed. Use another --out.")
-    saved_file.write_text(json.dumps(recipe, indent=1))
+    write_atomic(saved_file, json.dumps(recipe, indent=1))
 
 
 @contextlib.contextmanager
@@ -245,7 +246,8 @@ def figure(path: Path, title: str, rows: int = 1, cols: int = 1, **kwargs):
     yield axes
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 # ------------------------------------------------------------------ one experiment
@@ -389,8 +391,8 @@ class Experiment:
                                                          **ctx.preset.train},
                    "command": ctx.command, "versions": versions(), "hardware": hardware(),
                    "claims": report.claims, **report.results}
-        (ctx.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-        (ctx.out / "table.md").write_text(report.table + ("\n\n" + words if words else "") + "\n")
+        write_atomic(ctx.out / "results.json", json.dumps(results, indent=1, default=str))
+        write_atomic(ctx.out / "table.md", report.table + ("\n\n" + words if words else "") + "\n")
         written = [ctx.out / "results.json", ctx.out / "table.md"]
         if report.plot is not None:
             report.plot(ctx.out / self.figure)

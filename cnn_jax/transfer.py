@@ -41,6 +41,7 @@ from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.data.imagefolder import IMAGE_SUFFIXES, decode_image, fit_image, is_image_name
 from cnn_jax.data.sources import Arrays
 from cnn_jax.errors import BadInput
+from cnn_jax.files import write_atomic
 from cnn_jax.models import create_model
 from cnn_jax.train.evaluator import evaluate
 from cnn_jax.trained import MODEL_FILE, Trained, load_trained
@@ -175,7 +176,7 @@ def cached_features(directory: Path, split: str, backbone: Trained, arrays: Data
     del out
     seconds = time.perf_counter() - start
     os.replace(tmp, file)  # complete files only: a killed extraction leaves no stale cache
-    meta_file.write_text(json.dumps({"key": key, "seconds": seconds}, indent=1))
+    write_atomic(meta_file, json.dumps({"key": key, "seconds": seconds}, indent=1))
     return np.load(file, mmap_mode="r"), {"cached": False, "extract_s": seconds}
 
 
@@ -252,9 +253,7 @@ def save_classifier(out: Path, *, model: str, options: dict, classes: list, imag
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save((out / "classifier").absolute(), jax.tree.map(np.asarray, variables),
                       force=True)
-    tmp = out / f".{MODEL_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / MODEL_FILE)
+    write_atomic(out / MODEL_FILE, json.dumps(meta, indent=1))
 
 
 def read_images(folder: Path, image_size: int) -> tuple[list[str], np.ndarray]:

@@ -53,6 +53,7 @@ from typing import Optional
 import jax
 
 from cnn_jax.errors import BadInput
+from cnn_jax.files import write_atomic
 from cnn_jax.evaluate import evaluate
 from cnn_jax.experiment import Context, Experiment, Report, mean_std, train_config
 from cnn_jax.models.resnet import IMAGENET_STAGES
@@ -209,10 +210,8 @@ def ten_crop_test(cfg: TrainConfig, split: str, digest: str) -> dict:
                    workers=cfg.workers)
     errors = {"ten_crop_test_top1_error": ten["top1_error"],
               "ten_crop_test_top5_error": ten["top5_error"]}
-    tmp = kept.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"final_params_digest": digest, "errors": errors,
-                               "n_examples": ten["n_examples"]}))
-    tmp.replace(kept)
+    write_atomic(kept, json.dumps({"final_params_digest": digest, "errors": errors,
+                                   "n_examples": ten["n_examples"]}))
     return errors
 
 

@@ -66,6 +66,7 @@ import numpy as np
 
 from cnn_jax.data import DataError
 from cnn_jax.errors import BadInput, exit_on_bad_input
+from cnn_jax.files import atomic, write_atomic
 from cnn_jax.experiment import Context, Experiment, Report, figure, guard_out, mean_std
 from cnn_jax.train import TrainConfig
 from cnn_jax.data.dataset import subset
@@ -173,7 +174,7 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str, seed: in
             "speedup_per_epoch": (extract + timing["epoch_s"]) / timing["epoch_s"],
             "n_train": len(train), "n_val": len(val)}
     out.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(row, indent=1))
+    write_atomic(done, json.dumps(row, indent=1))
     return row
 
 
@@ -193,7 +194,7 @@ def run_engine(mode: str, cfg, backbone, command: str, eval_split: str, out: Pat
             "trainable": cfg.trainable or "all", "steps": cfg.steps, "batch": cfg.batch,
             "lr": cfg.lr, "augmentation": f"crop (pad {cfg.crop_pad}) + mirror",
            "img_per_s": res["img_per_s"], "n_train": len(train)}
-    (out / "result.json").write_text(json.dumps(row, indent=1))
+    write_atomic(out / "result.json", json.dumps(row, indent=1))
     return row
 
 
@@ -310,7 +311,7 @@ def report_of(out: Path, payload: dict, data: dict, note: str, title: str) -> Re
     """What the study in `out` has to say: every mode and seed run in it, the data
     report (also kept as data.json), the table and the plot."""
     rows = study_rows(out)
-    (out / "data.json").write_text(json.dumps(data, indent=1))
+    write_atomic(out / "data.json", json.dumps(data, indent=1))
     return Report(results={**payload, "data": data, "runs": rows}, table=table(rows, data, note),
                   plot=lambda path: plot(rows, data, path, title))
 
@@ -438,7 +439,7 @@ def predictions(args) -> int:
               f"{100 * best['val_accuracy']:.1f} %; --mode picks another)", file=sys.stderr)
     rows = predict(chosen, Path(args.predict))
     target = study / f"predictions-{Path(args.predict).name}.csv"
-    with open(target, "w", newline="") as f:
+    with atomic(target) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["file", "class", "probability"])
         w.writeheader()
         w.writerows(rows)

@@ -14,10 +14,19 @@ the global array over the mesh's data axis.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import itertools
+import multiprocessing
 import os
 import queue
+import re
+import secrets
+import signal
+import sys
 import threading
+from multiprocessing import shared_memory
 from typing import Iterator, Optional
 
 import grain
@@ -69,20 +78,143 @@ def _check_batch(batch_size: int, process_count: int) -> None:
                        f"{process_count} processes")
 
 
-def _in_workers(ds, workers: Optional[int]):
-    """A grain MapDataset as an iterator, made by `workers` processes (default: cores - 1)."""
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    workers = default_workers() if workers is None else workers
-    if workers > 0:
-        _ensure_absl_flags()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                         per_worker_buffer_size=2))
-    return it
+class InputWorkersDied(BadInput):
+    """Input worker processes kept dying: most likely killed for memory."""
+
+
+# this many worker deaths within this many batches stop a run instead of restarting
+DEATHS, WITHIN = 3, 100
+_DIED = re.compile(r"Worker process was terminated unexpectedly with exit code (-?\d+)")
+_SHM = "/dev/shm"
+_opened = itertools.count()
+
+
+@dataclasses.dataclass
+class Supervised:
+    """A grain MapDataset made into batches by worker processes; its iterators outlive
+    a dead worker (SupervisedIterator)."""
+    dataset: object
+    workers: int
+
+    def __iter__(self) -> "SupervisedIterator":
+        return SupervisedIterator(self.dataset, self.workers)
+
+
+class SupervisedIterator:
+    """A grain iterator over `dataset` made by `workers` processes that replaces a
+    dead worker and leaves no shared memory behind.
+
+    grain ends an iterator for good when one of its workers dies (the kernel's
+    out-of-memory killer sends SIGKILL to a large process). This one keeps grain's
+    state after every batch it hands out; when a worker dies it closes the broken
+    iterator, opens a new one at that state and goes on. The batches are the ones an
+    undisturbed run draws: each depends only on the seed, the epochs and the indices.
+    `restarts` counts the deaths; DEATHS of them within WITHIN batches raise
+    InputWorkersDied instead.
+
+    Shared memory: a batch's segments are unlinked as soon as it arrives (its pages
+    stay mapped while its arrays live), and the workers name theirs with this
+    iterator's prefix, so that what a dead or stopped worker left is found and
+    unlinked on close. No segment outlives the iterator, and Python's resource
+    tracker has nothing to report at exit."""
+
+    def __init__(self, dataset, workers: int):
+        self.dataset, self.workers = dataset, workers
+        self.restarts, self.drawn, self._deaths = 0, 0, []
+        self._state = None        # grain's state after the last batch handed out
+        self._open()
+
+    def _open(self) -> None:
+        it = self.dataset.to_iter_dataset(grain.ReadOptions(num_threads=0,
+                                                            prefetch_buffer_size=0))
+        self._prefix, self._procs = f"psm_cnn_jax_{os.getpid()}_{next(_opened)}_", None
+        if self.workers > 0:
+            _ensure_absl_flags()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.workers, per_worker_buffer_size=2),
+                worker_init_fn=functools.partial(_name_shared_memory, self._prefix))
+        self._known = {p.pid for p in multiprocessing.active_children()}
+        self._it = iter(it)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            try:
+                batch = next(self._it)
+            except RuntimeError as e:
+                died = _DIED.search(str(e))
+                if died is None:
+                    raise
+                self._replace(int(died.group(1)))
+                continue
+            if self._procs is None:  # grain starts its workers at the first batch
+                self._procs = sorted((p for p in multiprocessing.active_children()
+                                      if p.pid not in self._known), key=lambda p: p.pid)
+            _unlink_received(batch)
+            self.drawn += 1
+            self._state = self._it.get_state()
+            return batch
+
+    def _replace(self, code: int) -> None:
+        self.restarts += 1
+        self._deaths = [d for d in self._deaths if d > self.drawn - WITHIN] + [self.drawn]
+        how = (f"killed by {signal.Signals(-code).name}" if code < 0 and
+               -code in signal.valid_signals() else f"exit code {code}")
+        dead = [i for i, p in enumerate(self._procs or []) if p.exitcode not in (None, 0)]
+        who = (f"input worker {dead[0]} of {self.workers} (pid {self._procs[dead[0]].pid})"
+               if dead else f"an input worker (of {self.workers})")
+        self.close()
+        if len(self._deaths) >= DEATHS:
+            raise InputWorkersDied(
+                f"input workers died {len(self._deaths)} times within {WITHIN} batches "
+                f"(the last: {who}, {how}). The likely cause is memory: each worker holds "
+                f"its share of the batches in flight. Lower --workers (now "
+                f"{self.workers}) or --batch")
+        print(f"warning: {who} died ({how}); restarted the input from the last batch "
+              f"used (restart {self.restarts})", file=sys.stderr, flush=True)
+        self._open()
+        if self._state is not None:
+            self._it.set_state(self._state)
+
+    def get_state(self):
+        return self._it.get_state() if self._state is None else self._state
+
+    def set_state(self, state) -> None:
+        self._it.set_state(state)
+        self._state = state
+
+    def close(self) -> None:
+        """Stop the workers; unlink what they made ahead or left when they died."""
+        getattr(self._it, "close", lambda: None)()
+        if self.workers > 0 and os.path.isdir(_SHM):
+            for name in os.listdir(_SHM):
+                if name.startswith(self._prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        shared_memory.SharedMemory(name).unlink()
+
+
+def _name_shared_memory(prefix: str, worker_index: int, worker_count: int) -> None:
+    """In each worker (grain's worker_init_fn): name the shared memory it makes with
+    `prefix`, so that its iterator can find what the worker leaves behind. (The
+    standard library picks the names in this private function; grain offers no hook.)"""
+    shared_memory._make_filename = lambda: f"/{prefix}{secrets.token_hex(8)}"
+
+
+def _unlink_received(batch: dict) -> None:
+    """Unlink the shared memory of a batch just received from a worker (grain would do
+    it when the arrays are collected, on a thread that may not run before exit)."""
+    for leaf in batch.values():
+        if getattr(leaf, "_unlink_on_del", False) and getattr(leaf, "shm", None) is not None:
+            leaf.shm.unlink()
+            leaf._unlink_on_del = False
 
 
 def train_dataset(dataset: Dataset, batch_size: int, seed: int, workers: Optional[int] = None,
                   process_index: int = 0, process_count: int = 1):
-    """An endless grain IterDataset of augmented training batches.
+    """An endless grain IterDataset of augmented training batches, whose iterators
+    replace a worker process that dies (`Supervised`).
 
     `batch_size` is the global batch; each process gets batch_size / process_count
     rows. Batches run across epoch boundaries (iterations, not epochs, are the unit,
@@ -96,7 +228,7 @@ def train_dataset(dataset: Dataset, batch_size: int, seed: int, workers: Optiona
     ds = ds.map_with_index(_PositionToEpoch(n))
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(_TrainingBatch(dataset, seed, process_index, process_count))
-    return _in_workers(ds, workers)
+    return Supervised(ds, default_workers() if workers is None else workers)
 
 
 @dataclasses.dataclass
@@ -121,11 +253,15 @@ def eval_batches(dataset: Dataset, batch_size: int, process_index: int = 0,
     starts = list(range(0, n, batch_size))
     views_of = _EvalViews(dataset, batch_size, n, views, process_index, per)
     batches = map(views_of, starts) if dataset.batched else \
-        _in_workers(grain.MapDataset.source(starts).map(views_of), workers)
+        SupervisedIterator(grain.MapDataset.source(starts).map(views_of),
+                           default_workers() if workers is None else workers)
     seen = 0
-    for batch in batches:
-        seen += len(batch[INDEX][batch[PADDING] > 0]) if process_count == 1 else 0
-        yield batch
+    try:
+        for batch in batches:
+            seen += len(batch[INDEX][batch[PADDING] > 0]) if process_count == 1 else 0
+            yield batch
+    finally:  # also when abandoned: the workers' shared memory is freed
+        getattr(batches, "close", lambda: None)()
     if process_count == 1 and seen != n:
         raise AssertionError(f"evaluation covered {seen} examples, expected {n}")
 

@@ -2,6 +2,11 @@
 
 Saves are asynchronous (the device-to-host copy blocks, the writing does not) and
 atomic (orbax writes into a temporary folder and renames it); `wait()` before exit.
+A save that fails (a full disk, a read-only folder) raises CheckpointWriteFailed at
+the next `check()`, naming the folder and the cause, and leaves the previous
+checkpoints as they were. Each checkpoint carries the digest of its state, so a
+restore that reads damaged files, or silently different bytes, is refused (`Damaged`)
+and the caller can fall back to an older one (`set_aside`).
 Restoring onto a target whose arrays carry the current mesh's shardings lets a
 checkpoint written on 8 devices load on 1 and the reverse. Many hosts: every process
 saves and restores together (orbax coordinates them; --out must be a filesystem they
@@ -10,6 +15,10 @@ all see), and the data item holds every process's iterator state.
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,43 +30,152 @@ from absl import logging as absl_logging
 from flax import traverse_util
 
 from cnn_jax.errors import BadInput
+from cnn_jax.files import WriteFailed
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
 from cnn_jax.train.config import covers, module_names
+from cnn_jax.train.metrics import params_digest
+
+DAMAGED = "damaged_checkpoints"   # beside checkpoints/: those set aside, kept for a look
+# what a failed write says, for the one line that reports it
+_CAUSES = re.compile(r"No space left on device|Read-only file system|Disk quota exceeded|"
+                     r"Permission denied")
+
+
+class CheckpointWriteFailed(WriteFailed):
+    """A checkpoint could not be written; the previous ones are kept."""
+
+
+class Damaged(Exception):
+    """A checkpoint that does not restore, or restores other bytes than were saved."""
+
+
+class _QuietSaveErrors(logging.Filter):
+    """orbax logs a failed save's error from each of its threads (and asyncio each of
+    its unawaited writes), tracebacks and all; the checkpointer reports it once
+    (CheckpointWriteFailed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and (
+            "/orbax/" in record.pathname or "/orbax/" in record.getMessage()))
+
+
+def _quiet_closed_loops(hook):
+    """After a failed save orbax closes its event loop while tensorstore still
+    completes the other writes; their callbacks then raise 'Event loop is closed' as
+    unraisable exceptions, noise after the one error the checkpointer reports."""
+    def quiet(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+    quiet.quiets_closed_loops = True
+    return quiet
 
 
 class Checkpointer:
     def __init__(self, directory: Path, keep: int = 3):
+        # a save cut short leaves a temporary folder: removed when the run starts again
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                               enable_async_checkpointing=True,
+                                               cleanup_tmp_directories=True)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
+        self.saving: Optional[int] = None   # the step of the last save asked for
+        for logger in map(logging.getLogger, ("absl", "asyncio")):
+            if not any(isinstance(f, _QuietSaveErrors) for f in logger.filters):
+                logger.addFilter(_QuietSaveErrors())
+        if not getattr(sys.unraisablehook, "quiets_closed_loops", False):
+            sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:
         """Every process calls this at the same step; the data item holds every
-        process's iterator state (`every_process`)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(every_process(data_state)),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        process's iterator state (`every_process`), the meta item the state's digest."""
+        self.check()
+        self.saving = step
+        meta = {**meta, "state_digest": params_digest(state)}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(every_process(data_state)),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            raise self._failed(e) from None
+
+    def check(self) -> None:
+        """Raise CheckpointWriteFailed if a save in the background has failed."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._failed(e) from None
+
+    def _failed(self, e: Exception) -> CheckpointWriteFailed:
+        chain, cause = [], e
+        while cause is not None:
+            chain.append(str(cause))
+            cause = cause.__cause__ or cause.__context__
+        known = _CAUSES.search(" ".join(chain))
+        why = known.group(0) if known else f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        self.manager.reload()
+        kept = self.manager.latest_step()
+        return CheckpointWriteFailed(
+            f"cannot write the checkpoint of step {self.saving} to {self.directory}: {why}. "
+            f"The previous checkpoint ({f'step {kept}' if kept is not None else 'none'}) "
+            f"is kept; free space (or make the folder writable), then re-run the same "
+            f"command to resume.")
 
     def restore(self, step: int, target) -> tuple[Any, dict, dict]:
-        """`target`: the state (or its abstract shapes) with the wanted shardings."""
+        """`target`: the state (or its abstract shapes) with the wanted shardings.
+        Raises Damaged when the files do not restore or give other bytes than were
+        saved (the digest saved with them; checkpoints from before it are trusted)."""
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
-        data = own_state(out["data"], Path(self.manager.directory) / str(step))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise Damaged(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+        saved = out["meta"].get("state_digest")
+        if saved is not None and params_digest(out["state"]) != saved:
+            raise Damaged("its arrays differ from those saved (the digest stored with "
+                          "them does not match)")
+        data = own_state(out["data"], self.directory / str(step))
         return out["state"], data, out["meta"]
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise Damaged(f"its metadata does not read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]})") from e
+
+    def set_aside(self, step: int) -> Path:
+        """Move a damaged checkpoint out of orbax's sight, into damaged_checkpoints/
+        beside the checkpoints (process 0 moves; every process then rereads)."""
+        where = self.directory.parent / DAMAGED / str(step)
+        if jax.process_index() == 0:
+            n = 1
+            while where.exists():
+                where, n = where.with_name(f"{step}.{n}"), n + 1
+            where.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(where))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"cnn_jax set aside {step}")
+        self.manager.reload()
+        return where
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from None
 
     def close(self) -> None:
         self.manager.close()

@@ -16,6 +16,7 @@ import numpy as np
 
 from cnn_jax.data.dataset import Dataset, open_split, with_pca
 from cnn_jax.data.ops import Normalizer
+from cnn_jax.files import atomic
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, detect_arch, read_state_dict
 from cnn_jax.train.config import TrainConfig
 
@@ -84,11 +85,10 @@ def save_normaliser(out: Path, normaliser: Normalizer | None, image_shape: tuple
     """Beside a run's checkpoints: what its inputs were normalised with, and the shape
     of its stored training images."""
     shape = np.asarray(image_shape, np.int64)
-    if normaliser is None:
-        np.savez(out / NORMALISER_FILE, none=np.array(True), image_shape=shape)
-    else:
-        np.savez(out / NORMALISER_FILE, mean=normaliser.mean, std=normaliser.std,
-                 image_shape=shape)
+    arrays = dict(none=np.array(True)) if normaliser is None else \
+        dict(mean=normaliser.mean, std=normaliser.std)
+    with atomic(out / NORMALISER_FILE) as tmp:
+        np.savez(tmp, **arrays, image_shape=shape)
 
 
 def training_image_shape(source) -> tuple:

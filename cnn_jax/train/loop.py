@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 
 from cnn_jax.data.dataset import open_split
 from cnn_jax.data.keys import SKIPPED
-from cnn_jax.data.pipeline import ChunkPrefetcher, stack_batches, to_global_array, training_keys
+from cnn_jax.data.pipeline import (ChunkPrefetcher, InputWorkersDied, stack_batches,
+                                   to_global_array, training_keys)
 from cnn_jax.data.sources import DataError
 from cnn_jax.errors import BadInput
+from cnn_jax.files import write_atomic
 from cnn_jax.provenance import hardware, versions
-from cnn_jax.train.checkpoint import Checkpointer, drop_modules, load_pretrained
+from cnn_jax.train.checkpoint import Checkpointer, Damaged, drop_modules, load_pretrained
 from cnn_jax.train.config import TrainConfig, changed_fields
 from cnn_jax.train.evaluator import evaluate
 from cnn_jax.train.inputs import save_normaliser
@@ -137,6 +139,14 @@ class _Together:
     def get_state(self):
         return [it.get_state() for it in self.iterators]
 
+    @property
+    def restarts(self) -> int:
+        return sum(getattr(it, "restarts", 0) for it in self.iterators)
+
+    def close(self) -> None:
+        for it in self.iterators:
+            getattr(it, "close", lambda: None)()
+
 
 def start(setup: Setup, runs: list[_Run], command: str):
     """Every run's state at its latest checkpoint, or at step 0 (from its seed, and
@@ -158,9 +168,11 @@ def start(setup: Setup, runs: list[_Run], command: str):
     pretrained = _pretrained(setup.cfg) if step is None else None  # a resume restores
     states = [make_state(pretrained, run.cfg.seed) for run in runs]
     data_iters = [iter(d) for d in setup.datasets]
+    if step is not None:
+        step, restored = _restore_newest(runs, states)
     for i, run in enumerate(runs):
         if step is not None:
-            states[i], data_state = _restore(run, step, states[i])
+            states[i], data_state = restored[i]
             data_iters[i].set_state(data_state)
         else:
             _refuse_other_results(run)
@@ -194,21 +206,53 @@ def _pretrained(cfg: TrainConfig) -> Optional[dict]:
     return drop_modules(variables, cfg.init_skip)
 
 
+def _restore_newest(runs: list[_Run], targets: list) -> tuple[int, list]:
+    """(step, [(state, data state) per run]) of the newest checkpoint that every run
+    restores. A newer one that does not (damaged files, a copy cut short, other bytes
+    than were saved) is named in a warning and set aside into damaged_checkpoints/;
+    when none restores, nothing is moved and the run is refused."""
+    steps = sorted(set.intersection(*(set(r.ckpt.all_steps()) for r in runs)), reverse=True)
+    damaged = []
+    for step in steps:
+        try:
+            restored = [_restore(run, step, t) for run, t in zip(runs, targets)]
+        except Damaged as e:
+            print(f"warning: checkpoint {e}; trying the one before", file=sys.stderr)
+            damaged.append(step)
+            continue
+        for bad in damaged:
+            for run in runs:
+                print(f"{run.out / 'checkpoints' / str(bad)} (damaged) moved to "
+                      f"{run.ckpt.set_aside(bad)}", file=sys.stderr)
+        for run in runs:
+            if jax.process_index() == 0:
+                run.log.truncate_after(step)
+            print(f"resuming {run.out} from step {step}", file=sys.stderr)
+        return step, restored
+    raise BadInput(f"none of the checkpoints in {runs[0].out / 'checkpoints'} restores "
+                   f"(steps {', '.join(map(str, steps))}; see the warnings above). Nothing "
+                   f"was moved; use another --out, or move them away to start again")
+
+
 def _restore(run: _Run, step: int, target):
     """(state, data state) of the run's checkpoint at `step`, refusing a checkpoint of
-    another configuration."""
-    meta = run.ckpt.read_meta(step)
+    another configuration; Damaged (naming it) when it does not restore."""
+    where = run.out / "checkpoints" / str(step)
+    try:
+        meta = run.ckpt.read_meta(step)
+    except Damaged as e:
+        raise Damaged(f"{where}: {e}") from None
     if meta["config_digest"] != run.cfg.digest():
-        diff = changed_fields(meta["config"], run.cfg, run.out / "checkpoints" / str(step))
+        diff = changed_fields(meta["config"], run.cfg, where)
         raise ConfigMismatch(
             f"{run.out} holds a run with a different configuration (changed: "
             f"{', '.join(diff) or 'unknown'}); resuming would mix two runs. Use "
             f"another --out, or restore the original settings to resume.")
-    state, data_state, run.restored_meta = run.ckpt.restore(step, target)
+    try:
+        state, data_state, run.restored_meta = run.ckpt.restore(step, target)
+    except Damaged as e:
+        raise Damaged(f"{where} does not restore: {e}") from None
     run.wall_before = run.restored_meta.get("wall_s", 0.0)
-    if jax.process_index() == 0:
-        run.log.truncate_after(step)
-    print(f"resuming {run.out} from step {step}", file=sys.stderr)
     return state, data_state
 
 
@@ -223,7 +267,7 @@ def _refuse_other_results(run: _Run) -> None:
 
 def _write_config(setup: Setup, run: _Run, runs: list[_Run], command: str) -> None:
     save_normaliser(run.out, setup.normaliser, setup.train_arrays.image_shape)
-    (run.out / "config.json").write_text(json.dumps(
+    write_atomic(run.out / "config.json", json.dumps(
         {"config": run.cfg.to_json(), "config_digest": run.cfg.digest(),
          "command": command, "versions": versions(), "hardware": hardware(),
          "conv_kernels": setup.conv_kernels,
@@ -318,6 +362,8 @@ class StepLoop:
         self.wall_start = time.perf_counter()
         self.window_images, self.window_start = 0, time.perf_counter()
         self.skipped: set = set()  # unreadable files left out (--bad-images skip), this session
+        self.input_restarts = 0    # dead input workers replaced, this session
+        self.saved_step: Optional[int] = None
 
     def run(self, state, data_iter, step: int, on_steps=None):
         cfg = self.cfg
@@ -326,26 +372,39 @@ class StepLoop:
                         desc=cfg.model + (f" x {self.setup.seeds} seeds"
                                           if self.setup.together else ""))
         calls, data_state = self.calls(step), data_iter.get_state()
-        with _Signals().installed() as signals, \
-                ChunkPrefetcher(data_iter, calls, self.to_device) as chunks, \
-                self.finishing_saves_on_error():
-            for k, (inputs, data_state) in zip(calls, chunks):
-                state, metrics = self.call(state, inputs)
-                self.metrics.add(metrics)
-                step += k
-                self.window_images += k * cfg.batch
-                self.bar.update(k)
-                if on_steps is not None:
-                    on_steps(k * self.setup.seeds)
-                stopping = signals.received is not None
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    self.log_training(step)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    self.log_evaluation(state, step)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-                    self.save(state, data_state, step)
-                if stopping:
-                    self.stop_for(signals.received, step)
+        try:
+            with _Signals().installed() as signals, \
+                    ChunkPrefetcher(data_iter, calls, self.to_device) as chunks, \
+                    self.finishing_saves_on_error():
+                try:
+                    for k, (inputs, data_state) in zip(calls, chunks):
+                        state, metrics = self.call(state, inputs)
+                        self.metrics.add(metrics)
+                        step += k
+                        self.window_images += k * cfg.batch
+                        self.bar.update(k)
+                        if on_steps is not None:
+                            on_steps(k * self.setup.seeds)
+                        stopping = signals.received is not None
+                        if step % cfg.log_every == 0 or step == cfg.steps:
+                            self.log_training(step)
+                        if step % cfg.eval_every == 0 or step == cfg.steps:
+                            self.log_evaluation(state, step)
+                        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                            self.save(state, data_state, step)
+                        for run in self.runs:  # a save that failed stops the run now
+                            run.ckpt.check()
+                        if stopping:
+                            self.stop_for(signals.received, step)
+                except InputWorkersDied as e:  # keep the steps done, then stop
+                    if self.saved_step != step:
+                        self.save(state, data_state, step)
+                    self.finish_saves()
+                    raise InputWorkersDied(f"{e}, then re-run the same command to resume "
+                                           f"from step {step} (saved).") from None
+        finally:  # the input's workers and their shared memory, however the loop ends
+            self.input_restarts = getattr(data_iter, "restarts", 0)
+            getattr(data_iter, "close", lambda: None)()
         self.bar.close()
         for run in self.runs:
             run.ckpt.wait()
@@ -436,6 +495,7 @@ class StepLoop:
         """Every run's checkpoint at `step`, with its metrics not yet logged; a state an
         update made non-finite is not saved."""
         merged = self.metrics.take(step)
+        self.saved_step = step
         finite = np.asarray(finite_runs(state, self.setup.seeds))
         for i, run in enumerate(self.runs):
             if not finite[i]:
@@ -521,6 +581,8 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
     final_evaluations(setup, runs, loop, state, step)
     cfg, split, out = setup.cfg, setup.eval_split, []
     skipped = files_left_out(loop.skipped)
+    restarts = int(multihost_utils.process_allgather(np.array(loop.input_restarts)).sum()) \
+        if jax.process_count() > 1 else loop.input_restarts
     for i, run in enumerate(runs):
         own = loop.run_state(state, i)
         train_records = [r for r in run.log.read() if f"train_{OBJECTIVE}" in r]
@@ -541,11 +603,10 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
             "hardware": hardware(), "versions": versions(), "command": command,
             "conv_kernels": setup.conv_kernels, "config": run.cfg.to_json(),
             **({"skipped_images": skipped} if cfg.bad_images == "skip" else {}),
+            "input_restarts": restarts,
         }
         if jax.process_index() == 0:
-            tmp = run.out / "results.json.tmp"
-            tmp.write_text(json.dumps(results, indent=1))
-            tmp.replace(run.out / "results.json")
+            write_atomic(run.out / "results.json", json.dumps(results, indent=1))
         run.ckpt.close()
         run.log.close()
         out.append(results)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from tensorboardX import SummaryWriter
+
+from cnn_jax.files import DISK_ERRORS, write_atomic, write_failed
 
 
 def cross_entropy(logits, labels, smoothing: float = 0.0):
@@ -105,6 +106,14 @@ TAGS = {**{f"train_{k}": f"train/{k}" for k in STEP_KEYS if k != "lr"},
         **{f"eval_{name}": name for name in NAMES}}
 
 
+def _parses(line: str) -> bool:
+    """A whole record (a write cut short by a full disk leaves part of one)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 class MetricsLog:
     """metrics.jsonl, the record of a run, and its TensorBoard copy in tensorboard/ beside
     it (written as lines are; on resume, TensorBoard drops its events after the restored
@@ -122,14 +131,15 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+                if _parses(line) and json.loads(line).get("step", 0) <= step]
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a line cut short is dropped on resume (truncate_after)
+            raise (write_failed(self.path, e) if e.errno in DISK_ERRORS else e) from None
         if self._writer is None:
             self._writer = SummaryWriter(str(self.path.parent / "tensorboard"),
                                          purge_step=self._purge_step, flush_secs=30)
