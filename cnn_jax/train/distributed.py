@@ -125,6 +125,7 @@ class PeerWatch:
         self.timeout = timeout
         self.me, self.count = jax.process_index(), jax.process_count()
         self.client = jax_distributed.global_state.client
+        self.finished = threading.Event()   # this process is exiting: stop watching
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="peer-watch", daemon=True).start()
@@ -136,7 +137,7 @@ class PeerWatch:
     def _run(self) -> None:
         seen = {i: (None, time.monotonic()) for i in range(self.count) if i != self.me}
         beat = 0
-        while True:
+        while not self.finished.is_set():
             beat += 1
             try:
                 self.client.key_value_set(f"{self.KEY}{self.me}", str(beat), allow_overwrite=True)
@@ -147,10 +148,12 @@ class PeerWatch:
                     elif value != seen[i][0]:
                         seen[i] = (value, time.monotonic())
             except Exception as e:  # the store itself is gone: process 0 hosts it
-                if self.me != 0:
+                if self.me != 0 and not self.finished.is_set():
                     self._lost(0, f"the coordinator stopped answering ({type(e).__name__})")
             now = time.monotonic()
             for i, (_, since) in seen.items():
+                if self.finished.is_set():
+                    return
                 if now - since > self.timeout:
                     self._lost(i, f"no sign of life for {self.timeout} s")
             time.sleep(BEAT)
@@ -170,6 +173,7 @@ class PeerWatch:
         os._exit(LOST_PEER)
 
     def _done(self) -> None:
+        self.finished.set()
         try:
             self.client.key_value_set(f"{self.KEY}{self.me}", "done", allow_overwrite=True)
         except Exception:  # the store is gone already: nothing to tell
