@@ -359,3 +359,24 @@ def test_no_checkpoint_that_restores_is_refused(tmp_path, stopped):
     with pytest.raises(BadInput, match=r"none of the checkpoints .* restores"):
         train(config(run))
     assert sorted(os.listdir(run / "checkpoints")) == ["20", "40", "42"]  # nothing moved
+
+
+def test_checkpoints_with_grains_own_input_state_resume_where_they_were(tmp_path):
+    """Input states saved before the iterator kept its position (grain's, with and
+    without workers) continue at the same element."""
+    ds = grain.MapDataset.range(50).map(lambda i: {"x": np.full(4, i)})
+    for workers in (0, 2):
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if workers:
+            pipeline._ensure_absl_flags()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = iter(it)
+        for _ in range(7):
+            next(it)
+        legacy = it.get_state()
+        it.close()
+        ours = pipeline.SupervisedIterator(ds, workers)
+        ours.set_state(legacy)
+        assert [int(next(ours)["x"][0]) for _ in range(3)] == [7, 8, 9]
+        assert ours.get_state() == {"position": 10}
+        ours.close()

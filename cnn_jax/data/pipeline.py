@@ -101,16 +101,18 @@ class Supervised:
 
 
 class SupervisedIterator:
-    """A grain iterator over `dataset` made by `workers` processes that replaces a
-    dead worker and leaves no shared memory behind.
+    """A grain iterator over `dataset` (a MapDataset) made by `workers` processes,
+    which replaces a dead worker and leaves no shared memory behind.
 
     grain ends an iterator for good when one of its workers dies (the kernel's
-    out-of-memory killer sends SIGKILL to a large process). This one keeps grain's
-    state after every batch it hands out; when a worker dies it closes the broken
-    iterator, opens a new one at that state and goes on. The batches are the ones an
-    undisturbed run draws: each depends only on the seed, the epochs and the indices.
-    `restarts` counts the deaths; DEATHS of them within WITHIN batches raise
-    InputWorkersDied instead.
+    out-of-memory killer sends SIGKILL to a large process). This one counts the
+    elements it has handed out (its state: {"position": n}); when a worker dies it
+    closes the broken iterator and opens a new one on `dataset[n:]`, whose elements
+    are those an undisturbed run draws next (each depends only on its index: the
+    seed, the epochs and the examples). The position, rather than grain's own
+    set_state, also serves resumes: grain's set_state waits for every worker to
+    acknowledge it and hangs when one dies first. `restarts` counts the deaths;
+    DEATHS of them within WITHIN elements raise InputWorkersDied instead.
 
     Shared memory: a batch's segments are unlinked as soon as it arrives (its pages
     stay mapped while its arrays live), and the workers name theirs with this
@@ -120,13 +122,12 @@ class SupervisedIterator:
 
     def __init__(self, dataset, workers: int):
         self.dataset, self.workers = dataset, workers
-        self.restarts, self.drawn, self._deaths = 0, 0, []
-        self._state = None        # grain's state after the last batch handed out
+        self.restarts, self.position, self._deaths = 0, 0, []
         self._open()
 
     def _open(self) -> None:
-        it = self.dataset.to_iter_dataset(grain.ReadOptions(num_threads=0,
-                                                            prefetch_buffer_size=0))
+        ds = self.dataset[self.position:] if self.position else self.dataset
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         self._prefix, self._procs = f"psm_cnn_jax_{os.getpid()}_{next(_opened)}_", None
         if self.workers > 0:
             _ensure_absl_flags()
@@ -153,13 +154,12 @@ class SupervisedIterator:
                 self._procs = sorted((p for p in multiprocessing.active_children()
                                       if p.pid not in self._known), key=lambda p: p.pid)
             _unlink_received(batch)
-            self.drawn += 1
-            self._state = self._it.get_state()
+            self.position += 1
             return batch
 
     def _replace(self, code: int) -> None:
         self.restarts += 1
-        self._deaths = [d for d in self._deaths if d > self.drawn - WITHIN] + [self.drawn]
+        self._deaths = [d for d in self._deaths if d > self.position - WITHIN] + [self.position]
         how = (f"killed by {signal.Signals(-code).name}" if code < 0 and
                -code in signal.valid_signals() else f"exit code {code}")
         dead = [i for i, p in enumerate(self._procs or []) if p.exitcode not in (None, 0)]
@@ -175,15 +175,16 @@ class SupervisedIterator:
         print(f"warning: {who} died ({how}); restarted the input from the last batch "
               f"used (restart {self.restarts})", file=sys.stderr, flush=True)
         self._open()
-        if self._state is not None:
-            self._it.set_state(self._state)
 
-    def get_state(self):
-        return self._it.get_state() if self._state is None else self._state
+    def get_state(self) -> dict:
+        return {"position": self.position}
 
-    def set_state(self, state) -> None:
-        self._it.set_state(state)
-        self._state = state
+    def set_state(self, state: dict) -> None:
+        """Continue at a saved state: ours, or grain's own from checkpoints written
+        before this iterator kept its position (their position is its next index)."""
+        self.close()
+        self.position = _position(state)
+        self._open()
 
     def close(self) -> None:
         """Stop the workers; unlink what they made ahead or left when they died."""
@@ -193,6 +194,18 @@ class SupervisedIterator:
                 if name.startswith(self._prefix):
                     with contextlib.suppress(FileNotFoundError):
                         shared_memory.SharedMemory(name).unlink()
+
+
+def _position(state: dict) -> int:
+    """The elements consumed, from our state or grain's: a plain iterator's next
+    index, or the sum of its workers' (worker k makes elements k, k + W, ...)."""
+    if "position" in state:
+        return int(state["position"])
+    if "next_index" in state:
+        return int(state["next_index"])
+    if "iterators_in_use_states" in state and not state.get("future_states"):
+        return sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+    raise BadInput(f"an input position that this version cannot read: {state}")
 
 
 def _name_shared_memory(prefix: str, worker_index: int, worker_count: int) -> None:
