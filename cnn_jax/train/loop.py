@@ -372,6 +372,7 @@ class StepLoop:
                         desc=cfg.model + (f" x {self.setup.seeds} seeds"
                                           if self.setup.together else ""))
         calls, data_state = self.calls(step), data_iter.get_state()
+        first = step  # where this session started (its checkpoint exists)
         try:
             with _Signals().installed() as signals, \
                     ChunkPrefetcher(data_iter, calls, self.to_device) as chunks, \
@@ -397,11 +398,12 @@ class StepLoop:
                         if stopping:
                             self.stop_for(signals.received, step)
                 except InputWorkersDied as e:  # keep the steps done, then stop
-                    if self.saved_step != step:
+                    if step != first and self.saved_step != step:
                         self.save(state, data_state, step)
                     self.finish_saves()
-                    raise InputWorkersDied(f"{e}, then re-run the same command to resume "
-                                           f"from step {step} (saved).") from None
+                    where = f"resume from step {step} (saved)" if step else "start again"
+                    raise InputWorkersDied(f"{e}, then re-run the same command to "
+                                           f"{where}.") from None
         finally:  # the input's workers and their shared memory, however the loop ends
             self.input_restarts = getattr(data_iter, "restarts", 0)
             getattr(data_iter, "close", lambda: None)()
