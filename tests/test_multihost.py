@@ -128,7 +128,7 @@ def test_both_processes_killed_then_resumed_give_the_same_bits(tmp_path, one_pro
     assert digest(out) == digest(one_process)
     # every process's iterator position is in the checkpoint
     saved = json.loads((out / "checkpoints" / "6" / "data" / "metadata").read_text())
-    assert [list(s) for s in saved["processes"]] == [["next_index"]] * 2
+    assert saved["processes"] == [{"position": 6}] * 2   # six global batches, each
 
 
 def test_a_batch_the_processes_do_not_divide_is_refused_before_writing(tmp_path):
