@@ -371,39 +371,8 @@ class StepLoop:
                         disable=not cfg.progress or jax.process_index() != 0,
                         desc=cfg.model + (f" x {self.setup.seeds} seeds"
                                           if self.setup.together else ""))
-        calls, data_state = self.calls(step), data_iter.get_state()
-        first = step  # where this session started (its checkpoint exists)
         try:
-            with _Signals().installed() as signals, \
-                    ChunkPrefetcher(data_iter, calls, self.to_device) as chunks, \
-                    self.finishing_saves_on_error():
-                try:
-                    for k, (inputs, data_state) in zip(calls, chunks):
-                        state, metrics = self.call(state, inputs)
-                        self.metrics.add(metrics)
-                        step += k
-                        self.window_images += k * cfg.batch
-                        self.bar.update(k)
-                        if on_steps is not None:
-                            on_steps(k * self.setup.seeds)
-                        stopping = signals.received is not None
-                        if step % cfg.log_every == 0 or step == cfg.steps:
-                            self.log_training(step)
-                        if step % cfg.eval_every == 0 or step == cfg.steps:
-                            self.log_evaluation(state, step)
-                        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-                            self.save(state, data_state, step)
-                        for run in self.runs:  # a save that failed stops the run now
-                            run.ckpt.check()
-                        if stopping:
-                            self.stop_for(signals.received, step)
-                except InputWorkersDied as e:  # keep the steps done, then stop
-                    if step != first and self.saved_step != step:
-                        self.save(state, data_state, step)
-                    self.finish_saves()
-                    where = f"resume from step {step} (saved)" if step else "start again"
-                    raise InputWorkersDied(f"{e}, then re-run the same command to "
-                                           f"{where}.") from None
+            state, step = self.steps(state, data_iter, step, on_steps)
         finally:  # the input's workers and their shared memory, however the loop ends
             self.input_restarts = getattr(data_iter, "restarts", 0)
             getattr(data_iter, "close", lambda: None)()
@@ -411,6 +380,49 @@ class StepLoop:
         for run in self.runs:
             run.ckpt.wait()
         return state, step
+
+    def steps(self, state, data_iter, step: int, on_steps):
+        """The compiled calls, each followed by its step's duties (`after_call`). When
+        the input's workers keep dying, the steps this session made are saved first."""
+        calls, data_state, first = self.calls(step), data_iter.get_state(), step
+        with _Signals().installed() as signals, \
+                ChunkPrefetcher(data_iter, calls, self.to_device) as chunks, \
+                self.finishing_saves_on_error():
+            try:
+                for k, (inputs, data_state) in zip(calls, chunks):
+                    state, metrics = self.call(state, inputs)
+                    step += k
+                    self.after_call(state, data_state, metrics, step, k, signals, on_steps)
+            except InputWorkersDied as e:
+                if step != first and self.saved_step != step:
+                    self.save(state, data_state, step)
+                self.finish_saves()
+                where = f"resume from step {step} (saved)" if step else "start again"
+                raise InputWorkersDied(f"{e}, then re-run the same command to "
+                                       f"{where}.") from None
+        return state, step
+
+    def after_call(self, state, data_state, metrics, step: int, k: int, signals,
+                   on_steps) -> None:
+        """Log, evaluate and save on their exact steps; a save that failed, or a
+        signal, stops the run here."""
+        cfg = self.cfg
+        self.metrics.add(metrics)
+        self.window_images += k * cfg.batch
+        self.bar.update(k)
+        if on_steps is not None:
+            on_steps(k * self.setup.seeds)
+        stopping = signals.received is not None
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            self.log_training(step)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            self.log_evaluation(state, step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+            self.save(state, data_state, step)
+        for run in self.runs:
+            run.ckpt.check()
+        if stopping:
+            self.stop_for(signals.received, step)
 
     def calls(self, step: int) -> list[int]:
         """Steps per compiled call: up to steps_per_call, stopping at every step that
