@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,6 +25,7 @@ from cnn_jax.train.checkpoint import DAMAGED, CheckpointWriteFailed
 from cnn_jax.train.distributed import LOST_PEER
 from cnn_jax.train.loop import train
 from cnn_jax.train.metrics import MetricsLog
+from test_multihost import free_port
 from test_train import SMALL, cli, results, run_cli, wait_for_checkpoint
 
 OPTS = dict(steps=60, checkpoint_every=20, log_every=10, eval_every=30)
@@ -176,16 +176,10 @@ def _two_processes(out: Path, port: int, *extra):
     return procs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _lose_process_1(out: Path):
     """Two processes; process 1 SIGKILLed after the first checkpoint. Returns process
     0's exit status, stderr and seconds from the kill to its exit."""
-    p0, p1 = _two_processes(out, _free_port())
+    p0, p1 = _two_processes(out, free_port())
     wait_for_checkpoint(out, 20, p0)
     p1.kill()
     killed = time.monotonic()
@@ -207,7 +201,7 @@ def test_after_a_lost_peer_rerunning_both_resumes_to_the_undisturbed_digest(tmp_
     code, err, _ = _lose_process_1(tmp_path / "two")
     assert code == LOST_PEER, err[-3000:]
     for name in ("two", "undisturbed"):
-        procs = _two_processes(tmp_path / name, _free_port())
+        procs = _two_processes(tmp_path / name, free_port())
         outs = [p.communicate(timeout=300) for p in procs]
         assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
         assert ("resuming" in outs[0][1]) == (name == "two")

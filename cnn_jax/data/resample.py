@@ -11,6 +11,8 @@ installed Pillow.
 """
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numba
 import numpy as np
@@ -18,9 +20,11 @@ import numpy as np
 PRECISION_BITS = 22   # Pillow's 8-bit images: 32 bits less 8 for the pixel and 2 spare
 
 
+@functools.lru_cache(maxsize=1024)  # per image and axis otherwise; crops repeat sizes
 def coefficients(n_in: int, n_out: int) -> tuple:
     """Pillow's precompute_coeffs and normalize_coeffs_8bpc for the bilinear filter
-    along one axis: (first input index [n_out], taps [n_out], int32 weights [n_out, K])."""
+    along one axis: (first input index [n_out], taps [n_out], int32 weights [n_out, K]),
+    shared between calls: read, never written."""
     scale = n_in / n_out
     widen = max(scale, 1.0)                     # antialiasing: the filter's support
     centre = (np.arange(n_out) + 0.5) * scale

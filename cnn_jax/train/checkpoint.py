@@ -96,7 +96,6 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:
         """Every process calls this at the same step; the data item holds every
         process's iterator state (`every_process`), the meta item the state's digest."""
-        self.check()
         self.saving = step
         meta = {**meta, "state_digest": params_digest(state)}
         try:
