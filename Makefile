@@ -9,10 +9,13 @@ PY     := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
+# jax's build for this machine's accelerator: the cuda12 extra where `nvidia-smi -L`
+# lists a GPU, the tpu extra on a TPU VM, the CPU build otherwise (it says which).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	extra=$$($(PYTHON) cnn_jax/accelerator.py --extra) && \
+	  $(PY) -m pip install --quiet -e ".[dev$${extra:+,$$extra}]"
 	touch $@
 
 # The tests also build PyTorch reference networks (weight conversion).

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax.accelerator import warn_if_unused
 from cnn_jax.data.ops import BAD_IMAGES, VIEWS
 from cnn_jax.errors import BadInput, exit_on_bad_input
 from cnn_jax.files import write_atomic
@@ -151,6 +152,7 @@ def evaluate(run_dirs: list, views="1", data: Optional[str] = None,
     n_views = 5 if views == MULTISCALE else int(views)
     return {**result, "classes": dataset.classes, "views": views, "models": len(members),
             "checkpoints": [m.source for m in ordered], "data": data, "split": split,
+            "scored": dataset.describe(),
             "images_per_s": m["n"] / wall, "forward_passes_per_s":
                 m["n"] * n_views * len(members) / wall,
             "wall_s": wall, "backend": jax.default_backend()}
@@ -185,7 +187,9 @@ def main(argv=None) -> int:
                                                 "(required for weights files)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="test", choices=["test", "val", "train"],
-                   help="train: the training images (for a dataset with only train/)")
+                   help="test: the dataset's test/; val: the run's holdout where it had one, "
+                        "else the dataset's own val/ (refused where there is neither); "
+                        "train: the training images (for a dataset with only train/)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes decoding a streamed dataset (default: cores - 1)")
     p.add_argument("--bad-images", default=None, choices=BAD_IMAGES,
@@ -201,14 +205,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be positive")
+    warn_if_unused()
     r = evaluate(args.checkpoint, args.views, args.data, args.data_dir, args.split,
                  args.batch, args.crop, progress=not args.json, workers=args.workers,
                  bad_images=args.bad_images)
     if args.split == "train":
         print("note: these are the training images, not held-out data", file=sys.stderr)
     left_out = f", {r['skipped_images']} unreadable left out" if r["skipped_images"] else ""
-    print(f"{r['models']} model(s), {r['views']} view(s), {r['n_examples']:,} {r['split']} "
-          f"images{left_out}: {in_words(r, '')}  ({r['images_per_s']:,.0f} images/s)",
+    print(f"{r['models']} model(s), {r['views']} view(s), {r['split']}: {r['scored']}"
+          f"{left_out}: {in_words(r, '')}  ({r['images_per_s']:,.0f} images/s)",
           file=sys.stderr)
     width = max(len(c) for c in r["classes"])
     rates = [m.name for m in METRICS if m.rate]

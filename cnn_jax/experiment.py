@@ -48,9 +48,12 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 
+from cnn_jax.accelerator import warn_if_unused
 from cnn_jax.data import search_dirs
+from cnn_jax.data.sources import prepare
 from cnn_jax.errors import BadInput, exit_on_bad_input
 from cnn_jax.files import atomic, write_atomic
 from cnn_jax.provenance import hardware, versions
@@ -347,6 +350,7 @@ class Experiment:
         args = p.parse_args(argv)
         if self.multihost:  # before anything asks JAX for its devices
             distributed.initialize(args)
+        warn_if_unused()
         if getattr(args, "seeds", None) is not None and args.seeds < 1:
             p.error("--seeds must be at least 1")
         if args.processes is not None and args.processes < 1:
@@ -374,12 +378,16 @@ class Experiment:
               (f", with {' '.join(ctx.args.set)}" if ctx.args.set else ""), file=sys.stderr)
         with removed_if_refused(ctx.out):
             search_dirs(ctx.args.data_dir)  # a mistyped --data-dir: refused before anything
+            # data on first use: fetched once here, before any run (or refused in one line)
+            prepare(ctx.args.data or getattr(ctx.preset, "data", None), ctx.args.data_dir)
             recipe = self.recipe(ctx) if self.recipe else ctx.recipe()
             if jax.process_index() == 0:  # many hosts: process 0 writes, the others train
                 guard_out(ctx.out, recipe)
             report = self.run(ctx)
         if jax.process_index() == 0:
             self.write(ctx, report)
+        if jax.process_count() > 1:  # every host ends together, none while others write
+            multihost_utils.sync_global_devices(f"cnn_jax: {self.name} done")
         return 0
 
     def write(self, ctx: Context, report: Report) -> None:

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from cnn_jax.data.dataset import DataSpec, Dataset, open_split
 from cnn_jax.data.ops import Normalizer
-from cnn_jax.data.sources import SHARED_DATA, streams
+from cnn_jax.data.sources import SHARED_DATA, imagefolder_path, streams
 from cnn_jax.errors import BadInput
 from cnn_jax.models import create_model, input_shape
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
@@ -107,8 +107,11 @@ class Trained:
             raise BadInput(f"{self.source}: a weights file does not say which dataset "
                            f"it was trained on; name it (e.g. --data cifar10)")
         side = self.image_shape[0]
-        spec = DataSpec(data, data_dir, augment="center" if streams(data) else "cifar",
-                        image_size=side if streams(data) else 0)
+        # full-size photos (a stream, or a folder seen by an ImageNet-size net): the
+        # papers' test views at the net's side; small images as they are
+        photos = streams(data) or (imagefolder_path(data) is not None and side >= 64)
+        spec = DataSpec(data, data_dir, augment="center" if photos else "cifar",
+                        image_size=side if photos else 0)
         dataset = open_split(spec, split)
         if min(dataset.image_shape[:2]) < side:
             raise BadInput(f"{self.source}: {data} holds {dataset.image_shape[0]}x"

@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Optional
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from cnn_jax.errors import BadInput
 from cnn_jax.files import write_atomic
@@ -185,34 +187,42 @@ def record(net: Net, seed: int, cfg: TrainConfig, res: dict, ten_crop: bool) -> 
          "final_train_error": res["final_train_error"],
          "final_train_top5_error": res["final_train_top5_error"],
          # a dataset with only train/ (imagenet_sample): its "test" is the training set
-         "test_split": split,
+         "test_split": split, "scored": res.get("eval_data"),
          "final_test_top1_error": res[f"final_{split}_top1_error"],
          "final_test_top5_error": res[f"final_{split}_top5_error"],
          "final_train_set_error": res.get("final_train_set_error"),
          "curve": curve(Path(cfg.out), "test"), "wall_s": res["wall_s"],
          "img_per_s": res["img_per_s"], "hardware": res["hardware"],
          "run_dir": cfg.out}
-    if ten_crop and jax.process_index() == 0:  # the process that writes the results
+    if ten_crop:  # every process: each scores its rows of the split, the counts summed
         r.update(ten_crop_test(cfg, split, res["final_params_digest"]))
     return r
 
 
 def ten_crop_test(cfg: TrainConfig, split: str, digest: str) -> dict:
     """Table 2's test: corners and centre of the image at shorter side 256, mirrored,
-    softmax averaged (cnn_jax.evaluate, on process 0's own devices); kept in the
-    run's folder for its final parameters, so a re-run does not test again."""
+    softmax averaged (cnn_jax.evaluate), on every process, each its rows; kept in the
+    run's folder for its final parameters, so a re-run does not test again (process 0
+    decides for all, so that all or none evaluate)."""
     kept = Path(cfg.out) / f"ten_crop_{split}.json"
-    if kept.exists():
+    saved = None
+    if jax.process_index() == 0 and kept.exists():
         saved = json.loads(kept.read_text())
-        if saved.get("final_params_digest") == digest:
-            return saved["errors"]
+        saved = saved if saved.get("final_params_digest") == digest else None
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(
+            np.int32(saved is None)):
+        saved = json.loads(kept.read_text())
+    if saved is not None:
+        return {**saved["errors"], "ten_crop_test_images": saved["n_examples"]}
     ten = evaluate([cfg.out], views=10, split="train" if split == "train_set" else split,
                    workers=cfg.workers)
     errors = {"ten_crop_test_top1_error": ten["top1_error"],
               "ten_crop_test_top5_error": ten["top5_error"]}
-    write_atomic(kept, json.dumps({"final_params_digest": digest, "errors": errors,
-                                   "n_examples": ten["n_examples"]}))
-    return errors
+    if jax.process_index() == 0:
+        write_atomic(kept, json.dumps({"final_params_digest": digest, "errors": errors,
+                                       "n_examples": ten["n_examples"],
+                                       "scored": ten["scored"]}))
+    return {**errors, "ten_crop_test_images": ten["n_examples"]}
 
 
 # ------------------------------------------------------------------ outputs
@@ -247,7 +257,8 @@ def run(ctx: Context) -> Report:
     split = runs[0]["test_split"]
     on_train = split == "train_set"
     evaluated = ("the training images themselves (this dataset has no val/): memorisation, "
-                 "not generalisation" if on_train else f"the {split} split")
+                 "not generalisation" if on_train else f"the {split} split") + \
+        (f", {runs[0]['scored']}" if runs[0].get("scored") else "")
     images = f"{cfg.eval_subset:,} fixed" if cfg.eval_subset else "all"
     training = (f"the error on {images} training images with the final weights" if on_train
                 else f"the last {cfg.log_every} iterations' training batches")

@@ -175,7 +175,7 @@ def sweep(nets: list[Net], preset: Preset, seeds: int, out: Path, command: str, 
         "final_train_set_error": res.get("final_train_set_error"),
         "final_test_error": res["final_test_error"],
         **({"final_val_error": res["final_val_error"]} if split == "val" else {}),
-        "curve": curve(Path(cfg.out), split),
+        "scored": res.get("eval_data"), "curve": curve(Path(cfg.out), split),
         "wall_s": res["wall_s"], "img_per_s": res["img_per_s"],
         "hardware": res["hardware"], "conv_kernels": res.get("conv_kernels"),
         "run_dir": str(Path(cfg.out)),
@@ -319,9 +319,11 @@ def run(ctx: Context) -> Report:
               f"test; the test error, on {cfg.eval_subset:,} test images, measures what "
               f"memorising it gives, not the paper's generalisation)"
               if cfg.train_subset else "")
-    note = (f"Data: {data}" + (" (the local JPEG re-encoded copy: errors are not comparable "
-                                "one to one with the paper's lossless CIFAR-10)"
-                                if data == "cifar10" else "") +
+    scored = runs[0].get("scored") or data
+    jpeg = data == "cifar10" and "official files" not in scored
+    note = (f"Data: {data}" + (" (a JPEG re-encoded copy: errors are not comparable one to "
+                               "one with the paper's lossless CIFAR-10)" if jpeg else "") +
+            f"; test errors on {scored}" +
             f". Preset `{ctx.preset_name}`: {cfg.steps} iterations at batch {cfg.batch}, "
             f"lr {cfg.lr} (the paper: 64k at 128, lr 0.1)" + (f"; {subset}" if subset else "") +
             ". Final errors after the last iteration" + (

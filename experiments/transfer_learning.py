@@ -371,18 +371,19 @@ def demonstration(ctx: Context) -> Report:
 
 # ------------------------------------------------------------------ the user's own data
 def evaluation_split(base):
-    """(config, split, what it is in words): the data's own test/ or val/ folder, else a
-    fixed stratified 20 % of train/."""
-    try:
-        held = split_of(base, "test")  # test/, or val/ where there is no test/
-        folder = held.source.split or "test"
-        return base, "test", f"its {folder}/ folder ({len(held):,} images)"
-    except DataError:
-        train = training_split(base)
-        holdout = max(len(train.classes), round(0.2 * len(train)))
-        return (dataclasses.replace(base, holdout=holdout), "val",
-                f"a fixed stratified 20 % of its train/ images ({holdout:,}; there is no "
-                f"val/ or test/ folder)")
+    """(config, split, what it is in words): the data's own test/, else its val/, else a
+    fixed stratified 20 % of train/ (named 'val': the split is what its name says)."""
+    for split in ("test", "val"):
+        try:
+            held = split_of(base, split)
+            return base, split, f"its {split}/ folder ({len(held):,} images)"
+        except DataError:
+            continue
+    train = training_split(base)
+    holdout = max(len(train.classes), round(0.2 * len(train)))
+    return (dataclasses.replace(base, holdout=holdout), "val",
+            f"a fixed stratified 20 % of its train/ images ({holdout:,}; there is no "
+            f"val/ or test/ folder)")
 
 
 def mode_settings(ctx: Context) -> dict:

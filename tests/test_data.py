@@ -15,6 +15,7 @@ from cnn_jax.errors import BadInput
 from cnn_jax.data import DataError, load, stratified_holdout
 from cnn_jax.data import ops as A
 from cnn_jax.data import sources
+from cnn_jax.data.sources import MissingSplit
 from cnn_jax.data.dataset import Dataset
 from cnn_jax.data.pipeline import ChunkPrefetcher, eval_batches, train_dataset
 
@@ -57,7 +58,8 @@ def test_cifar10_validation_holdout_is_stratified_and_disjoint():
     assert len(train) == 45_000 and len(val) == 5_000
     assert np.bincount(val.labels).tolist() == [500] * 10
     assert not set(train.indices) & set(val.indices)
-    np.testing.assert_array_equal(val.indices, load("cifar10", "val").indices)  # default 10 %
+    with pytest.raises(MissingSplit, match="no val/ split"):  # never training images unasked
+        load("cifar10", "val")
     np.testing.assert_array_equal(val.images[3], load("cifar10", "train").images[val.indices[3]])
 
 
@@ -79,19 +81,23 @@ def test_data_dir_flag_then_environment_then_shared(tmp_path, monkeypatch):
 
 
 def test_missing_dataset_lists_every_place_and_the_tfds_failure(tmp_path, monkeypatch):
+    """A TFDS-only dataset (imagenet2012) neither here nor prepared: every place looked,
+    TFDS's own failure, and (TensorFlow absent) the extra that prepares it."""
     monkeypatch.setattr(sources, "SHARED_DATA", tmp_path / "nowhere")
     monkeypatch.delenv("CNN_JAX_DATA_DIR", raising=False)
 
-    class Offline:  # TFDS as it is here: no route to its downloads
+    class Unprepared:  # TFDS with nothing built in its data folder
         @staticmethod
         def builder(*a, **k):
-            raise ConnectionError("no route to host")
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", Offline)
+            raise FileNotFoundError("no prepared imagenet2012 in ~/tensorflow_datasets")
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", Unprepared)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)   # not installed
     with pytest.raises(DataError) as e:
-        load("cifar10", "train", data_dir=str(tmp_path))
+        load("imagenet2012", "train", data_dir=str(tmp_path))
     msg = str(e.value)
-    assert str(tmp_path / "cifar10.tar.xz") in msg and str(tmp_path / "nowhere") in msg
-    assert "ConnectionError: no route to host" in msg
+    assert str(tmp_path / "imagenet2012.tar.xz") in msg and str(tmp_path / "nowhere") in msg
+    assert "FileNotFoundError: no prepared imagenet2012" in msg
+    assert "tfds build imagenet2012" in msg and 'pip install -e ".[tensorflow]"' in msg
 
 
 # ------------------------------------------------------------------ ImageFolder + cache

@@ -209,6 +209,53 @@ def test_after_a_lost_peer_rerunning_both_resumes_to_the_undisturbed_digest(tmp_
         results(tmp_path / "undisturbed")["final_params_digest"]
 
 
+# ------------------------------------------------------------------ a stop agreed by all
+AGREED = dict(steps=120, checkpoint_every=20, log_every=10, eval_every=120)
+
+
+def _pair(out: Path, *extra):
+    """Two processes of a longer run (time for a signal to land mid-run)."""
+    port, procs = free_port(), []
+    for pid in range(2):
+        args, env = cli(out, *extra, **AGREED)
+        args += ["--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+                 "--process-id", str(pid), "--peer-timeout", "10"]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _saved_step(err: str) -> int:
+    return int(err.split("saved step ", 1)[1].split()[0])
+
+
+@pytest.mark.xdist_group("agreed")
+def test_a_stop_asked_of_one_process_is_agreed_by_all(tmp_path):
+    """SIGTERM (a preemption notice) to process 1 alone: both processes stop after the
+    same step, save it once together and exit 143, each saying why; re-running both
+    reaches the digest of the undisturbed run on the same two devices."""
+    out = tmp_path / "two"
+    p0, p1 = _pair(out)
+    wait_for_checkpoint(out, 20, p0)
+    p1.send_signal(signal.SIGTERM)
+    (_, err0), (_, err1) = p0.communicate(timeout=300), p1.communicate(timeout=300)
+    assert (p0.returncode, p1.returncode) == (143, 143), err0[-2000:] + err1[-2000:]
+    assert "SIGTERM: saved step" in err1 and "stopped for process 1 (SIGTERM)" in err0
+    step = _saved_step(err0)
+    assert _saved_step(err1) == step and 20 <= step < AGREED["steps"]
+    assert max(int(c.name) for c in (out / "checkpoints").iterdir() if c.name.isdigit()) == step
+    saved = json.loads((out / "checkpoints" / str(step) / "data" / "metadata").read_text())
+    assert saved["processes"] == [{"position": step}] * 2   # one save, both positions
+    assert not (out / "results.json").exists()
+    resumed = [p.communicate(timeout=300) for p in _pair(out)]
+    assert all("resuming" in e for _, e in resumed), resumed[0][1][-2000:]
+    undisturbed = tmp_path / "one"
+    args, env = cli(undisturbed, "--cpu-devices", "2", **AGREED)
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert results(out)["final_params_digest"] == results(undisturbed)["final_params_digest"]
+
+
 # ------------------------------------------------------------------ a full disk
 @pytest.fixture
 def small_disk(tmp_path):

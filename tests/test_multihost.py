@@ -46,6 +46,19 @@ def tiny_imagenet(tmp_path_factory):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     DATA["name"] = f"imagefolder:{root / 'tiny.tar'}"
+    # train/ and val/ (4 classes: 8 and 3 images each), all readable, as a bare path
+    with tarfile.open(root / "tinyval.tar", "w") as tar:
+        for split, n in (("train", 8), ("val", 3)):
+            for c in range(4):
+                for i in range(n):
+                    h, w = rng.integers(40, 120, 2)
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
+                        (int(w), int(h)), Image.BILINEAR).save(buf, "JPEG", quality=90)
+                    info = tarfile.TarInfo(f"tinyval/{split}/n{c:08d}/{i:02d}.JPEG")
+                    info.size = len(buf.getvalue())
+                    tar.addfile(info, io.BytesIO(buf.getvalue()))
+    DATA["with_val"] = str(root / "tinyval.tar")
 
 
 def free_port() -> int:
@@ -149,3 +162,59 @@ def test_a_coordinator_nobody_answers_is_an_error_in_bounded_time(tmp_path):
     assert "--coordinator-address" in r.stderr and "--coordinator-timeout 3" in r.stderr
     assert time.time() - start < 60
     assert not (tmp_path / "lonely").exists()
+
+
+# ------------------------------------------------------------------ many hosts, one experiment
+IMAGENET = ["-m", "experiments.imagenet", "--preset", "smoke", "--set", "plain=",
+            "--workers", "0"]
+
+
+def test_the_imagenet_experiment_ends_together_with_one_processs_ten_crop_errors(tmp_path):
+    """experiments.imagenet on 2 processes: both train, both run the 10-crop test on
+    their rows of val/ (a bare --data path), both exit 0, and the errors are those of
+    one process on 2 devices."""
+    def launch(out, *extra):
+        return subprocess.Popen([sys.executable, *IMAGENET, "--data", DATA["with_val"],
+                                 "--out", str(out), *extra], cwd=ROOT, env=env(tmp_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    procs = [launch(tmp_path / "two", "--coordinator-address", f"localhost:{port}",
+                    "--num-processes", "2", "--process-id", str(i), "--coordinator-timeout",
+                    "120") for i in range(2)]
+    codes, errs = finish(procs)
+    assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    one = launch(tmp_path / "one", "--cpu-devices", "2")
+    codes, one_err = finish([one])
+    assert codes == [0], one_err[0][-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["runs"]
+    single = json.loads((tmp_path / "one" / "results.json").read_text())["runs"]
+    assert [r["name"] for r in two] == ["resnet18"]
+    assert two[0]["test_split"] == "val"                 # val/, named as what it is
+    assert two[0]["ten_crop_test_images"] == single[0]["ten_crop_test_images"] == 12
+    for key in ("ten_crop_test_top1_error", "ten_crop_test_top5_error",
+                "final_test_top1_error", "final_train_error"):
+        assert two[0][key] == single[0][key], key
+
+
+def test_an_input_that_fails_on_one_process_stops_both(tmp_path):
+    """The unreadable file refused (--bad-images refuse) where one process reads it:
+    both processes stop together with status 2 (none waits in a collective for the
+    other), the failing one naming the file and the other naming the failing one."""
+    # (no data-derived normaliser: its sample would meet the file before training)
+    extra = [a for a in COMMAND if a not in ("--bad-images", "skip")] + ["--normalise", "none"]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "cnn_jax.train", *extra, "--data",
+                               DATA["name"], "--out", str(tmp_path / "run"),
+                               "--coordinator-address", f"localhost:{port}",
+                               "--num-processes", "2", "--process-id", str(i),
+                               "--coordinator-timeout", "120", "--peer-timeout", "10"],
+                              cwd=ROOT, env=env(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    start = time.monotonic()
+    codes, errs = finish(procs)
+    assert codes == [2, 2], errs[0][-2000:] + errs[1][-2000:]
+    assert time.monotonic() - start < 300
+    failing = [i for i in range(2) if "16.JPEG: not an image" in errs[i]]
+    assert len(failing) == 1, errs
+    other = 1 - failing[0]
+    assert f"process {failing[0]} (its input failed) stopped the run" in errs[other]

@@ -30,8 +30,8 @@ import numpy as np
 
 from cnn_jax.data import ops
 from cnn_jax.data.keys import IMAGE, LABEL, MASK, SHIFT, SKIPPED
-from cnn_jax.data.sources import (Arrays, Decode, MissingSplit, Source, open_source,
-                                  stratified_holdout, streams)
+from cnn_jax.data.sources import (Arrays, Decode, MissingSplit, Source, imagefolder_path,
+                                  open_source, stratified_holdout, streams)
 from cnn_jax.errors import BadInput, DataError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class DataSpec:
         of images of every size under an ImageNet preset) rather than decoded into the
         cache. Any preset runs on either."""
         return streams(self.name) or (self.augment != "cifar" and
-                                      self.name.startswith("imagefolder:"))
+                                      imagefolder_path(self.name) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +116,10 @@ class Dataset:
     def take(self, keep, labels=None, classes=None) -> "Dataset":
         """Examples `keep` of this split, optionally relabelled."""
         return dataclasses.replace(self, source=self.source.take(keep, labels, classes))
+
+    def describe(self) -> str:
+        """What these examples are and where from, with their count."""
+        return f"{self.source.describe()} ({len(self):,} images)"
 
     # -------------------------------------------------------------- reading
     def _read(self, i: int, view):
@@ -315,7 +319,15 @@ def subset(split, size: int):
     them when size is 0 or not smaller)."""
     if not size or size >= len(split):
         return split
-    return split.take(stratified_holdout(split.labels, size, seed=0))
+    taken = split.take(stratified_holdout(split.labels, size, seed=0))
+    source = taken.source if isinstance(taken, Dataset) else taken
+    source.origin = f"a fixed stratified {size:,} of {split_origin(split)}"
+    return taken
+
+
+def split_origin(split) -> str:
+    """What a Source's or Dataset's examples are, in words (Source.describe)."""
+    return (split.source if isinstance(split, Dataset) else split).describe()
 
 
 def select_classes(source, spec: str):
@@ -337,7 +349,9 @@ def select_classes(source, spec: str):
     relabel = np.full(len(source.classes), -1, np.int32)
     relabel[index] = np.arange(len(index))
     keep = np.flatnonzero(relabel[source.labels] >= 0)
-    return source.take(keep, relabel[source.labels[keep]], [source.classes[i] for i in index])
+    taken = source.take(keep, relabel[source.labels[keep]], [source.classes[i] for i in index])
+    taken.origin = f"classes {', '.join(taken.classes)} of {source.describe()}"
+    return taken
 
 
 __all__ = ["DataSpec", "Dataset", "open_split", "stored_split", "with_pca", "subset",

@@ -15,7 +15,9 @@ Every split of every dataset is a `Source`: `len`, `labels`, `classes`, `read(i)
   * TFDS through `tfds.data_source` (ArrayRecord builds; `tfds:NAME`), left encoded;
   * `Subset`: records `keep` of another source (a holdout, a subset, some classes).
 Small datasets (DATASETS' `decode`) are decoded once into the cache and memory-mapped;
-large ones stream. One scanner (cnn_jax.data.imagefolder) reads every ImageFolder, one
+large ones stream. CIFAR-10 and MNIST without a local copy come from their official
+archives (cnn_jax.data.fetch: downloaded once, checksummed, converted losslessly). A bare
+path (`/data/photos`, `photos.tar`) is an ImageFolder, as `imagefolder:PATH`. One scanner (cnn_jax.data.imagefolder) reads every ImageFolder, one
 fingerprint keys every cache entry, one TFDS reader serves both. Nothing here transforms an image:
 cnn_jax.data.ops does that.
 """
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 from pathlib import Path
 from typing import Optional
@@ -35,7 +38,7 @@ import numpy as np
 
 from cnn_jax.cache import PROJECT_ROOT, cache_dir
 from cnn_jax.data.imagefolder import (SPLITS, _cached, _exists, decode_image, decode_into,
-                                      fingerprint, imagefolder_index)
+                                      fingerprint, fit_image, imagefolder_index)
 from cnn_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,13 +50,15 @@ LABEL = struct.Struct("<i")    # an ArrayRecord record: label, then the encoded 
 DATASET_FILE = "dataset.json"  # beside ArrayRecord shards: classes, splits, shards
 
 # The named datasets: found locally first (an ImageFolder archive or folder named like
-# the dataset), else through TFDS. `decode`: small enough to decode into the cache.
+# the dataset), else from their official archives (`fetch`: cnn_jax.data.fetch) or a
+# prepared TFDS build (`tfds`). `decode`: small enough to decode into the cache.
 DATASETS = {
-    "cifar10": {"tfds": "cifar10", "decode": True},
-    "mnist": {"tfds": "mnist", "decode": True},
-    "imagenet_sample": {"tfds": None, "decode": False},
-    "imagenet2012": {"tfds": "imagenet2012", "decode": False},
+    "cifar10": {"fetch": True, "tfds": None, "decode": True},
+    "mnist": {"fetch": True, "tfds": None, "decode": True},
+    "imagenet_sample": {"fetch": False, "tfds": None, "decode": False},
+    "imagenet2012": {"fetch": False, "tfds": "imagenet2012", "decode": False},
 }
+TFDS_SPLITS = {"val": "validation"}   # our split names where TFDS's differ
 TFDS_PREPARE = {
     "imagenet2012": "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
                     "image-net.org) in ~/tensorflow_datasets/downloads/manual/ (or "
@@ -73,7 +78,8 @@ class Source:
     classes: list
     labels: np.ndarray     # int32 [N]
     skipped: tuple = ()    # (file, reason) of the split's files that are not in it
-    split: str = ""        # the stored split it was read from (test/ may be val/)
+    split: str = ""        # the stored split it was read from
+    origin: str = ""       # what these records are, in words (`describe`)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,6 +89,11 @@ class Source:
 
     def where(self, i: int) -> str:
         return f"{self.source}[{i}]"
+
+    def describe(self) -> str:
+        """What these records are and where they come from: 'test/ of PATH', 'a
+        stratified holdout of 5,000 of train/ of PATH' (the count is len(self))."""
+        return self.origin or f"{self.split or 'records'}/ of {self.source}"
 
     def take(self, keep, labels=None, classes=None) -> "Source":
         """Records `keep` of this source, optionally relabelled."""
@@ -129,7 +140,7 @@ class Arrays(Source):
         taken = Arrays(self.images[keep], self.labels[keep] if labels is None else labels,
                       self.classes if classes is None else classes, self.path,
                       rows if self.path is not None else None, self.skipped, self.source)
-        taken.split = self.split
+        taken.split, taken.origin = self.split, self.origin
         return taken
 
     def __getstate__(self):
@@ -154,6 +165,7 @@ class Subset(Source):
         self.labels = base.labels[self.keep] if labels is None else np.asarray(labels, np.int32)
         self.classes = base.classes if classes is None else classes
         self.source, self.skipped, self.split = base.source, base.skipped, base.split
+        self.origin = base.origin
 
     def read(self, i):
         data, _ = self.base.read(int(self.keep[i]))
@@ -281,14 +293,58 @@ def cached_imagefolder(root: Path, split: str, channels: Optional[int] = None,
     final = cache_dir() / f"{name}-{key}"
 
     _cached(final, lambda tmp: decode_into(root, tmp, channels, skip_bad, size, crop))
+    return read_decoded(final, split, str(root))
+
+
+def read_decoded(final: Path, split: str, source: str) -> Arrays:
+    """A split of a decoded cache folder (<split>_images.npy, <split>_labels.npy,
+    meta.json), memory-mapped."""
     meta = json.loads((final / "meta.json").read_text())
     if split not in meta["splits"]:
-        raise MissingSplit(f"{root}: has no '{split}' split; found {sorted(meta['splits'])}")
+        raise MissingSplit(f"{source}: has no '{split}' split; found {sorted(meta['splits'])}")
     images_path = final / f"{split}_images.npy"
     return Arrays(np.load(images_path, mmap_mode="r"), np.load(final / f"{split}_labels.npy"),
                   meta["classes"], images_path,
                   skipped=tuple(tuple(f) for f in meta["skipped"].get(split, ())),
-                  source=str(root))
+                  source=source)
+
+
+# ------------------------------------------------------------------ official archives
+def official_arrays(name: str, split: str, data_dir: Optional[str],
+                    decode: Optional[Decode]) -> Arrays:
+    """A split of CIFAR-10 or MNIST from its official files (cnn_jax.data.fetch:
+    downloaded and converted once), with `decode`'s channels and size applied (once,
+    into the cache) where they differ from the official pixels."""
+    from cnn_jax.data import fetch
+    final = fetch.converted(name, data_dir)
+    meta = json.loads((final / "meta.json").read_text())
+    source = f"{name} (official files in {meta['source']})"
+    decode = decode or Decode()
+    if decode.channels is None and decode.size is None:
+        return read_decoded(final, split, source)
+    options = f"c{decode.channels}-s{'x'.join(map(str, decode.size or ()))}-crop{int(decode.crop)}"
+    fitted = final.with_name(f"{final.name}-{options}")
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for s in meta["splits"]:
+            images = np.load(final / f"{s}_images.npy")
+            np.save(tmp / f"{s}_images.npy", np.stack([_refit(im, decode) for im in images]))
+            shutil.copy(final / f"{s}_labels.npy", tmp / f"{s}_labels.npy")
+        shutil.copy(final / "meta.json", tmp / "meta.json")
+    _cached(fitted, build)
+    return read_decoded(fitted, split, source)
+
+
+def _refit(image: np.ndarray, decode: Decode) -> np.ndarray:
+    """One decoded image with `decode`'s channels (Pillow's conversion, as the
+    ImageFolder decoder's) and size."""
+    if decode.channels not in (None, image.shape[-1]):
+        from PIL import Image
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        image = np.asarray(pil.convert("L" if decode.channels == 1 else "RGB"), np.uint8)
+        image = image[..., None] if image.ndim == 2 else image
+    return fit_image(image, decode.size, decode.crop) if decode.size else image
 
 
 # ------------------------------------------------------------------ ArrayRecord shards
@@ -333,34 +389,52 @@ def write_arrayrecord(records: Source, folder: Path, split: str, shards: int,
 
 
 # ------------------------------------------------------------------ TFDS
-def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool = False):
-    """(tfds.data_source with images left encoded, label names): the one TFDS reader.
-    `download`: prepare it first where TFDS can (the small named datasets)."""
+TENSORFLOW_EXTRA = ('TFDS prepares a dataset with TensorFlow, an optional extra here: '
+                    'pip install -e ".[tensorflow]"')
+
+
+def tfds_source(name: str, split: str, data_dir: Optional[str]):
+    """(tfds.data_source with images left encoded, label names): the one TFDS reader,
+    of data already prepared (an ArrayRecord build). MissingSplit where the build has
+    no such split."""
     try:
         import tensorflow_datasets as tfds  # heavy and optional: only on this path
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        if download:
-            builder.download_and_prepare()
-        source = builder.as_data_source(split=split,
+        stored = split if split in builder.info.splits else TFDS_SPLITS.get(split, split)
+        if builder.is_prepared() and stored not in builder.info.splits:
+            raise MissingSplit(f"tfds:{name}: has no '{split}' split; found "
+                               f"{sorted(builder.info.splits)}")
+        source = builder.as_data_source(split=stored,
                                         decoders={"image": tfds.decode.SkipDecoding()})
         classes = list(builder.info.features["label"].names)
-    except Exception as e:  # not installed, not prepared, not an ArrayRecord build, offline
+    except MissingSplit:
+        raise
+    except Exception as e:  # not installed, not prepared, not an ArrayRecord build
         how = TFDS_PREPARE.get(name, f"prepare it once with: tfds build {name} "
                                      f"--file_format=array_record [--data_dir DIR]")
+        try:
+            import tensorflow  # noqa: F401  (only to say whether it is there)
+            needs = ""
+        except ImportError:
+            needs = f" ({TENSORFLOW_EXTRA})"
         raise DataError(f"TFDS dataset {name!r} (split {split!r}) is not prepared for "
-                        f"random access ({type(e).__name__}: {str(e)[:300]}); {how}") from None
+                        f"random access ({type(e).__name__}: {str(e)[:300]}); {how}"
+                        f"{needs}") from None
     return source, classes
 
 
-def tfds_records(name: str, split: str, data_dir: Optional[str],
-                 download: bool = False) -> Source:
-    """Labels are read once (every record, a pass over the data) and cached."""
-    source, classes = tfds_source(name, split, data_dir, download)
+def tfds_records(name: str, split: str, data_dir: Optional[str]) -> Source:
+    """Labels are read once (every record, a pass over the data) and cached. A split
+    whose labels are all unknown (-1: ImageNet's test) is no split to score."""
+    source, classes = tfds_source(name, split, data_dir)
     key = hashlib.sha256(f"{name}|{split}|{data_dir}|{len(source)}".encode()).hexdigest()[:16]
     cached = cache_dir() / "index" / f"tfds-{name}-{split}-{key}-labels.npy"
     _cached(cached, lambda tmp: np.save(open(tmp, "wb"), np.array(
         [int(source[i]["label"]) for i in range(len(source))], np.int32)))
-    return TfdsRecords(name, split, data_dir, np.load(cached), classes)
+    labels = np.load(cached)
+    if len(labels) and (labels < 0).all():
+        raise MissingSplit(f"tfds:{name}: its '{split}' split has no labels")
+    return TfdsRecords(name, split, data_dir, labels, classes)
 
 
 def decoded(records: Source, channels: Optional[int] = None) -> Arrays:
@@ -414,6 +488,22 @@ def stratified_holdout(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarr
 
 
 # ------------------------------------------------------------------ by name
+PREFIXES = ("imagefolder:", "arrayrecord:", "tfds:", "synthetic")
+
+
+def imagefolder_path(name: str) -> Optional[Path]:
+    """The ImageFolder `name` means: `imagefolder:PATH`, or a bare path (one with a
+    slash, starting with . or ~, or naming something that exists) that is no dataset
+    name; None for anything else."""
+    if name.startswith("imagefolder:"):
+        return Path(name.split(":", 1)[1]).expanduser()
+    if name in DATASETS or name.startswith(PREFIXES):
+        return None
+    if "/" in name or name.startswith((".", "~")) or Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    return None
+
+
 def streams(name: str) -> bool:
     """Whether `name` is a dataset read encoded (never decoded into the cache)."""
     named = DATASETS.get(name)
@@ -435,9 +525,10 @@ def open_stored(name: str, split: str, data_dir: Optional[str] = None,
                 decode: Optional[Decode] = None) -> Source:
     """The stored split `split` of `name` as it is (no fallback, no holdout): decoded
     pixels when `decode` is given (or the dataset is synthetic), else the encoded
-    records."""
+    records. MissingSplit when the dataset has no such split."""
     source = _stored(name, split, data_dir, decode)
     source.split = split
+    source.origin = f"{split}/ of {source.source}"
     return source
 
 
@@ -445,8 +536,8 @@ def _stored(name: str, split: str, data_dir: Optional[str], decode: Optional[Dec
             ) -> Source:
     if name.startswith("synthetic"):
         return synthetic_arrays(name, split)
-    if name.startswith("imagefolder:"):
-        path = Path(name.split(":", 1)[1]).expanduser()
+    path = imagefolder_path(name)
+    if path is not None:
         if decode is None:
             return imagefolder_records(path, split)
         return cached_imagefolder(path, split, decode.channels, decode.skip_bad, decode.size,
@@ -457,62 +548,85 @@ def _stored(name: str, split: str, data_dir: Optional[str], decode: Optional[Dec
         return tfds_records(name[5:], split, data_dir)
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}, "
-                        f"imagefolder:PATH, arrayrecord:DIR, tfds:NAME or "
-                        f"synthetic[:HxWxC:classes:n_train:n_test]")
+                        f"a folder or .tar in ImageFolder layout (PATH or imagefolder:PATH), "
+                        f"arrayrecord:DIR, tfds:NAME or synthetic[:HxWxC:classes:n_train:n_test]")
     return _named(name, split, data_dir, decode)
 
 
 def _named(name: str, split: str, data_dir: Optional[str], decode: Optional[Decode]) -> Source:
+    """A named dataset: a local copy (an ImageFolder archive or folder named like it),
+    else its official files (downloaded on first use), else a prepared TFDS build."""
     local, looked = find_local(name, data_dir)
     if local is not None:
         passed = [d for d in search_dirs(data_dir)[:-1] if not local.is_relative_to(d)]
         if passed and local.is_relative_to(SHARED_DATA):
             log.warning("%s: not in %s; reading %s", name, ", ".join(map(str, passed)), local)
         return open_stored(f"imagefolder:{local}", split, data_dir, decode)
+    if DATASETS[name]["fetch"]:
+        return official_arrays(name, split, data_dir, decode)
     tfds_name = DATASETS[name]["tfds"]
     if tfds_name is None:
         raise DataError(f"dataset {name!r} not found; looked in:\n  " + "\n  ".join(looked))
     try:
-        records = tfds_records(tfds_name, split, data_dir, download=DATASETS[name]["decode"])
+        records = tfds_records(tfds_name, split, data_dir)
+    except MissingSplit:
+        raise
     except DataError as e:
         places = "\n  ".join(looked)
         raise DataError(
             f"dataset {name!r} not found. Looked for a local copy in:\n  {places}\n"
-            f"then tried TFDS, which failed: {str(e)[:600]}\n"
-            f"Pass --data-dir or set CNN_JAX_DATA_DIR to a folder holding {name}.tar.xz "
-            f"(ImageFolder layout), or run where TFDS can download.") from None
+            f"then for a prepared TFDS build: {str(e)[:800]}\n"
+            f"Pass --data-dir or set CNN_JAX_DATA_DIR to a folder holding {name}/ or "
+            f"{name}.tar (ImageFolder layout), or --data PATH.") from None
     return records if decode is None else decoded(records, decode.channels)
+
+
+def prepare(name: Optional[str], data_dir: Optional[str] = None) -> None:
+    """Before a job of many runs starts: a named dataset with no local copy is fetched
+    (and converted) once, here, with its progress bar, or refused in one line."""
+    if name in DATASETS and DATASETS[name]["fetch"] and find_local(name, data_dir)[0] is None:
+        from cnn_jax.data import fetch
+        fetch.converted(name, data_dir)
 
 
 def open_source(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int = 0,
                 holdout_seed: int = 0, decode: Optional[Decode] = None) -> Source:
     """One split of a dataset.
 
-    name: 'cifar10', 'mnist', 'imagenet_sample', 'imagenet2012', 'imagefolder:PATH',
-    'arrayrecord:DIR', 'tfds:NAME' or 'synthetic[:HxWxC:classes:n:n]'. `decode`: decode
-    into the cache (Arrays) with these options; None reads the files encoded.
-    split: 'train', 'val' or 'test'. With `holdout=N`, 'val' is a stratified N-example
-    holdout of the training set and 'train' is the rest; 'val' without a holdout size
-    is the dataset's own val/ if it has one, else 10 % of train. 'test' is test/, else
-    val/ (MissingSplit when neither exists).
+    name: 'cifar10', 'mnist', 'imagenet_sample', 'imagenet2012', a folder or .tar in
+    ImageFolder layout (PATH or 'imagefolder:PATH'), 'arrayrecord:DIR', 'tfds:NAME' or
+    'synthetic[:HxWxC:classes:n:n]'. `decode`: decode into the cache (Arrays) with these
+    options; None reads the files encoded.
+    split: what its name says, never anything else. 'test': the dataset's test/.
+    'val': with `holdout=N`, a stratified N-example holdout of the training set ('train'
+    is then the rest); without one, the dataset's own val/. A split the dataset does
+    not have is MissingSplit, saying what it has.
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if split == "val" and not holdout:
+        try:
+            return open_stored(name, "val", data_dir, decode)
+        except MissingSplit:
+            raise MissingSplit(f"{name}: has no val/ split, and no training images were held "
+                               f"out (--holdout N): there is no validation set to score"
+                               ) from None
     if split == "test":
         try:
             return open_stored(name, "test", data_dir, decode)
         except MissingSplit:
-            try:
-                return open_stored(name, "val", data_dir, decode)
-            except MissingSplit:
-                raise MissingSplit(f"{name}: no test/ or val/ split to evaluate on; hold "
-                                   f"out part of the training images instead (--holdout N)"
-                                   ) from None
+            raise MissingSplit(f"{name}: has no test/ split (a val/ one, where it has it, is "
+                               f"--split val; or hold out training images: --holdout N)"
+                               ) from None
     base = open_stored(name, "train", data_dir, decode)
     if split == "train" and not holdout:
         return base
-    val = stratified_holdout(base.labels, holdout or len(base) // 10, holdout_seed)
-    return base.take(val if split == "val" else np.setdiff1d(np.arange(len(base)), val))
+    val = stratified_holdout(base.labels, holdout, holdout_seed)
+    taken = base.take(val if split == "val" else np.setdiff1d(np.arange(len(base)), val))
+    taken.origin = (f"a stratified holdout of {holdout:,} of train/ of {base.source}"
+                    if split == "val" else
+                    f"train/ of {base.source} less a holdout of {holdout:,}")
+    return taken
 
 
 def load(name: str, split: str, *, data_dir: Optional[str] = None, holdout: int = 0,

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import sys
 
+from cnn_jax.accelerator import warn_if_unused
 from cnn_jax.errors import BadInput, exit_on_bad_input
 from cnn_jax.train import distributed
 from cnn_jax.train.config import RENAMED, TrainConfig
@@ -61,15 +62,16 @@ def parse_options(items) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     distributed.initialize(args)
+    warn_if_unused()  # a GPU or TPU beside a CPU-only jax: say so before training
     values = {k: v for k, v in vars(args).items() if k not in distributed.FLAGS}
     values["model_options"] = parse_options(values["model_options"])
     values["milestones"] = tuple(values["milestones"])
     cfg = TrainConfig(**values)
     results = train(cfg, command="python -m cnn_jax.train " + " ".join(
         sys.argv[1:] if argv is None else argv))
-    split = next(s for s in ("test", "val", "train_set") if f"final_{s}_error" in results)
+    split = results["eval_split"]
     print(f"done: {results['steps']} steps, train error {results['final_train_error']:.4f}, "
-          f"{split} error {results[f'final_{split}_error']:.4f}, "
+          f"{split} error {results[f'final_{split}_error']:.4f} on {results['eval_data']}, "
           f"digest {results['final_params_digest'][:16]}"
           + (f", {results['skipped_images']} unreadable file(s) left out"
              if results.get("skipped_images") else ""))

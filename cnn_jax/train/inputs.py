@@ -44,13 +44,14 @@ def training_split(cfg: TrainConfig, data_dir=None) -> Dataset:
     return with_pca(open_split(spec, "train", training=True), spec)
 
 
-def make_normaliser(kind: str, train_images: np.ndarray, source: str = "",
+def make_normaliser(kind: str, train_images, source: str = "",
                     model: str = "") -> Normalizer | None:
     """per_pixel / per_channel: the training set's mean subtracted (He et al.);
     standard: per-channel mean and standard deviation; lecun: the 1998 paper's scale;
     imagenet / inception: torchvision's for its ImageNet weights; source: the one the
     run at `source` (--init-from) was trained with, so a pretrained net sees its inputs
-    as it learnt them."""
+    as it learnt them. `train_images`: the images, or a function that reads them (only
+    the data-derived kinds call it)."""
     if kind == "none":
         return None
     fixed = {"lecun": LECUN, "imagenet": IMAGENET, "inception": INCEPTION}
@@ -58,8 +59,8 @@ def make_normaliser(kind: str, train_images: np.ndarray, source: str = "",
         return fixed[kind]
     if kind == "source":
         return source_normaliser(source, model)
-    return Normalizer.from_data(train_images, per_pixel=kind == "per_pixel",
-                                scale=kind == "standard")
+    images = train_images() if callable(train_images) else train_images
+    return Normalizer.from_data(images, per_pixel=kind == "per_pixel", scale=kind == "standard")
 
 
 def model_input_shape(image_shape: tuple, resize: int) -> tuple:
@@ -120,5 +121,5 @@ def source_normaliser(source: str, model: str = "") -> Normalizer | None:
         with np.load(saved) as f:
             return None if "none" in f else Normalizer(f["mean"], f["std"])
     cfg = TrainConfig.of_run(source)  # a run from before normalisers were saved
-    return make_normaliser(cfg.normalise, training_split(cfg).normaliser_images(),
+    return make_normaliser(cfg.normalise, training_split(cfg).normaliser_images,
                            cfg.init_from, cfg.model)

@@ -4,7 +4,8 @@ on one CPU, one GPU, many devices or many hosts, resumable to the bit;
 
 Phases: setup (mesh -> input -> model and compiled steps: cnn_jax.train.setup) ->
 state (init or restore, `start`) -> the step loop (`StepLoop`: compiled calls,
-logging, evaluation, checkpoints, signals) -> results (`write_results`).
+logging, evaluation, checkpoints, stops agreed by every process) -> results
+(`write_results`).
 """
 from __future__ import annotations
 
@@ -287,8 +288,13 @@ def finite_runs(state, seeds: int):
     return jnp.stack(flags).all(0)
 
 
-class _Signals:
-    """SIGTERM/SIGINT set a flag; the loop finishes its call, saves and exits."""
+class Stops:
+    """Why this process would stop before its next call: a signal it received (SIGTERM,
+    a preemption notice; SIGINT) or its input failing (its workers kept dying, a file it
+    must refuse). Many processes agree on it before the call: each tells the others its
+    reason (one small all-gather per call; a single process asks no one), so all stop
+    after the same step, save once together and exit with the same status, and no
+    process waits in a collective for one that has left."""
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -307,6 +313,18 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.received = signum
+
+    def agree(self, failed: Optional[BaseException]) -> np.ndarray:
+        """Every process's exit status if it stopped now (0: no reason to), in
+        process order: 128 + a signal's number, or 2 for a failed input."""
+        mine = 128 + self.received if self.received is not None else (2 if failed else 0)
+        if jax.process_count() == 1:
+            return np.array([mine])
+        return np.asarray(multihost_utils.process_allgather(np.int32(mine))).reshape(-1)
+
+
+def _reason(status: int) -> str:
+    return signal.Signals(status - 128).name if status > 128 else "its input failed"
 
 
 class PendingMetrics:
@@ -367,6 +385,9 @@ class StepLoop:
 
     def run(self, state, data_iter, step: int, on_steps=None):
         cfg = self.cfg
+        if jax.process_index() == 0 and cfg.progress:
+            print(f"evaluating on {self.setup.eval_split}: {self.setup.eval_arrays.describe()}",
+                  file=sys.stderr)
         self.bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
                         disable=not cfg.progress or jax.process_index() != 0,
                         desc=cfg.model + (f" x {self.setup.seeds} seeds"
@@ -382,47 +403,44 @@ class StepLoop:
         return state, step
 
     def steps(self, state, data_iter, step: int, on_steps):
-        """The compiled calls, each followed by its step's duties (`after_call`). When
-        the input's workers keep dying, the steps this session made are saved first."""
+        """The compiled calls, each followed by its step's duties (`after_call`). Before
+        each call the processes agree whether any must stop (`Stops`): then all save
+        the steps this session made and stop together (`stop`)."""
         calls, data_state, first = self.calls(step), data_iter.get_state(), step
-        with _Signals().installed() as signals, \
+        with Stops().installed() as stops, \
                 ChunkPrefetcher(data_iter, calls, self.to_device) as chunks, \
                 self.finishing_saves_on_error():
-            try:
-                for k, (inputs, data_state) in zip(calls, chunks):
-                    state, metrics = self.call(state, inputs)
-                    step += k
-                    self.after_call(state, data_state, metrics, step, k, signals, on_steps)
-            except InputWorkersDied as e:
-                if step != first and self.saved_step != step:
-                    self.save(state, data_state, step)
-                self.finish_saves()
-                where = f"resume from step {step} (saved)" if step else "start again"
-                raise InputWorkersDied(f"{e}, then re-run the same command to "
-                                       f"{where}.") from None
+            for k in calls:
+                try:
+                    inputs, next_data_state = next(chunks)
+                    failed = None
+                except BadInput as e:   # dying workers, a file the input must refuse
+                    failed = e
+                statuses = stops.agree(failed)
+                if statuses.any():
+                    self.stop(state, data_state, step, first, statuses, failed)
+                state, metrics = self.call(state, inputs)
+                step, data_state = step + k, next_data_state
+                self.after_call(state, data_state, metrics, step, k, on_steps)
         return state, step
 
-    def after_call(self, state, data_state, metrics, step: int, k: int, signals,
-                   on_steps) -> None:
-        """Log, evaluate and save on their exact steps; a save that failed, or a
-        signal, stops the run here."""
+    def after_call(self, state, data_state, metrics, step: int, k: int, on_steps) -> None:
+        """Log, evaluate and save on their exact steps; a save that failed stops the
+        run here."""
         cfg = self.cfg
         self.metrics.add(metrics)
         self.window_images += k * cfg.batch
         self.bar.update(k)
         if on_steps is not None:
             on_steps(k * self.setup.seeds)
-        stopping = signals.received is not None
         if step % cfg.log_every == 0 or step == cfg.steps:
             self.log_training(step)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             self.log_evaluation(state, step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             self.save(state, data_state, step)
         for run in self.runs:
             run.ckpt.check()
-        if stopping:
-            self.stop_for(signals.received, step)
 
     def calls(self, step: int) -> list[int]:
         """Steps per compiled call: up to steps_per_call, stopping at every step that
@@ -493,7 +511,7 @@ class StepLoop:
         split = self.setup.eval_split
         for run, ev in zip(self.runs, self.evaluate(state)):
             run.last_eval = {"step": step, **{f"eval_{k}": v for k, v in ev.items()},
-                             "eval_split": split}
+                             "eval_split": split, "eval_images": len(self.setup.eval_arrays)}
             if jax.process_index() == 0:
                 run.log.write(run.last_eval)
             seen = (f"train {in_words(run.last_train, 'train_')}  |  " if run.last_train
@@ -502,7 +520,8 @@ class StepLoop:
             # inside a sweep (no bar of its own), lines of runs in parallel interleave
             name = "" if self.cfg.progress else f"{run.out.name}  "
             tqdm.write(f"{name}step {step:>7}  {seed}{seen}{split} "
-                       f"{in_words(run.last_eval, 'eval_')}", file=sys.stderr)
+                       f"({run.last_eval['eval_images']:,}) {in_words(run.last_eval, 'eval_')}",
+                       file=sys.stderr)
 
     # -------------------------------------------------------------- checkpoints and stops
     def save(self, state, data_state, step: int) -> None:
@@ -544,14 +563,31 @@ class StepLoop:
             self.finish_saves()
             raise
 
-    def stop_for(self, signum: int, step: int):
-        for run in self.runs:
-            run.ckpt.wait()
+    def stop(self, state, data_state, step: int, first: int, statuses: np.ndarray,
+             failed: Optional[BaseException]):
+        """Stop every process after `step`, together: save the steps this session made
+        (once, by all), then exit with the highest status any process asked for (a
+        signal's 128 + n, else 2), each process saying why."""
+        if step != first and self.saved_step != step:
+            self.save(state, data_state, step)
+        self.finish_saves()
         self.bar.close()
-        print(f"{signal.Signals(signum).name}: saved step {step} to "
-              f"{', '.join(str(r.out / 'checkpoints') for r in self.runs)}; re-run the "
-              f"same command to resume", file=sys.stderr)
-        raise SystemExit(128 + signum)
+        me, status = int(statuses[jax.process_index()]), int(statuses.max())
+        others = ", ".join(f"process {i} ({_reason(int(c))})" for i, c in enumerate(statuses)
+                           if c and i != jax.process_index())
+        resume = (f"re-run the same command{'s on every host' if len(statuses) > 1 else ''} "
+                  f"to {f'resume from step {step} (saved)' if step else 'start again'}")
+        if status == 2 and failed is not None:   # this process's input: its own words
+            raise type(failed)(f"{failed}{f' (and {others})' if others else ''}, then "
+                               f"{resume}.") from None
+        if status == 2:
+            raise BadInput(f"{others} stopped the run (its message says why); every "
+                           f"process stopped after step {step}: {resume}.")
+        saved = (f"saved step {step} to {', '.join(str(r.out / 'checkpoints') for r in self.runs)}"
+                 if step else "stopped before the first step")
+        print(f"{_reason(me) + ': ' if me else ''}{saved}"
+              f"{f'; stopped for {others}' if others else ''}; {resume}", file=sys.stderr)
+        raise SystemExit(status)
 
 
 # ------------------------------------------------------------------ phase 6: results
@@ -570,9 +606,11 @@ def final_evaluations(setup: Setup, runs: list[_Run], loop: StepLoop, state, ste
         if test is not None:
             for run, m in zip(runs, loop.evaluate(state, test)):
                 run.last_eval.update({f"final_test_{k}": m[k] for k in REPORTED})
+                run.last_eval["final_test_data"] = test.describe()
     if cfg.eval_train_set:  # how well the final weights fit the training images themselves
         for run, fit in zip(runs, loop.evaluate(state, setup.train_arrays)):
             run.last_eval.update({f"final_train_set_{k}": fit[k] for k in REPORTED})
+            run.last_eval["final_train_set_data"] = setup.train_arrays.describe()
 
 
 def files_left_out(ids: set) -> int:
@@ -608,6 +646,9 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
             **{f"final_train_{k}": last_train.get(f"train_{k}") for k in STEP_KEYS if k != "lr"},
             **{f"final_train_{a}": last_train.get(f"train_{k}") for a, k in ALIASES.items()},
             **{f"final_{split}_{k}": run.last_eval[f"eval_{k}"] for k in REPORTED},
+            # what the final_<split>_ numbers scored: the split, its folder, its images
+            "eval_split": split, "eval_data": setup.eval_arrays.describe(),
+            "eval_images": len(setup.eval_arrays),
             **{k: v for k, v in run.last_eval.items() if k.startswith("final_")},
             "final_params_digest": params_digest(own.params),
             "warmup_end": int(jax.device_get(own.warmup_end)) if cfg.warmup_lr else None,

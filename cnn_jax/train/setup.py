@@ -90,7 +90,7 @@ def build_input(cfgs: list[TrainConfig], mesh: Mesh) -> dict:
     eval_split, evaluation = evaluation_split(spec)
     n_dev = mesh.devices.size
     eval_batch = -(-min(cfg.eval_batch, len(evaluation)) // n_dev) * n_dev
-    normaliser = make_normaliser(cfg.normalise, train.normaliser_images(), cfg.init_from,
+    normaliser = make_normaliser(cfg.normalise, train.normaliser_images, cfg.init_from,
                                  cfg.model)
     workers = cfg.workers if seeds == 1 else \
         (cfg.workers if cfg.workers is not None else default_workers()) // seeds
@@ -103,15 +103,32 @@ def build_input(cfgs: list[TrainConfig], mesh: Mesh) -> dict:
 
 
 def evaluation_split(spec: DataSpec) -> tuple[str, Dataset]:
-    """The split a run evaluates on and reports: its holdout ('val'), else 'test' (or
-    val/); a dataset with neither evaluates its training images (TRAIN_SET)."""
-    split = "val" if spec.holdout else "test"
+    """The split a run evaluates on and reports, named for what it is: its holdout
+    ('val'), else the dataset's test/ ('test'), else its val/ ('val'); a dataset with
+    none of them evaluates its training images (TRAIN_SET), and says so."""
+    if spec.holdout:
+        refuse_two_vals(spec)
+        return "val", open_split(spec, "val", spec.eval_subset)
+    for split in ("test", "val"):
+        try:
+            return split, open_split(spec, split, spec.eval_subset)
+        except MissingSplit:
+            continue
+    print(f"{spec.name} has no test/ or val/ split: evaluating on the training images "
+          f"(reported as train_set)", file=sys.stderr)
+    return TRAIN_SET, open_split(spec, "train", spec.eval_subset)
+
+
+def refuse_two_vals(spec: DataSpec) -> None:
+    """A holdout is this run's 'val'; a dataset with a val/ of its own would make the
+    name mean two things."""
     try:
-        return split, open_split(spec, split, spec.eval_subset)
-    except MissingSplit:  # imagenet_sample has only train/: say so, and use it
-        print(f"{spec.name} has no test/ or val/ split: evaluating on the training images "
-              f"(reported as train_set)", file=sys.stderr)
-        return TRAIN_SET, open_split(spec, "train", spec.eval_subset)
+        own = open_split(dataclasses.replace(spec, holdout=0, eval_subset=0), "val")
+    except MissingSplit:
+        return
+    raise BadInput(f"--holdout {spec.holdout}: {spec.name} has a val/ split of its own "
+                   f"({len(own):,} images), and 'val' names one split only; evaluate on "
+                   f"its val/ (drop --holdout), or hold out images from a copy without val/")
 
 
 def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Dataset,
