@@ -58,14 +58,25 @@ from cnn_jax.errors import BadInput, exit_on_bad_input
 from cnn_jax.files import atomic, write_atomic
 from cnn_jax.provenance import hardware, versions
 from cnn_jax.train import distributed
-from cnn_jax.train.config import TrainConfig
+from cnn_jax.recipe import flat_name, parse_value
+from cnn_jax.train.config import FIELDS, TrainConfig, locate
 
 # TrainConfig fields an experiment sets for each of its runs, and what sets them
 PER_RUN = {"model": "the experiment's nets", "model_options": "the experiment's nets",
            "seed": "--seeds", "out": "--out", "data": "--data", "data_dir": "--data-dir",
            "workers": "--workers", "progress": "the experiment's progress bar"}
-# ... and the rest: what a preset's `train` and --set may set
-TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN)
+# ... and the rest: what a preset's `train` and --set may set (by flat name, or as
+# section.field: `--set schedule.lr=0.05` is `--set lr=0.05`)
+TRAIN_FIELDS = tuple(k for k in FIELDS if k not in PER_RUN)
+
+
+def training_key(key: str) -> Optional[str]:
+    """The flat name of a training field spelt either way, else None."""
+    try:
+        section, f = locate(key)
+    except BadInput:
+        return None
+    return flat_name(f)
 
 
 # ------------------------------------------------------------------ presets
@@ -98,7 +109,7 @@ def check_presets(name: str, presets: dict) -> None:
             raise TypeError(f"{name} preset {preset_name!r}: needs a `train` dict of "
                             f"TrainConfig fields")
         shadowed = sorted(set(knobs(preset)) & set(train))
-        wrong = sorted(set(train) - set(TRAIN_FIELDS))
+        wrong = sorted(k for k in train if training_key(k) != k or k not in TRAIN_FIELDS)
         if shadowed or wrong:
             raise TypeError(f"{name} preset {preset_name!r}: `train` sets fields its knobs "
                             f"shadow {shadowed}, or keys that are no training field {wrong}")
@@ -114,15 +125,17 @@ def override(preset, assignments: list[str]):
         key, sep, text = item.partition("=")
         if not sep:
             raise BadInput(f"--set {item!r}: expected KEY=VALUE")
+        if key not in own:
+            key = training_key(key) or key   # schedule.lr -> lr
         if key in PER_RUN and key not in own:
             raise BadInput(f"--set {key}: set for each run by {PER_RUN[key]}, not by --set")
         if key not in own and key not in TRAIN_FIELDS:
             raise BadInput(f"--set {item!r}: {key!r} is neither a field of this experiment's "
                            f"presets ({', '.join(own)}) nor a training field "
-                           f"({', '.join(TRAIN_FIELDS)})")
-        like = own[key] if key in own else getattr(TrainConfig(), key)
+                           f"({', '.join(TRAIN_FIELDS)}, or as section.field)")
+        like = own[key] if key in own else TrainConfig().get(key)
         try:
-            value = _parse(text, like)
+            value = parse_value(text, like)
         except ValueError:
             raise BadInput(f"--set {item!r}: {text!r} is not a {type(like).__name__}") from None
         (changes if key in own else train)[key] = value
@@ -133,21 +146,7 @@ def train_config(preset, base: Optional[TrainConfig] = None, **fields) -> TrainC
     """A run's TrainConfig: `base` (default TrainConfig's defaults) with what the
     experiment sets for this run (`fields`), then the preset's training fields (its own
     and --set's) over them."""
-    return dataclasses.replace(base or TrainConfig(), **{**fields, **preset.train})
-
-
-def _parse(text: str, like: Any):
-    if isinstance(like, bool):
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(text)
-        return text.lower() in ("true", "1", "yes")
-    if isinstance(like, tuple):
-        items = [t for t in text.split(",") if t.strip()]
-        kind = type(like[0]) if like else (int if all(t.strip().isdigit() for t in items) else str)
-        return tuple(_parse(t.strip(), kind()) for t in items)
-    if like is None:
-        return None if text.lower() == "none" else text
-    return type(like)(text)
+    return (base or TrainConfig()).replace(**{**fields, **preset.train})
 
 
 def slug(assignments: list[str]) -> str:
@@ -362,6 +361,9 @@ class Experiment:
         else:
             name, why = choose_preset(args.preset, *self.auto)
         try:
+            # section.field spellings by their flat names: one recipe, one folder name
+            args.set = [f"{training_key(k) or k}{sep}{v}" for k, sep, v in
+                        (item.partition("=") for item in args.set)]
             preset = override(self.presets[name], args.set)
         except BadInput as e:
             p.error(str(e))

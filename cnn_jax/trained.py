@@ -60,7 +60,7 @@ class Trained:
     @property
     def data(self) -> Optional[str]:
         """The dataset it was trained on: a run's own; for weights files, where known."""
-        return self.config.data if self.config is not None else self.dataset
+        return self.config.data.name if self.config is not None else self.dataset
 
     @property
     def input_size(self) -> int:
@@ -172,15 +172,15 @@ def load_trained(source, arch: Optional[str] = None) -> Trained:
                        f"config.json and checkpoints/, or a weights file "
                        f"({', '.join(WEIGHT_SUFFIXES)})")
     cfg = TrainConfig.of_run(path)
-    if arch and arch != cfg.model:
-        raise BadInput(f"{path}: trained a {cfg.model}, not a {arch}")
+    if arch and arch != cfg.model.name:
+        raise BadInput(f"{path}: trained a {cfg.model.name}, not a {arch}")
     variables = jax.device_get(load_variables(path))
     shape = training_image_shape(path)
-    seen = (cfg.resize, cfg.resize, shape[2]) if cfg.resize else shape
-    return Trained(str(path), cfg.model, dict(cfg.model_options), variables,
+    seen = (cfg.data.resize, cfg.data.resize, shape[2]) if cfg.data.resize else shape
+    return Trained(str(path), cfg.model.name, dict(cfg.model.options), variables,
                    source_normaliser(path), shape,
-                   classes_of(cfg.model, dict(cfg.model_options), variables, seen),
-                   cfg.resize, cfg.input_pad, cfg, cfg.dtype, resolve("auto", dtype=cfg.dtype))
+                   classes_of(cfg.model.name, dict(cfg.model.options), variables, seen),
+                   cfg.data.resize, cfg.data.input_pad, cfg, cfg.model.dtype, resolve("auto", dtype=cfg.model.dtype))
 
 
 MODEL_FILE = "model.json"  # a classifier folder of cnn_jax.transfer (save_classifier)
@@ -202,8 +202,8 @@ def _load_classifier(folder: Path) -> Trained:
     size = meta["image_size"]
     return Trained(str(folder), meta["model"], meta["options"], variables, normaliser,
                    (size, size, 3), len(meta["classes"]), meta.get("resize", 0),
-                   config=config, dtype=config.dtype if config else "float32",
-                   kernels=resolve("auto", dtype=config.dtype if config else "float32"),
+                   config=config, dtype=config.model.dtype if config else "float32",
+                   kernels=resolve("auto", dtype=config.model.dtype if config else "float32"),
                    classes=tuple(meta["classes"]))
 
 

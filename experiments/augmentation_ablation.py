@@ -101,13 +101,13 @@ def run_config(setting: str, preset: Preset, seed: int, args, out: Path):
 
 def pipeline_rate(cfg, batches: int) -> float:
     """Images/s of the host pipeline alone for this run's augmentation."""
-    it = iter(train_dataset(training_split(cfg), cfg.batch, cfg.seed, cfg.workers))
+    it = iter(train_dataset(training_split(cfg), cfg.optimiser.batch, cfg.run.seed, cfg.run.workers))
     for _ in range(3):  # workers started, buffers full
         next(it)
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
-    return batches * cfg.batch / (time.perf_counter() - start)
+    return batches * cfg.optimiser.batch / (time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------ outputs
@@ -200,16 +200,16 @@ def run(ctx: Context) -> Report:
                      "final_test_error": float(np.mean([res["final_test_error"] for _, res in mine])),
                      "pipeline_img_per_s": rates[s],
                      "train_img_per_s": float(np.mean([res["img_per_s"] for _, res in mine])),
-                     "run_dirs": [cfg.out for cfg, _ in mine]})
+                     "run_dirs": [cfg.run.out for cfg, _ in mine]})
     data, cfg = args.data or preset.data, configs[0]  # every setting's recipe but its own
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "") +
-            f"; {preset.model}, {cfg.steps} iterations at batch {cfg.batch}, lr "
-            f"{cfg.lr} ({cfg.schedule}), weight decay {cfg.weight_decay}, seeds "
+            f"; {preset.model}, {cfg.schedule.steps} iterations at batch {cfg.optimiser.batch}, lr "
+            f"{cfg.schedule.lr} ({cfg.schedule.kind}), weight decay {cfg.optimiser.weight_decay}, seeds "
             f"0..{seeds - 1}" +
-            (f", trained on a fixed {cfg.train_subset}-image subset" if cfg.train_subset else "") +
+            (f", trained on a fixed {cfg.data.train_subset}-image subset" if cfg.data.train_subset else "") +
             (f", test error on a fixed {preset.test_subset}-image subset" if preset.test_subset else "") +
             f". Pipeline images/s: {preset.pipeline_batches} batches, workers "
-            f"{configs[0].workers if configs[0].workers is not None else 'default'}, no model. "
+            f"{configs[0].run.workers if configs[0].run.workers is not None else 'default'}, no model. "
             f"Command: `{ctx.command}`.")
     claims, effects = check_claims(rows)
     said = "\n".join(f"  {e['setting']} vs {e['against']}: test error "

@@ -96,7 +96,7 @@ def base_config(base: Trained, data_dir, workers) -> TrainConfig:
     """The recipe the arms continue: the base run's own, or for released weights the
     paper's CIFAR recipe on the data they were trained on, fed as they were fed."""
     if base.config is not None:
-        return dataclasses.replace(base.config, data_dir=data_dir or base.config.data_dir)
+        return base.config.replace(data_dir=data_dir or base.config.data.data_dir)
     return TrainConfig(model=base.model_name, model_options=dict(base.options), data="cifar10",
                        data_dir=data_dir, crop_pad=4, flip=True, normalise="source",
                        init_from=base.source, workers=workers)
@@ -106,7 +106,7 @@ def arm_config(arm: str, base_cfg: TrainConfig, preset: Preset, seed: int, base:
                out: Path, workers):
     """The base run's recipe continued from its weights, k blocks grown (or not), with
     the preset's training fields."""
-    options = dict(base_cfg.model_options)
+    options = dict(base_cfg.model.options)
     if arm != "control":
         options.update(extra_blocks=(0, 0, preset.blocks), extra_shortcut=ARMS[arm])
     steps = preset.train["steps"]
@@ -289,7 +289,7 @@ def run(ctx: Context) -> Report:
         raise BadInput(f"--base {base}: expected a CIFAR resnetN/plainN run, got "
                        f"{base_net.model_name!r}")
     base_cfg = base_config(base_net, args.data_dir, args.workers)
-    data_dir = base_cfg.data_dir
+    data_dir = base_cfg.data.data_dir
     splits = {
         "train_error": subset(training_split(base_cfg, data_dir), preset.train_images),
         "test_error": subset(split_of(base_cfg, "test", data_dir), preset.test_images)}
@@ -305,8 +305,8 @@ def run(ctx: Context) -> Report:
     base_errors = probes["control"].errors(base_net.variables, splits)
     rows = []
     for (arm, seed), cfg, v0, res in zip(jobs, configs, appended, trained):
-        v1 = load_variables(Path(cfg.out))
-        rows.append({"arm": arm, "seed": seed, "run_dir": cfg.out,
+        v1 = load_variables(Path(cfg.run.out))
+        rows.append({"arm": arm, "seed": seed, "run_dir": cfg.run.out,
                      "params": res["params"], "wall_s": res["wall_s"], **{
                          when: {**probes[arm].errors(v, splits),
                                 "blocks": probes[arm].new_blocks(v, images)}
@@ -334,11 +334,11 @@ def run(ctx: Context) -> Report:
 def appended_variables(cfg: TrainConfig, base_net: Trained, base: Path, test) -> dict:
     """An arm's variables at step 0, as its training starts: the base net's, with fresh
     blocks where it grows (the control: the base net itself)."""
-    if not cfg.model_options.get("extra_blocks"):
+    if not cfg.model.options.get("extra_blocks"):
         return base_net.variables
-    model = create_model(cfg.model, num_classes=base_net.num_classes, **cfg.model_options)
-    shape = model_input_shape(test.image_shape, cfg.resize)
-    return initial_variables(model, cfg.seed, shape, base_net.variables, str(base))
+    model = create_model(cfg.model.name, num_classes=base_net.num_classes, **cfg.model.options)
+    shape = model_input_shape(test.image_shape, cfg.data.resize)
+    return initial_variables(model, cfg.run.seed, shape, base_net.variables, str(base))
 
 
 def add_arguments(p) -> None:

@@ -191,9 +191,9 @@ def record(net: Net, seed: int, cfg: TrainConfig, res: dict, ten_crop: bool) -> 
          "final_test_top1_error": res[f"final_{split}_top1_error"],
          "final_test_top5_error": res[f"final_{split}_top5_error"],
          "final_train_set_error": res.get("final_train_set_error"),
-         "curve": curve(Path(cfg.out), "test"), "wall_s": res["wall_s"],
+         "curve": curve(Path(cfg.run.out), "test"), "wall_s": res["wall_s"],
          "img_per_s": res["img_per_s"], "hardware": res["hardware"],
-         "run_dir": cfg.out}
+         "run_dir": cfg.run.out}
     if ten_crop:  # every process: each scores its rows of the split, the counts summed
         r.update(ten_crop_test(cfg, split, res["final_params_digest"]))
     return r
@@ -204,7 +204,7 @@ def ten_crop_test(cfg: TrainConfig, split: str, digest: str) -> dict:
     softmax averaged (cnn_jax.evaluate), on every process, each its rows; kept in the
     run's folder for its final parameters, so a re-run does not test again (process 0
     decides for all, so that all or none evaluate)."""
-    kept = Path(cfg.out) / f"ten_crop_{split}.json"
+    kept = Path(cfg.run.out) / f"ten_crop_{split}.json"
     saved = None
     if jax.process_index() == 0 and kept.exists():
         saved = json.loads(kept.read_text())
@@ -214,8 +214,8 @@ def ten_crop_test(cfg: TrainConfig, split: str, digest: str) -> dict:
         saved = json.loads(kept.read_text())
     if saved is not None:
         return {**saved["errors"], "ten_crop_test_images": saved["n_examples"]}
-    ten = evaluate([cfg.out], views=10, split="train" if split == "train_set" else split,
-                   workers=cfg.workers)
+    ten = evaluate([cfg.run.out], views=10, split="train" if split == "train_set" else split,
+                   workers=cfg.run.workers)
     errors = {"ten_crop_test_top1_error": ten["top1_error"],
               "ten_crop_test_top5_error": ten["top5_error"]}
     if jax.process_index() == 0:
@@ -259,20 +259,20 @@ def run(ctx: Context) -> Report:
     evaluated = ("the training images themselves (this dataset has no val/): memorisation, "
                  "not generalisation" if on_train else f"the {split} split") + \
         (f", {runs[0]['scored']}" if runs[0].get("scored") else "")
-    images = f"{cfg.eval_subset:,} fixed" if cfg.eval_subset else "all"
+    images = f"{cfg.data.eval_subset:,} fixed" if cfg.data.eval_subset else "all"
     training = (f"the error on {images} training images with the final weights" if on_train
-                else f"the last {cfg.log_every} iterations' training batches")
-    drops = [m for m in cfg.milestones if m < cfg.steps]
-    schedule = f"lr {cfg.lr}" + (f" divided by 10 at {', '.join(map(str, drops))}"
+                else f"the last {cfg.run.log_every} iterations' training batches")
+    drops = [m for m in cfg.schedule.milestones if m < cfg.schedule.steps]
+    schedule = f"lr {cfg.schedule.lr}" + (f" divided by 10 at {', '.join(map(str, drops))}"
                                  if drops else "")
-    note = (f"Data: {data}. Preset `{ctx.preset_name}`: {cfg.steps} iterations at batch "
-            f"{cfg.batch}, {schedule}, --augment {cfg.augment}, input "
-            f"{cfg.image_size}x{cfg.image_size} (the paper: 60x10^4 at 256, lr 0.1, 224x224). "
+    note = (f"Data: {data}. Preset `{ctx.preset_name}`: {cfg.schedule.steps} iterations at batch "
+            f"{cfg.optimiser.batch}, {schedule}, --augment {cfg.data.augment}, input "
+            f"{cfg.data.image_size}x{cfg.data.image_size} (the paper: 60x10^4 at 256, lr 0.1, 224x224). "
             f"Training error: {training}; test errors on {evaluated}, centre crop; mean ± std "
             f"over seeds 0..{seeds - 1}. The paper's column is ImageNet val, 10-crop. "
             f"Command: `{ctx.command}`.")
-    title = (f"{data}, preset {ctx.preset_name}: {cfg.steps} iterations, batch {cfg.batch}, "
-             f"lr {cfg.lr}, {cfg.image_size} px, seeds {seeds}")
+    title = (f"{data}, preset {ctx.preset_name}: {cfg.schedule.steps} iterations, batch {cfg.optimiser.batch}, "
+             f"lr {cfg.schedule.lr}, {cfg.data.image_size} px, seeds {seeds}")
     claims = check_claims(runs, CLAIMS, label, depths=(18, 34))
     return Report(
         results={"runs": runs},
@@ -282,7 +282,7 @@ def run(ctx: Context) -> Report:
         words="" if claims else "No claim of Fig. 4 is tested: they need plain and "
                                 "residual nets of 18 and 34 layers.",
         # Fig. 4's shape is Fig. 6's (experiments.plain_vs_resnet), with option B
-        plot=lambda path: plot(runs, path, title, milestones=cfg.milestones,
+        plot=lambda path: plot(runs, path, title, milestones=cfg.schedule.milestones,
                                residual_title="ResNets (option B)",
                                ylabel="top-1 error (%)  -- dashed: training, solid: " +
                                       ("training images" if on_train else split)))

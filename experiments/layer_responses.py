@@ -238,9 +238,9 @@ def gather_nets(ctx: Context) -> list[dict]:
             cfg = here_config(net, preset, seed, args, ctx.out / "nets" / f"{net.name}-seed{seed}")
             todo.append((net.depth, cfg))
             nets.append({"name": net.name, "depth": net.depth, "residual": net.residual,
-                         "seed": seed, "source": cfg.out,
-                         "origin": f"trained here: {cfg.steps:,} iterations at batch "
-                                   f"{cfg.batch}, lr {cfg.lr} cosine to 0, crop + mirror"})
+                         "seed": seed, "source": cfg.run.out,
+                         "origin": f"trained here: {cfg.schedule.steps:,} iterations at batch "
+                                   f"{cfg.optimiser.batch}, lr {cfg.schedule.lr} cosine to 0, crop + mirror"})
     run_all([cfg for _, cfg in sorted(todo, key=lambda t: -t[0])], ctx.command,
             processes=args.processes)  # the deepest first
     return nets

@@ -157,8 +157,8 @@ def run(ctx: Context) -> Report:
     for variant in args.variants:
         per_seed = [{"seed": seed, "final_test_error": res["final_test_error"],
                      "final_train_error": res["final_train_error"], "wall_s": res["wall_s"],
-                     "img_per_s": res["img_per_s"], "curve": curve(Path(cfg.out)),
-                     "run_dir": cfg.out}
+                     "img_per_s": res["img_per_s"], "curve": curve(Path(cfg.run.out)),
+                     "run_dir": cfg.run.out}
                     for (v, seed), cfg, res in zip(jobs, configs, results) if v == variant]
         params = next(res["params"] for (v, _), res in zip(jobs, results) if v == variant)
         errs = [s["final_test_error"] for s in per_seed]

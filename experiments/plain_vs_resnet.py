@@ -175,10 +175,10 @@ def sweep(nets: list[Net], preset: Preset, seeds: int, out: Path, command: str, 
         "final_train_set_error": res.get("final_train_set_error"),
         "final_test_error": res["final_test_error"],
         **({"final_val_error": res["final_val_error"]} if split == "val" else {}),
-        "scored": res.get("eval_data"), "curve": curve(Path(cfg.out), split),
+        "scored": res.get("eval_data"), "curve": curve(Path(cfg.run.out), split),
         "wall_s": res["wall_s"], "img_per_s": res["img_per_s"],
         "hardware": res["hardware"], "conv_kernels": res.get("conv_kernels"),
-        "run_dir": str(Path(cfg.out)),
+        "run_dir": str(Path(cfg.run.out)),
     } for (net, seed), cfg, res in zip(jobs, configs, results)]
 
 
@@ -314,35 +314,35 @@ def run(ctx: Context) -> Report:
                  data_dir=args.data_dir, workers=args.workers, val=args.val)
     cfg = run_config(Net(True, 20), preset, 0, ctx.out)   # the recipe every net shares
     data = args.data or preset.data
-    subset = (f"training error: the error on the whole fixed {cfg.train_subset:,}-image "
+    subset = (f"training error: the error on the whole fixed {cfg.data.train_subset:,}-image "
               f"training subset with the final weights (no augmentation: an optimisation "
-              f"test; the test error, on {cfg.eval_subset:,} test images, measures what "
+              f"test; the test error, on {cfg.data.eval_subset:,} test images, measures what "
               f"memorising it gives, not the paper's generalisation)"
-              if cfg.train_subset else "")
+              if cfg.data.train_subset else "")
     scored = runs[0].get("scored") or data
     jpeg = data == "cifar10" and "official files" not in scored
     note = (f"Data: {data}" + (" (a JPEG re-encoded copy: errors are not comparable one to "
                                "one with the paper's lossless CIFAR-10)" if jpeg else "") +
             f"; test errors on {scored}" +
-            f". Preset `{ctx.preset_name}`: {cfg.steps} iterations at batch {cfg.batch}, "
-            f"lr {cfg.lr} (the paper: 64k at 128, lr 0.1)" + (f"; {subset}" if subset else "") +
+            f". Preset `{ctx.preset_name}`: {cfg.schedule.steps} iterations at batch {cfg.optimiser.batch}, "
+            f"lr {cfg.schedule.lr} (the paper: 64k at 128, lr 0.1)" + (f"; {subset}" if subset else "") +
             ". Final errors after the last iteration" + (
-                "" if cfg.train_subset else
-                f" (training: the last {cfg.log_every} iterations' batches)") +
+                "" if cfg.data.train_subset else
+                f" (training: the last {cfg.run.log_every} iterations' batches)") +
             f", single view; mean ± std over seeds 0..{seeds - 1}. Command: `{ctx.command}`.")
-    what = "training errors" + (f" on the {cfg.train_subset:,}-image subset"
-                                if cfg.train_subset else "")
-    title = (f"{data}, preset {ctx.preset_name}: {cfg.steps} iterations, batch "
-             f"{cfg.batch}, lr {cfg.lr}, seeds {seeds}" +
-             (f"; training error on a fixed {cfg.train_subset:,}-image subset"
-              if cfg.train_subset else ""))
+    what = "training errors" + (f" on the {cfg.data.train_subset:,}-image subset"
+                                if cfg.data.train_subset else "")
+    title = (f"{data}, preset {ctx.preset_name}: {cfg.schedule.steps} iterations, batch "
+             f"{cfg.optimiser.batch}, lr {cfg.schedule.lr}, seeds {seeds}" +
+             (f"; training error on a fixed {cfg.data.train_subset:,}-image subset"
+              if cfg.data.train_subset else ""))
     return Report(
         results={"runs": runs},
-        table=table(runs, note, paper_column=not cfg.train_subset),
+        table=table(runs, note, paper_column=not cfg.data.train_subset),
         claims=check_claims(runs),
         heading=f"Fig. 6's claims, on the final {what} (mean of {seeds} seed(s)):",
-        plot=lambda path: plot(runs, path, title, test_curves=not cfg.train_subset,
-                               milestones=cfg.milestones))
+        plot=lambda path: plot(runs, path, title, test_curves=not cfg.data.train_subset,
+                               milestones=cfg.schedule.milestones))
 
 
 def add_arguments(p) -> None:

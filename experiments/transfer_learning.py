@@ -132,7 +132,7 @@ def engine_config(mode: str, base, backbone, settings: dict, out: Path, n_train:
         crop_pad=max(1, backbone.input_size // 8) if augment else 0, flip=augment,
         log_every=max(1, steps // 10), eval_every=steps, checkpoint_every=steps,
         eval_batch=250, out=str(out), progress=False)
-    return dataclasses.replace(base, **{**fields, **train, "batch": min(train["batch"], n_train)})
+    return base.replace(**{**fields, **train, "batch": min(train["batch"], n_train)})
 
 
 def trained_params(variables: dict, trainable: str) -> int:
@@ -151,7 +151,7 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str, seed: in
         return json.loads(done.read_text())
     start = time.perf_counter()
     train = training_split(base)
-    val = subset(split_of(base, eval_split), base.eval_subset)
+    val = subset(split_of(base, eval_split), base.data.eval_subset)
     features = features or out / "features"
     f_train, info = cached_features(features, "train", backbone, train)
     f_val, _ = cached_features(features, eval_split, backbone, val)
@@ -181,18 +181,18 @@ def run_frozen(base, backbone, out: Path, epochs: int, eval_split: str, seed: in
 def run_engine(mode: str, cfg, backbone, command: str, eval_split: str, out: Path,
                train) -> dict:
     """Modes 2 and 3 (and training from scratch): a run of the training engine in
-    `cfg.out`, a folder inside `out` (where model.json goes); `train`: its images."""
+    `cfg.run.out`, a folder inside `out` (where model.json goes); `train`: its images."""
     res = run_all([cfg], command, [mode])[0]
-    run = Path(cfg.out)
+    run = Path(cfg.run.out)
     normaliser = source_normaliser(str(run))  # the run saved what it used
-    save_classifier(out, model=cfg.model, options=cfg.model_options, classes=train.classes,
-                    image_size=backbone.image_shape[0], resize=cfg.resize, normaliser=normaliser,
+    save_classifier(out, model=cfg.model.name, options=cfg.model.options, classes=train.classes,
+                    image_size=backbone.image_shape[0], resize=cfg.data.resize, normaliser=normaliser,
                     run=str(run.relative_to(out)))
-    row = {"mode": mode, "seed": cfg.seed, "val_accuracy": 1 - res[f"final_{eval_split}_error"],
+    row = {"mode": mode, "seed": cfg.run.seed, "val_accuracy": 1 - res[f"final_{eval_split}_error"],
            "wall_s": res["wall_s"],
-            "trained_params": trained_params(load_variables(run), cfg.trainable),
-            "trainable": cfg.trainable or "all", "steps": cfg.steps, "batch": cfg.batch,
-            "lr": cfg.lr, "augmentation": f"crop (pad {cfg.crop_pad}) + mirror",
+            "trained_params": trained_params(load_variables(run), cfg.model.trainable),
+            "trainable": cfg.model.trainable or "all", "steps": cfg.schedule.steps, "batch": cfg.optimiser.batch,
+            "lr": cfg.schedule.lr, "augmentation": f"crop (pad {cfg.data.crop_pad}) + mirror",
            "img_per_s": res["img_per_s"], "n_train": len(train)}
     write_atomic(out / "result.json", json.dumps(row, indent=1))
     return row
@@ -381,7 +381,7 @@ def evaluation_split(base):
             continue
     train = training_split(base)
     holdout = max(len(train.classes), round(0.2 * len(train)))
-    return (dataclasses.replace(base, holdout=holdout), "val",
+    return (base.replace(holdout=holdout), "val",
             f"a fixed stratified 20 % of its train/ images ({holdout:,}; there is no "
             f"val/ or test/ folder)")
 

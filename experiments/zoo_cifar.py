@@ -158,7 +158,7 @@ def run(ctx: Context) -> Report:
     for key in args.nets:
         per_seed = [{"seed": s, "final_test_error": res["final_test_error"],
                      "final_train_error": res["final_train_error"], "wall_s": res["wall_s"],
-                     "img_per_s": res["img_per_s"], "run_dir": cfg.out}
+                     "img_per_s": res["img_per_s"], "run_dir": cfg.run.out}
                     for (k, s), cfg, res in zip(jobs, configs, results) if k == key]
         net = ZOO[key]
         runs.append({"name": key, "model": net.model, "options": net.options,
@@ -168,7 +168,7 @@ def run(ctx: Context) -> Report:
                      "img_per_s": float(np.median([s["img_per_s"] for s in per_seed])),
                      "seeds": per_seed})
     hw = results[0]["hardware"]
-    steps, batch = configs[0].steps, configs[0].batch
+    steps, batch = configs[0].schedule.steps, configs[0].optimiser.batch
     note = (f"Data: {data}" + (" (the local JPEG re-encoded copy)" if data == "cifar10" else "")
             + f". Preset `{ctx.preset_name}`: {steps} iterations at batch {batch} "
             f"for every net (SGD momentum 0.9, weight decay 5e-4, cosine schedule, crop + "

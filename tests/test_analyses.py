@@ -94,7 +94,7 @@ def test_train_subset_is_fixed_and_stratified():
     cfg = TrainConfig(data="synthetic:8x8x3:10:500:50", train_subset=100)
     a, b = training_split(cfg), training_split(cfg)
     assert len(a) == 100 and np.array_equal(a.normaliser_images(), b.normaliser_images())
-    full = np.bincount(training_split(TrainConfig(data=cfg.data)).labels, minlength=10)
+    full = np.bincount(training_split(TrainConfig(data=cfg.data.name)).labels, minlength=10)
     assert np.all(np.abs(np.bincount(a.labels, minlength=10) - 100 * full / full.sum()) <= 1)
     assert TrainConfig().digest() == TrainConfig(train_subset=0, init_from="").digest()
     assert TrainConfig().digest() != cfg.digest()
@@ -190,5 +190,5 @@ def test_augmentation_ablation_smoke(tmp_path):
     for row in rows.values():
         assert row["pipeline_img_per_s"] > 0 and 0 <= row["final_test_error"] <= 1
     cfg = json.loads((Path(rows["+PCA colour"]["run_dirs"][0]) / "config.json").read_text())
-    assert cfg["config"]["pca_colour"] and cfg["config"]["train_subset"] == 64
+    assert cfg["config"]["data"]["pca_colour"] and cfg["config"]["data"]["train_subset"] == 64
     assert (tmp_path / "augmentation.png").stat().st_size > 10_000

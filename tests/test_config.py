@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cnn_jax.errors import BadInput
-from cnn_jax.train.config import ADDED, OUTSIDE, RESULT, TrainConfig
+from cnn_jax.recipe import ADDED, OUTSIDE, RESULT, declaration, flat_name
+from cnn_jax.train.config import TrainConfig
 
 HOW_TO_DECLARE = ("a digest moved. If a field was added, declare it with added(default) "
                   "(in the digest only once set) or outside(default) (never): "
@@ -112,29 +113,30 @@ def test_the_experiments_smoke_nets_keep_their_digests():
 
 
 def test_the_training_command_line_keeps_its_digest():
-    from cnn_jax.train.__main__ import build_parser
-    args = vars(build_parser().parse_args(
+    from cnn_jax.train.__main__ import build_parser, config_of
+    args = build_parser().parse_args(
         ["--model", "resnet8", "--steps", "6", "--batch", "16", "--train-subset", "256",
-         "--eval-subset", "200", "--seed", "3", "--workers", "0"]))
-    from cnn_jax.train.distributed import FLAGS
-    for k in FLAGS:
-        args.pop(k)
-    cfg = TrainConfig(**{**args, "model_options": {}, "milestones": tuple(args["milestones"])})
-    assert cfg.digest() == "da5c477e89d2ed61", HOW_TO_DECLARE
+         "--eval-subset", "200", "--seed", "3", "--workers", "0"])
+    assert config_of(args).digest() == "da5c477e89d2ed61", HOW_TO_DECLARE
+    # the same fields by section.field, through --set
+    dotted = build_parser().parse_args(
+        ["--set", "model.name=resnet8", "schedule.steps=6", "optimiser.batch=16",
+         "data.train_subset=256", "eval_subset=200", "run.seed=3", "run.workers=0"])
+    assert config_of(dotted).digest() == "da5c477e89d2ed61"
 
 
 def test_every_field_declares_its_role_and_an_undeclared_one_is_named():
-    roles = {f.name: f.metadata.get("digest") for f in dataclasses.fields(TrainConfig)}
+    roles = {flat_name(f): decl.role for _, f, decl, _ in TrainConfig().declared()}
     assert set(roles.values()) == {RESULT, ADDED, OUTSIDE}
     assert roles["conv_kernels"] == OUTSIDE and roles["label_smoothing"] == RESULT
-    assert roles["eval_subset"] == ADDED
+    assert roles["eval_subset"] == ADDED and roles["optimizer"] == ADDED
 
-    @dataclasses.dataclass
-    class Newer(TrainConfig):
+    @dataclasses.dataclass(frozen=True)
+    class Newer:
         augment: str = "none"   # a field without a declaration
 
-    with pytest.raises(TypeError, match="TrainConfig.augment does not declare .* added"):
-        Newer().digest()
+    with pytest.raises(TypeError, match="field augment does not declare .* added"):
+        declaration(dataclasses.fields(Newer)[0])
 
 
 def test_an_added_field_is_in_the_digest_only_once_set():
@@ -145,16 +147,44 @@ def test_an_added_field_is_in_the_digest_only_once_set():
     assert TrainConfig(steps=10).digest() == base.digest()
     assert TrainConfig(schedule="cosine", steps=10).digest() != \
         TrainConfig(schedule="cosine", steps=20).digest()
+    assert TrainConfig(optimizer="adamw").digest() != base.digest()
+
+
+def test_the_recipe_is_in_sections_and_reads_like_one():
+    cfg = TrainConfig(model="resnet56", lr=0.05, **{"evaluation.every": 500}, augment="resnet")
+    assert cfg.model.name == "resnet56" and cfg.schedule.lr == 0.05
+    assert cfg.evaluation.every == 500 and cfg.data.augment == "resnet"
+    assert cfg.get("eval_every") == cfg.get("evaluation.every") == 500
+    assert list(cfg.to_json()) == ["data", "model", "optimiser", "schedule", "evaluation",
+                                   "run"]
+    assert cfg.replace(**{"schedule.lr": 0.1}).schedule.lr == 0.1 and cfg.schedule.lr == 0.05
+    with pytest.raises(BadInput, match="unknown configuration field 'schedule.rate'"):
+        cfg.replace(**{"schedule.rate": 0.1})
+    with pytest.raises(AttributeError, match="immutable"):
+        cfg.model = None
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_config_files_flat_or_in_sections_read_back_to_the_same_digest(name, tmp_path):
+    digest, cfg = PINNED[name]
+    nested = TrainConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+    flat = TrainConfig.from_json(json.loads(json.dumps(cfg.flat())))   # as written before
+    assert nested == cfg == flat and nested.digest() == flat.digest() == digest
 
 
 def test_old_config_files_stay_readable_and_newer_ones_are_refused_by_name(tmp_path):
-    old = {**TrainConfig().to_json(), "conv_grad": "xla"}   # conv_kernels' older name
+    old = {**TrainConfig().flat(), "conv_grad": "xla"}   # conv_kernels' older name
     old.pop("conv_kernels")
-    assert TrainConfig.from_json(old).conv_kernels == "xla"
+    assert TrainConfig.from_json(old).run.conv_kernels == "xla"
     (tmp_path / "config.json").write_text(json.dumps(
-        {"config": {**TrainConfig().to_json(), "mixup": 0.2, "crop_side": 224}}))
+        {"config": {**TrainConfig().flat(), "mixup": 0.2, "crop_side": 224}}))
     with pytest.raises(BadInput, match=r"config.json: unknown configuration field\(s\) "
                                        r"crop_side, mixup \(written by a newer version"):
+        TrainConfig.of_run(tmp_path)
+    nested = TrainConfig().to_json()
+    nested["schedule"]["rate"] = 1
+    (tmp_path / "config.json").write_text(json.dumps({"config": nested}))
+    with pytest.raises(BadInput, match=r"unknown configuration field\(s\) schedule.rate"):
         TrainConfig.of_run(tmp_path)
     with pytest.raises(BadInput, match="expected the --out folder of a training run"):
         TrainConfig.of_run(tmp_path / "nowhere")

@@ -110,7 +110,7 @@ def test_auto_without_onednn_means_products_for_float32_on_cpus_and_is_not_in_th
     monkeypatch.setenv("CNN_JAX_CONV_GRAD", "fast")
     with pytest.raises(BadInput, match="CNN_JAX_CONV_GRAD must be one of xla, matmul, onednn"):
         resolve("auto")
-    assert resolve("xla") == "xla" and TrainConfig().conv_kernels == "auto"
+    assert resolve("xla") == "xla" and TrainConfig().run.conv_kernels == "auto"
     assert TrainConfig(conv_kernels="xla").digest() == TrainConfig().digest()
     with pytest.raises(BadInput, match="--conv-kernels: must be one of auto, xla, matmul, onednn"):
         TrainConfig(conv_kernels="fast").validate()

@@ -39,7 +39,7 @@ def test_set_reads_each_value_as_its_fields_type():
     assert slug(["steps=600", "milestones=450,500"]) == "steps600-milestones450_500"
     # the preset's training fields go over what the experiment sets for a run
     cfg = train_config(p, model="resnet8", lr=0.5, weight_decay=5e-4)
-    assert (cfg.model, cfg.lr, cfg.weight_decay, cfg.label_smoothing) == ("resnet8", 0.01,
+    assert (cfg.model.name, cfg.schedule.lr, cfg.optimiser.weight_decay, cfg.optimiser.label_smoothing) == ("resnet8", 0.01,
                                                                           5e-4, 0.1)
 
 
@@ -170,7 +170,7 @@ def test_a_training_field_set_reaches_every_run_and_guards_the_folder(tmp_path):
     configs = sorted((out / "nets").glob("*/config.json"))
     assert len(configs) == 2
     for c in configs:
-        assert json.loads(c.read_text())["config"]["label_smoothing"] == 0.1
+        assert json.loads(c.read_text())["config"]["optimiser"]["label_smoothing"] == 0.1
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "different configuration" in again.stderr

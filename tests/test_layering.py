@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (layer, module prefixes), lowest first; a module may import its own layer's modules
 # and any lower layer's. models and data share a level and know nothing of each other.
 LAYERS = [
-    (0, "errors", ("cnn_jax.errors", "cnn_jax.cache", "cnn_jax.files", "cnn_jax.accelerator")),
+    (0, "errors", ("cnn_jax.errors", "cnn_jax.cache", "cnn_jax.files", "cnn_jax.accelerator",
+                   "cnn_jax.recipe")),
     (1, "kernels", ("cnn_jax.cpu_kernels", "cnn_jax.onednn", "cnn_jax")),
     (1, "models", ("cnn_jax.models",)),
     (1, "data", ("cnn_jax.data",)),

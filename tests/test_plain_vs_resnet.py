@@ -146,11 +146,11 @@ def test_cifar_depths_never_become_imagenet_nets():
     assert [n.name for n in nets] == ["plain50", "resnet50", "resnet152"]  # plain: up to 110
     for net in nets:
         cfg = run_config(net, preset, 0, Path("unused"))
-        model = create_model(cfg.model, **cfg.model_options)
-        assert isinstance(model, CifarResNet) and model.depth == net.depth, cfg.model
+        model = create_model(cfg.model.name, **cfg.model.options)
+        assert isinstance(model, CifarResNet) and model.depth == net.depth, cfg.model.name
         assert (model.shortcut is None) != net.residual
     cfg = run_config(nets[1], preset, 0, Path("unused"))
-    v = jax.eval_shape(create_model(cfg.model, **cfg.model_options).init, jax.random.key(0),
+    v = jax.eval_shape(create_model(cfg.model.name, **cfg.model.options).init, jax.random.key(0),
                        jnp.zeros((1, 32, 32, 3)))
     assert sum(x.size for x in jax.tree.leaves(v["params"])) == 755_802
 
@@ -162,10 +162,10 @@ def test_the_paper_preset_normalises_per_gpu_as_the_paper_did():
     from cnn_jax.experiment import override
     from experiments.plain_vs_resnet import PRESETS, Net, run_config
     net = Net(True, 20)
-    assert run_config(net, PRESETS["paper"], 0, Path("unused")).bn_group == 64
-    assert run_config(net, PRESETS["quick"], 0, Path("unused")).bn_group == 0
+    assert run_config(net, PRESETS["paper"], 0, Path("unused")).model.bn_group == 64
+    assert run_config(net, PRESETS["quick"], 0, Path("unused")).model.bn_group == 0
     whole = override(PRESETS["paper"], ["bn_group=0"])
-    assert run_config(net, whole, 0, Path("unused")).bn_group == 0
+    assert run_config(net, whole, 0, Path("unused")).model.bn_group == 0
     with pytest.raises(BadInput, match="bn-group: 48 does not divide the batch 128"):
         run_config(net, override(PRESETS["paper"], ["bn_group=48"]), 0, Path("unused")).validate()
 

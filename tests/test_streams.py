@@ -444,7 +444,7 @@ def test_train_and_evaluate_on_imagenet_sample(tmp_path):
     for key in ("final_train_set_error", "final_train_set_top1_error",
                 "final_train_set_top5_error"):
         assert 0 <= res[key] <= 1
-    assert res["config"]["augment"] == "inception"
+    assert res["config"]["data"]["augment"] == "inception"
     cached = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file())
     assert cached < 20e6   # streamed: an index, no decoded images
     # the same run from ArrayRecord shards of the same archive: the same parameters

@@ -547,15 +547,15 @@ def test_runs_trained_together_must_share_recipe_folder_and_step(tmp_path):
     a, b = together_cfgs(tmp_path, "r", steps=2)
     with pytest.raises(BadInput, match="differ only in seed and --out; .* in lr"):
         train_together([a, TrainConfig(**{**SMALL, "seed": 1, "lr": 0.02}, steps=2,
-                                       out=b.out)])
+                                       out=b.run.out)])
     with pytest.raises(BadInput, match="their own --out folders"):
-        train_together([a, TrainConfig(**{**SMALL, "seed": 1}, steps=2, out=a.out)])
+        train_together([a, TrainConfig(**{**SMALL, "seed": 1}, steps=2, out=a.run.out)])
     train(a)  # seed 0 alone has a checkpoint at step 2, seed 1 none
     with pytest.raises(BadInput, match="resume from the same step"):
         train_together(together_cfgs(tmp_path, "r", steps=4))
     from cnn_jax.train.sweep import run_all, seed_groups
     four = together_cfgs(tmp_path, "r", steps=4)
-    assert [[c.seed for c in g] for g in seed_groups(four)] == [[0], [1]]
+    assert [[c.run.seed for c in g] for g in seed_groups(four)] == [[0], [1]]
     results = run_all(four, "test", together=True)  # each from where it stands
     assert [r["steps"] for r in results] == [4, 4] and "trained_together" not in results[0]
 

@@ -87,7 +87,7 @@ def test_finetune_changes_only_the_last_stage_and_the_new_head(demo):
     before = load_variables(demo / "pretrain")
     after = load_variables(demo / "finetune" / "seed0" / "run")
     cfg = json.loads((demo / "finetune" / "seed0" / "run" / "config.json").read_text())["config"]
-    assert cfg["trainable"] == "stage3,fc" and cfg["init_skip"] == "fc"
+    assert cfg["model"]["trainable"] == "stage3,fc" and cfg["model"]["init_skip"] == "fc"
     for col in ("params", "batch_stats"):
         for name in before[col]:
             same = jax.tree.all(jax.tree.map(np.array_equal, before[col][name], after[col][name])) \

@@ -28,7 +28,7 @@ def test_lenet_mnist_smoke_writes_one_entry_per_variant(tmp_path):
         assert x["seeds"][0]["curve"]["eval_step"] == [2, 4]
     # the nets saw 32x32 inputs: the 28x28 digits were padded
     config = json.loads((tmp_path / "nets" / "lenet5-seed0" / "config.json").read_text())
-    assert config["config"]["input_pad"] == 2 and config["config"]["normalise"] == "lecun"
+    assert config["config"]["data"]["input_pad"] == 2 and config["config"]["data"]["normalise"] == "lecun"
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "| `lenet5_classic` | 60,000 |" in (tmp_path / "table.md").read_text()
     again = run("experiments.lenet_mnist", tmp_path, "--data", "synthetic:28x28x1:10:256:100")

@@ -33,6 +33,7 @@ from cnn_jax.data.keys import IMAGE, LABEL, MASK, SHIFT, SKIPPED
 from cnn_jax.data.sources import (Arrays, Decode, MissingSplit, Source, imagefolder_path,
                                   open_source, stratified_holdout, streams)
 from cnn_jax.errors import BadInput, DataError
+from cnn_jax.recipe import added, outside, result
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +46,46 @@ CROPS = {"resnet": ops.ScaleCrop(), "inception": ops.InceptionCrop(),
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """What the data is and how it is prepared: enough to open any split of it."""
-    name: str = "cifar10"
-    data_dir: Optional[str] = None
-    holdout: int = 0          # >0: 'val' is a stratified holdout of train, 'train' the rest
-    classes: str = ""         # only these classes ("0,1" or "cat,dog"), relabelled
-    train_subset: int = 0     # >0: a fixed stratified subset of the training images
-    eval_subset: int = 0      # >0: ... of the evaluation images
-    image_size: int = 0       # the side S of the images delivered (see the module doc)
-    augment: str = "cifar"    # the preset: cifar (the ops below) | resnet | inception | alexnet | center
-    crop_pad: int = 4         # cifar: pad-and-crop by this many pixels (0: off)
-    flip: bool = True
-    colour_shift: float = 0.0
-    pca_colour: bool = False  # PCA lighting (the training images' basis for decoded arrays)
-    input_pad: int = 0        # zero-pad every image first (LeNet: MNIST 28 -> 32)
-    bad_images: str = "refuse"
+    """What the data is and how it is prepared: enough to open any split of it. The
+    `data` section of a run's recipe (cnn_jax.train.TrainConfig): each field declares
+    what it does to a run's numbers (cnn_jax.recipe) and its flag."""
+    name: str = result("cifar10", "the dataset: cifar10, mnist, imagenet_sample, "
+                       "imagenet2012, a folder or .tar in ImageFolder layout (PATH or "
+                       "imagefolder:PATH), arrayrecord:DIR, tfds:NAME or "
+                       "synthetic[:HxWxC:classes:n_train:n_test]", flat="data")
+    data_dir: Optional[str] = outside(None, "a folder of local copies of the named datasets "
+                                      "(else $CNN_JAX_DATA_DIR, ../shared/data, a download)")
+    holdout: int = result(0, ">0: train on train/ less a stratified holdout of this many "
+                          "images, and evaluate on it ('val')")
+    classes: str = added("", "train and evaluate on these classes only ('0,1' or 'cat,dog'), "
+                         "relabelled in that order")
+    train_subset: int = added(0, ">0: train on a fixed stratified subset of this many images")
+    eval_subset: int = added(0, ">0: evaluate on a fixed stratified subset of this many images")
+    image_size: int = added(0, ">0: the side S of the square images delivered to the network "
+                            "(decoded folders are stored covering S, centre-cropped; streams "
+                            "are cut to S); 0: a decoded dataset's own size, 224 for streams")
+    augment: str = added("cifar", "the training preprocessing, a named recipe of ops "
+                         "(cnn_jax.data.ops.RECIPES): cifar (pad-and-crop, flip), resnet "
+                         "(scale augmentation, flip, PCA lighting), inception (random-resized "
+                         "crop, flip), alexnet (256 crops, flip, PCA lighting), center (the "
+                         "single test view)", choices=ops.AUGMENTS)
+    crop_pad: int = result(4, "cifar: pad by this many pixels and crop back at random (0: "
+                           "no crop)")
+    flip: bool = result(True, "mirror left-right with probability 1/2")
+    colour_shift: float = result(0.0, ">0: add a random offset in [-x, x] to each channel of "
+                                 "each image")
+    pca_colour: bool = result(False, "Krizhevsky's PCA lighting (the training images' basis "
+                              "for decoded arrays, ImageNet's for streams)")
+    input_pad: int = added(0, "zero-pad every image by this many pixels first (LeNet: MNIST's "
+                           "28 to 32)")
+    bad_images: str = added("refuse", "an unreadable file: refuse (stop, naming it) or skip "
+                            "(leave it out, counted)", choices=ops.BAD_IMAGES)
+    normalise: str = result("per_pixel", "the inputs' normalisation: per_pixel or "
+                            "per_channel mean (of the training images), standard (mean and "
+                            "std), lecun, imagenet or inception (torchvision's), source "
+                            "(--init-from's own), none", choices=ops.NORMALISATIONS)
+    resize: int = added(0, ">0: bilinear resize to this size on the device (nets built for "
+                        "larger inputs)")
 
     @property
     def streams(self) -> bool:
@@ -261,6 +287,21 @@ class Dataset:
 
 
 # ------------------------------------------------------------------ opening a split
+def ignored_by_recipe(spec: DataSpec) -> list[tuple[str, str]]:
+    """(field, why) of the data fields set away from their defaults that the recipe
+    `spec.augment` has no op for: refused (cnn_jax.train.config.validate), never
+    silently dropped."""
+    defaults, out = DataSpec(), []
+    if spec.crop_pad != defaults.crop_pad and spec.augment != "cifar":
+        out.append(("crop_pad", f"--augment {spec.augment} has no pad-and-crop (the cifar "
+                                f"recipe's)"))
+    if not spec.flip and spec.augment == "center":
+        out.append(("flip", "--augment center has no flip (it is the single test view)"))
+    if spec.pca_colour and spec.augment in LIGHTING:
+        out.append(("pca_colour", f"--augment {spec.augment} has PCA lighting already"))
+    return out
+
+
 def check(spec: DataSpec) -> None:
     if spec.augment not in ops.AUGMENTS:
         raise BadInput(f"--augment: must be one of {', '.join(ops.AUGMENTS)}; got "
@@ -293,8 +334,9 @@ def open_split(spec: DataSpec, split: str, subset_size: Optional[int] = None,
     if spec.augment != "cifar":
         lighting = spec.augment in LIGHTING or spec.pca_colour
         side = spec.image_size or (STREAM_SIDE if spec.streams else source.image_shape[0])
-        return Dataset(source, side, CROPS[spec.augment],
-                       spec.augment != "center", None, ops.Lighting() if lighting else None,
+        return Dataset(source, side, CROPS[spec.augment], spec.flip and spec.augment != "center",
+                       ops.ColourShift(spec.colour_shift) if spec.colour_shift else None,
+                       ops.Lighting() if lighting else None,
                        spec.input_pad, spec.crop_pad or 4, spec.bad_images)
     return Dataset(source, source.image_shape[0], ops.PadCrop(spec.crop_pad)
                    if spec.crop_pad else None, spec.flip,

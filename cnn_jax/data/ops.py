@@ -47,6 +47,8 @@ cv2.setNumThreads(1)  # one worker process, one thread: the workers are the para
 # --augment: the presets (cnn_jax.data.dataset.train_ops)
 AUGMENTS = ("cifar", "resnet", "inception", "alexnet", "center")
 BAD_IMAGES = ("refuse", "skip")   # --bad-images: stop naming the file, or leave it out
+NORMALISATIONS = ("per_pixel", "per_channel", "standard", "lecun", "imagenet", "inception",
+                  "source", "none")  # cnn_jax.train.inputs.make_normaliser
 VIEWS = ("1", "2", "10", "multiscale")
 EVAL_RESIZE = 256 / 224                  # test views: shorter side 256 for a 224 crop
 MULTISCALE = (224, 256, 384, 480, 640)   # He et al. 2015, Sec. 3.4 (for S = 224)

@@ -1,20 +1,23 @@
-"""The run configuration: one flat dataclass, saved as `config.json` and hashed so a
-resumed run can refuse a configuration that would change its result.
+"""The run configuration: a recipe in sections, saved as `config.json` and hashed so
+that a resumed run can refuse a configuration that would change its result.
 
-Every field declares, where it is defined, what it does to a run's numbers, and so
-whether it is part of the configuration's digest (`TrainConfig.digest`):
+    cfg = TrainConfig(model="resnet56", steps=1000)      # flat names, as the flags
+    cfg = TrainConfig(**{"schedule.lr": 0.05})           # or section.field
+    cfg.schedule.lr, cfg.data.augment, cfg.optimiser.momentum
+    cfg.replace(lr=0.01), cfg.to_json(), TrainConfig.from_json(saved)
 
-    result(default)         changes the numbers: always in the digest
-    result(default, unless=f)   ... except for configurations where f(config) holds
-    added(default)          added after the first release: in the digest only while
-                            it is not at its default, so that runs written before it
-                            existed keep their digests and resume
-    outside(default)        cannot change the numbers (where, how often, on which
-                            kernels): never in the digest
+The sections, as a paper's method section reads:
+    data        the dataset and its preprocessing (cnn_jax.data.dataset.DataSpec)
+    model       the architecture, its options, where its weights start, its precision
+    optimiser   the update rule, its batch and regularisation
+    schedule    how long, and the learning rate over the steps
+    evaluation  what is evaluated, when, and on which views
+    run         the seed, the output folder, the cadence and the compute
 
-A new field therefore leaves every existing digest alone exactly when it is declared
-`added` (or `outside`); tests/test_config.py pins the digests of known configurations
-and says so when one shifts.
+Every field declares (cnn_jax.recipe) what it does to a run's numbers, what it means,
+its choices and its flat name (its flag, its `--set` key, its key in the digest). A
+config.json written flat, before the sections, still loads, resumes and keeps its
+digest: a flat name is found in its section.
 """
 from __future__ import annotations
 
@@ -22,163 +25,256 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
 from cnn_jax.data.dataset import DataSpec
-from cnn_jax.data.ops import AUGMENTS, BAD_IMAGES
 from cnn_jax.errors import BadInput
+from cnn_jax.recipe import (ADDED, OUTSIDE, RESULT, added, coerce, declaration, default_of,
+                            flat_name, outside, result)
 
 CONV_KERNELS = ("auto", "xla", "matmul", "onednn")  # cnn_jax.train.conv_kernels; "auto" first
-NORMALISATIONS = ("per_pixel", "per_channel", "standard", "lecun", "imagenet", "inception",
-                  "source", "none")  # cnn_jax.train.inputs.make_normaliser
+SCHEDULES = ("paper", "constant", "cosine", "onecycle")   # cnn_jax.train.schedules
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop", "lamb", "lars")  # train.steps
+DTYPES = ("float32", "bfloat16")
 # fields renamed since they were first written: old config.json files stay readable
 RENAMED = {"conv_grad": "conv_kernels"}
-
-RESULT, ADDED, OUTSIDE = "result", "added", "outside"
-
-
-def _declared(role: str, default, unless: Optional[Callable] = None):
-    metadata = {"digest": role, "unless": unless}
-    if isinstance(default, (dict, list)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def result(default, unless: Optional[Callable[["TrainConfig"], bool]] = None):
-    """A field that changes the numbers a run produces: in its digest (unless
-    `unless(config)`)."""
-    return _declared(RESULT, default, unless)
-
-
-def added(default):
-    """A field added after the first release: in the digest only while not at its
-    default (older runs, which never set it, keep their digests)."""
-    return _declared(ADDED, default)
-
-
-def outside(default):
-    """A field that cannot change the numbers a run produces: never in its digest."""
-    return _declared(OUTSIDE, default)
 
 
 def _length_free(cfg: "TrainConfig") -> bool:
     """The paper's steps and a constant rate do not depend on the run's length, so a
     run extended to more steps is the same run, resumed."""
-    return cfg.schedule in ("paper", "constant")
+    return cfg.schedule.kind in ("paper", "constant")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = result("resnet20", "the architecture: a name of cnn_jax.models.available() "
+                       "(python -m cnn_jax.summary NAME shows it)", flat="model")
+    options: dict = result({}, "the architecture's options, e.g. --option shortcut=B",
+                           flat="model_options")
+    init_from: str = added("", "start from these weights where names match: a run's --out "
+                           "folder, or torchvision/timm weights (.pth, .safetensors)")
+    init_skip: str = added("", "top-level modules not taken from --init-from (a new head: fc)")
+    trainable: str = added("", "top-level module prefixes that train (conv5,fc); the rest is "
+                           "frozen, its BatchNorm in inference mode; empty: all")
+    dtype: str = result("float32", "compute precision; parameters stay float32",
+                        choices=DTYPES)
+    bn_group: int = result(0, ">0: BatchNorm statistics per group of this many images (He et "
+                           "al.'s per-GPU batches)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimiserConfig:
+    name: str = added("sgd", "the update rule (the papers': SGD with momentum and coupled "
+                      "weight decay)", choices=OPTIMIZERS, flat="optimizer")
+    options: dict = added({}, "the update rule's other options, by optax's names (adam: b1, "
+                          "b2, eps; lars: trust_coefficient)", flat="optimizer_options")
+    batch: int = result(128, "images per step, over all devices and hosts")
+    momentum: float = result(0.9, "SGD's momentum (sgd, nesterov, rmsprop, lars)")
+    nesterov: bool = result(False, "Nesterov's momentum for sgd (--optimizer nesterov)")
+    weight_decay: float = result(1e-4, "L2 weight decay (decoupled for adamw, lamb)")
+    decay_norm_and_bias: bool = result(True, "decay BatchNorm scales and biases too (Torch and "
+                                       "Caffe's default)")
+    label_smoothing: float = result(0.0, "the targets' smoothing (Szegedy et al. 2016)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    steps: int = result(64_000, "training steps (iterations)", unless=_length_free)
+    kind: str = result("paper", "the learning rate over the steps: paper (divided by 10 at "
+                       "--milestones), constant, cosine, onecycle", choices=SCHEDULES,
+                       flat="schedule")
+    lr: float = result(0.1, "the (peak) learning rate")
+    milestones: tuple = result((32_000, 48_000), "paper schedule: steps at which the rate is "
+                               "divided by 10")
+    warmup_steps: int = added(0, ">0: the rate rises linearly over these first steps")
+    warmup_lr: float = result(0.0, ">0: He et al.'s ResNet-110 warm-up: this rate until the "
+                              "training error is below --warmup-until-error")
+    warmup_until_error: float = result(0.8, "the training error that ends --warmup-lr")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    every: int = outside(2_000, "evaluate every this many steps (and at the end)",
+                         flat="eval_every")
+    batch: int = outside(1_000, "evaluation batch (results do not depend on it)",
+                         flat="eval_batch")
+    train_set: bool = outside(False, "at the end, also the error on the training images "
+                              "themselves, unaugmented, in inference mode",
+                              flat="eval_train_set")
+    also: tuple = outside((), "more evaluations, each SPLIT[:VIEWS][@STEPS|@end] (split test, "
+                          "val or train_set; views 1, 2, 10 or multiscale), e.g. test:10@end",
+                          flat="evaluations")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    seed: int = result(0, "the seed of the initialisation, the data order and the "
+                       "augmentation")
+    out: str = outside("runs/train", "the output folder (re-running resumes)")
+    workers: Optional[int] = outside(None, "input worker processes (default: cores - 1)")
+    progress: bool = outside(True, "a progress bar")
+    log_every: int = outside(100, "log the training metrics every this many steps")
+    checkpoint_every: int = outside(2_000, "save a checkpoint every this many steps")
+    keep_checkpoints: int = outside(3, "checkpoints kept")
+    steps_per_call: int = outside(1, "steps inside one compiled call (lax.scan)")
+    conv_kernels: str = outside("auto", "the kernels every convolution runs on (the same "
+                                "function, other rounding): auto picks oneDNN's on CPUs where "
+                                "they build", choices=CONV_KERNELS)
+
+
+SECTIONS = {"data": DataSpec, "model": ModelConfig, "optimiser": OptimiserConfig,
+            "schedule": ScheduleConfig, "evaluation": EvaluationConfig, "run": RunConfig}
+
+
+def _fields() -> dict:
+    """flat name -> (section, field); 'section.field' spellings resolve too (`locate`)."""
+    out = {}
+    for section, kind in SECTIONS.items():
+        for f in dataclasses.fields(kind):
+            out[flat_name(f)] = (section, f)
+    return out
+
+
+FIELDS = _fields()
+
+
+def locate(key: str) -> tuple[str, dataclasses.Field]:
+    """(section, field) of a flat name ('eval_every') or 'section.field'
+    ('evaluation.every'); BadInput naming the choices otherwise."""
+    key = RENAMED.get(key, key)
+    if key in FIELDS:
+        return FIELDS[key]
+    section, _, name = key.partition(".")
+    if section in SECTIONS:
+        for f in dataclasses.fields(SECTIONS[section]):
+            if f.name == name:
+                return section, f
+    raise BadInput(f"unknown configuration field {key!r}; the fields: "
+                   f"{', '.join(sorted(FIELDS))} (or section.field: "
+                   f"{', '.join(f'{s}.*' for s in SECTIONS)})")
+
+
 class TrainConfig:
-    # what to train on
-    model: str = result("resnet20")
-    model_options: dict = result({})
-    data: str = result("cifar10")
-    data_dir: Optional[str] = outside(None)
-    holdout: int = result(0)        # >0: train on train minus a stratified holdout, evaluate on it
-    eval_subset: int = added(0)     # >0: evaluate on a fixed stratified subset of this many
-    train_subset: int = added(0)    # >0: train on a fixed stratified subset of this many
-    classes: str = added("")        # train and evaluate on these classes only ("0,1", "cat,dog")
-    # >0: the side S of the square images delivered to the network (before input_pad
-    # and resize): decoded ImageFolder images are stored covering S, centre-cropped;
-    # streamed ones are cut to S. 0: a decoded dataset's own size; 224 for streams
-    image_size: int = added(0)
-    # a run's --out, or torchvision/timm weights (.pth/.safetensors): start from its
-    # variables where names match
-    init_from: str = added("")
-    init_skip: str = added("")      # top-level modules not taken from init_from (a new head: "fc")
-    # top-level module prefixes that train ("conv5,fc"); the rest is frozen, its
-    # BatchNorm in inference mode. "": all
-    trainable: str = added("")
-    # the recipe (He et al. 2015, Sec. 4.2 by default)
-    steps: int = result(64_000, unless=_length_free)
-    batch: int = result(128)
-    seed: int = result(0)
-    lr: float = result(0.1)
-    momentum: float = result(0.9)
-    nesterov: bool = result(False)
-    weight_decay: float = result(1e-4)
-    decay_norm_and_bias: bool = result(True)  # decay BN scale/bias, biases (Torch/Caffe default)
-    schedule: str = result("paper")           # paper | constant | cosine | onecycle
-    milestones: tuple = result((32_000, 48_000))
-    warmup_steps: int = added(0)              # >0: lr rises linearly over these first steps
-    warmup_lr: float = result(0.0)            # >0: He et al.'s ResNet-110 warm-up (0.01 ...
-    warmup_until_error: float = result(0.8)   # ... until training error < 80 %)
-    label_smoothing: float = result(0.0)
-    # input. augment: cifar (the arrays' crop_pad, flip, colour_shift, pca_colour below),
-    # or the papers' ImageNet transforms on streamed images: resnet | inception | alexnet,
-    # or center (streamed, no augmentation: the single test view)
-    augment: str = added("cifar")
-    bad_images: str = added("refuse")         # an unreadable file: refuse (stop) | skip it
-    crop_pad: int = result(4)
-    flip: bool = result(True)
-    colour_shift: float = result(0.0)
-    pca_colour: bool = result(False)
-    # per_pixel | per_channel | standard | lecun | imagenet | inception | source
-    # (init_from's own) | none
-    normalise: str = result("per_pixel")
-    input_pad: int = added(0)                 # zero-pad every image first (LeNet: MNIST 28 -> 32)
-    resize: int = added(0)                    # >0: bilinear resize to resize x resize on the device
-    # compute
-    dtype: str = result("float32")            # float32 | bfloat16 (compute; params stay float32)
-    bn_group: int = result(0)                 # >0: BatchNorm statistics per group of this many
-    steps_per_call: int = outside(1)          # K steps inside one compiled call (lax.scan)
-    # auto | xla | matmul | onednn: the kernels every convolution and its gradients run
-    # on (cnn_jax.train.conv_kernels): the same function, other rounding, like the
-    # backend. auto: oneDNN's on CPUs where they run, else matmul (float32 on CPUs) or XLA's
-    conv_kernels: str = outside("auto")
-    # cadence and output
-    eval_batch: int = outside(1000)           # evaluation batch (results do not depend on it)
-    # at the end, also the error on the (unaugmented) training images, inference mode
-    eval_train_set: bool = outside(False)
-    log_every: int = outside(100)
-    eval_every: int = outside(2_000)
-    checkpoint_every: int = outside(2_000)
-    keep_checkpoints: int = outside(3)
-    workers: Optional[int] = outside(None)
-    out: str = outside("runs/train")
-    progress: bool = outside(True)
+    """A run's recipe: its sections (attributes `data`, `model`, `optimiser`,
+    `schedule`, `evaluation`, `run`), immutable; `replace` makes a changed copy."""
 
+    __slots__ = tuple(SECTIONS)
+
+    def __init__(self, **fields):
+        self._build({name: kind() for name, kind in SECTIONS.items()}, fields)
+
+    def _build(self, values: dict, fields: dict) -> None:
+        """`values` (a section object per section) with `fields` changed: a section by
+        its name and object, or fields by flat name or section.field."""
+        values = dict(values)
+        changes: dict = {name: {} for name in SECTIONS}
+        for key, value in fields.items():
+            if key in SECTIONS and isinstance(value, SECTIONS[key]):
+                values[key] = value
+                continue
+            section, f = locate(key)
+            changes[section][f.name] = coerce(value, default_of(f))
+        for section, changed in changes.items():
+            if changed:
+                values[section] = dataclasses.replace(values[section], **changed)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"TrainConfig is immutable: use replace({name}=...)")
+
+    def __reduce__(self):  # pickled by its sections (runs trained in other processes)
+        return (_rebuild, (tuple(getattr(self, s) for s in SECTIONS),))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TrainConfig) and self.to_json() == other.to_json()
+
+    def __repr__(self) -> str:
+        return f"TrainConfig({', '.join(f'{s}={getattr(self, s)!r}' for s in SECTIONS)})"
+
+    # -------------------------------------------------------------- access
+    def replace(self, **fields) -> "TrainConfig":
+        """A copy with `fields` (flat names or section.field) changed."""
+        copy = object.__new__(TrainConfig)
+        copy._build({s: getattr(self, s) for s in SECTIONS}, fields)
+        return copy
+
+    def get(self, key: str) -> Any:
+        """The value of a flat name or section.field."""
+        section, f = locate(key)
+        return getattr(getattr(self, section), f.name)
+
+    def declared(self):
+        """(section, field, its declaration, value) of every field, section by section."""
+        for section, kind in SECTIONS.items():
+            for f in dataclasses.fields(kind):
+                yield section, f, declaration(f), getattr(getattr(self, section), f.name)
+
+    def flat(self) -> dict:
+        """{flat name: value}: the configuration as it was written before its sections."""
+        return {flat_name(f): _plain(v) for _, f, _, v in self.declared()}
+
+    # -------------------------------------------------------------- the digest
     def result_fields(self) -> dict:
-        """The fields that make up the digest, as their declarations say, with the
-        architecture in its shortest spelling (cifar_resnet depth 56 is resnet56)."""
+        """The fields that make up the digest, by flat name, as their declarations say,
+        with the architecture in its shortest spelling (cifar_resnet depth 56 is
+        resnet56)."""
         # imported here, not at the top: `from cnn_jax.train import TrainConfig` stays
         # free of flax and jax
         from cnn_jax.models import canonical
         d = {}
-        for f in dataclasses.fields(self):
-            role, unless, value = f.metadata.get("digest"), f.metadata.get("unless"), \
-                getattr(self, f.name)
-            if role not in (RESULT, ADDED, OUTSIDE):
-                raise TypeError(f"TrainConfig.{f.name} does not declare what it does to a "
-                                f"run's numbers: define it with result(...), added(...) (a "
-                                f"new field that changes them) or outside(...)")
-            if role == OUTSIDE or (role == ADDED and value == _default(f)) \
-                    or (unless is not None and unless(self)):
+        for _, f, decl, value in self.declared():
+            if decl.role == OUTSIDE or (decl.role == ADDED and value == default_of(f)) \
+                    or (decl.unless is not None and decl.unless(self)):
                 continue
-            d[f.name] = value
-        d["model"], d["model_options"] = canonical(self.model, self.model_options)
+            d[flat_name(f)] = value
+        d["model"], d["model_options"] = canonical(self.model.name, self.model.options)
         return d
 
     def digest(self) -> str:
         blob = json.dumps(self.result_fields(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["milestones"] = list(d["milestones"])
-        return d
+    def validate(self) -> None:
+        """Refuse what cannot run and every setting this configuration would ignore."""
+        validate(self)
 
     def data_spec(self, data_dir: Optional[str] = None) -> DataSpec:
-        """What this run's data is (cnn_jax.data.dataset.DataSpec): the fields it holds."""
-        return DataSpec(self.data, data_dir or self.data_dir, self.holdout, self.classes,
-                        self.train_subset, self.eval_subset, self.image_size, self.augment,
-                        self.crop_pad, self.flip, self.colour_shift, self.pca_colour,
-                        self.input_pad, self.bad_images)
+        """The data section, with its folder overridden where `data_dir` is given."""
+        return dataclasses.replace(self.data, data_dir=data_dir) if data_dir else self.data
 
     def seedless(self) -> dict:
         """Every field but the seed and the output folder: what runs trained together
         (cnn_jax.train.loop.train_together) must share."""
-        return dataclasses.replace(self, seed=0, out="").to_json()
+        return self.replace(seed=0, out="").flat()
+
+    # -------------------------------------------------------------- saved form
+    def to_json(self) -> dict:
+        """{section: {field: value}}: config.json's `config`."""
+        return {s: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, s)).items()}
+                for s in SECTIONS}
+
+    @classmethod
+    def from_json(cls, d: dict, source="config.json") -> "TrainConfig":
+        """A saved configuration: in sections (`to_json`), or flat as written before
+        them. Fields renamed since (RENAMED) are read under their new names; fields
+        this version does not know are refused by name: a newer version wrote them,
+        and dropping them could change what a run of that configuration means."""
+        nested = bool(d) and all(k in SECTIONS and isinstance(v, dict) for k, v in d.items())
+        items = {f"{s}.{k}": v for s, fields in d.items() for k, v in fields.items()} \
+            if nested else dict(d)
+        unknown = []
+        for key in items:
+            try:
+                locate(key)
+            except BadInput:
+                unknown.append(key)
+        if unknown:
+            raise BadInput(f"{source}: unknown configuration field(s) {', '.join(sorted(unknown))} "
+                           f"(written by a newer version of cnn_jax?); this version knows "
+                           f"{', '.join(sorted(FIELDS))}")
+        return cls(**items)
 
     @classmethod
     def of_run(cls, run_dir) -> "TrainConfig":
@@ -191,57 +287,15 @@ class TrainConfig:
                            f"holding config.json and checkpoints/") from None
         return cls.from_json(saved, config_file)
 
-    @classmethod
-    def from_json(cls, d: dict, source="config.json") -> "TrainConfig":
-        """A saved configuration (`to_json`); fields renamed since (RENAMED) are read
-        under their new names, and fields this version does not know are refused by
-        name: a newer version wrote them, and dropping them could change what a run
-        of that configuration means."""
-        d = {RENAMED.get(k, k): v for k, v in d.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise BadInput(f"{source}: unknown configuration field(s) {', '.join(unknown)} "
-                           f"(written by a newer version of cnn_jax?); this version knows "
-                           f"{', '.join(sorted(known))}")
-        if "milestones" in d:
-            d["milestones"] = tuple(d["milestones"])
-        return cls(**d)
 
-    def validate(self) -> None:
-        def bad(field, msg):
-            raise BadInput(f"--{field.replace('_', '-')}: {msg}")
-        if self.steps < 1:
-            bad("steps", f"must be positive, got {self.steps}")
-        if self.batch < 1:
-            bad("batch", f"must be positive, got {self.batch}")
-        if self.schedule not in ("paper", "constant", "cosine", "onecycle"):
-            bad("schedule", f"must be paper, constant, cosine or onecycle; got {self.schedule!r}")
-        if self.normalise not in NORMALISATIONS:
-            bad("normalise", f"must be one of {', '.join(NORMALISATIONS)}; "
-                             f"got {self.normalise!r}")
-        if self.normalise == "source" and not self.init_from:
-            bad("normalise", "'source' takes the normaliser of --init-from, which is not set")
-        for f in ("input_pad", "resize", "eval_subset", "train_subset", "image_size",
-                  "warmup_steps"):
-            if getattr(self, f) < 0:
-                bad(f, f"must be 0 or positive, got {getattr(self, f)}")
-        if self.augment not in AUGMENTS:
-            bad("augment", f"must be one of {', '.join(AUGMENTS)}; got {self.augment!r}")
-        if self.bad_images not in BAD_IMAGES:
-            bad("bad_images", f"must be one of {', '.join(BAD_IMAGES)}; got {self.bad_images!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            bad("dtype", f"must be float32 or bfloat16; got {self.dtype!r}")
-        if self.conv_kernels not in CONV_KERNELS:
-            bad("conv_kernels", f"must be one of {', '.join(CONV_KERNELS)}; "
-                                f"got {self.conv_kernels!r}")
-        if self.steps_per_call < 1:
-            bad("steps_per_call", f"must be positive, got {self.steps_per_call}")
-        if self.bn_group and self.batch % self.bn_group:
-            bad("bn_group", f"{self.bn_group} does not divide the batch {self.batch}")
-        for f in ("log_every", "eval_every", "checkpoint_every", "eval_batch"):
-            if getattr(self, f) < 1:
-                bad(f, f"must be positive, got {getattr(self, f)}")
+def _rebuild(sections: tuple) -> TrainConfig:
+    cfg = object.__new__(TrainConfig)
+    cfg._build(dict(zip(SECTIONS, sections)), {})
+    return cfg
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def module_names(spec: str) -> tuple[str, ...]:
@@ -256,12 +310,66 @@ def covers(names, module: str) -> bool:
     return any(module == n or module.startswith(n + "_") for n in names)
 
 
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
 def changed_fields(old: dict, new: TrainConfig, source="config.json") -> list[str]:
     """Result-affecting fields that differ between a saved config and this one."""
     old_cfg = TrainConfig.from_json(old, source).result_fields()
     new_cfg = new.result_fields()
     return sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+
+
+# ------------------------------------------------------------------ validation
+POSITIVE = ("batch", "steps", "steps_per_call", "log_every", "eval_every", "checkpoint_every",
+            "eval_batch", "keep_checkpoints")
+NON_NEGATIVE = ("holdout", "input_pad", "resize", "eval_subset", "train_subset", "image_size",
+                "warmup_steps", "bn_group", "crop_pad", "colour_shift", "weight_decay",
+                "label_smoothing", "warmup_lr", "lr")
+MOMENTUM_RULES = ("sgd", "nesterov", "rmsprop", "lars")   # the optimisers with a momentum
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse what cannot run, and every setting this configuration would ignore: a
+    field set away from its default either changes what the run does or is refused,
+    naming the field and why (tests/test_knobs.py)."""
+    def bad(key, msg):
+        raise BadInput(f"--{key.replace('_', '-')}: {msg}")
+    for _, f, decl, value in cfg.declared():
+        if decl.choices and value not in decl.choices:
+            bad(flat_name(f), f"must be one of {', '.join(decl.choices)}; got {value!r}")
+    for key in POSITIVE:
+        if cfg.get(key) < 1:
+            bad(key, f"must be positive, got {cfg.get(key)}")
+    for key in NON_NEGATIVE:
+        if cfg.get(key) < 0:
+            bad(key, f"must be 0 or positive, got {cfg.get(key)}")
+    data, model, opt, sched = cfg.data, cfg.model, cfg.optimiser, cfg.schedule
+    if data.normalise == "source" and not model.init_from:
+        bad("normalise", "'source' takes the normaliser of --init-from, which is not set")
+    if model.bn_group and opt.batch % model.bn_group:
+        bad("bn_group", f"{model.bn_group} does not divide the batch {opt.batch}")
+    for key, why in ignored(cfg):
+        bad(key, f"{why}: it would change nothing, so it is refused")
+
+
+def ignored(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(field, why) of every field set away from its default that this configuration
+    would not use."""
+    from cnn_jax.data.dataset import ignored_by_recipe  # the data section's own rules
+    default = TrainConfig()
+    opt, sched, model = cfg.optimiser, cfg.schedule, cfg.model
+    out = list(ignored_by_recipe(cfg.data))
+    if sched.warmup_until_error != default.schedule.warmup_until_error and not sched.warmup_lr:
+        out.append(("warmup_until_error", "it ends the --warmup-lr warm-up, which is off"))
+    if sched.milestones != default.schedule.milestones and sched.kind != "paper":
+        out.append(("milestones", f"the {sched.kind} schedule has no milestones (paper's has)"))
+    if not opt.decay_norm_and_bias and not opt.weight_decay:
+        out.append(("decay_norm_and_bias", "--weight-decay is 0"))
+    if opt.nesterov and opt.name != "sgd":
+        out.append(("nesterov", f"it is SGD's; --optimizer {opt.name} has no such option"))
+    if opt.nesterov and not opt.momentum:
+        out.append(("nesterov", "--momentum is 0"))
+    if opt.momentum != default.optimiser.momentum and opt.name not in MOMENTUM_RULES:
+        out.append(("momentum", f"--optimizer {opt.name} has no momentum (its own options: "
+                                f"--optimizer-options)"))
+    if model.init_skip and not model.init_from:
+        out.append(("init_skip", "--init-from is not set"))
+    return out

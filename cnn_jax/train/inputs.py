@@ -121,5 +121,5 @@ def source_normaliser(source: str, model: str = "") -> Normalizer | None:
         with np.load(saved) as f:
             return None if "none" in f else Normalizer(f["mean"], f["std"])
     cfg = TrainConfig.of_run(source)  # a run from before normalisers were saved
-    return make_normaliser(cfg.normalise, training_split(cfg).normaliser_images,
-                           cfg.init_from, cfg.model)
+    return make_normaliser(cfg.data.normalise, training_split(cfg).normaliser_images,
+                           cfg.model.init_from, cfg.model.name)

@@ -79,7 +79,7 @@ def train_together(cfgs: list[TrainConfig], command: Optional[str] = None,
     if len(cfgs) > 1:
         check_together(cfgs)
     for cfg in cfgs:
-        check_writable(Path(cfg.out))
+        check_writable(Path(cfg.run.out))
     command = command or " ".join(sys.argv)
     setup = build(cfgs)                                   # phases 1-3
     runs = [_Run(c) for c in cfgs]
@@ -102,7 +102,7 @@ def check_writable(out: Path) -> None:
 
 def check_together(cfgs: list[TrainConfig]) -> None:
     """Runs trained at once must share everything but the seed and the folder."""
-    outs = [str(Path(c.out).absolute()) for c in cfgs]
+    outs = [str(Path(c.run.out).absolute()) for c in cfgs]
     if len(set(outs)) != len(outs):
         raise BadInput(f"runs trained together need their own --out folders; got {outs}")
     base = cfgs[0].seedless()
@@ -111,7 +111,7 @@ def check_together(cfgs: list[TrainConfig]) -> None:
         diff = sorted(k for k in base if base[k] != other[k])
         if diff:
             raise BadInput(f"runs trained together may differ only in seed and --out; "
-                           f"{c.out} differs from {cfgs[0].out} in {', '.join(diff)}")
+                           f"{c.run.out} differs from {cfgs[0].run.out} in {', '.join(diff)}")
 
 
 # ------------------------------------------------------------------ phase 4: the state
@@ -119,7 +119,7 @@ class _Run:
     """One run's own part of a training job: its folder, checkpoints, log, last metrics."""
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg, self.out = cfg, Path(cfg.out)
+        self.cfg, self.out = cfg, Path(cfg.run.out)
         self.ckpt: Optional[Checkpointer] = None
         self.log: Optional[MetricsLog] = None
         self.wall_before, self.restored_meta = 0.0, {}
@@ -156,7 +156,7 @@ def start(setup: Setup, runs: list[_Run], command: str):
     over runs when several train together."""
     for run in runs:  # the first files of each run: nothing was written before this
         run.out.mkdir(parents=True, exist_ok=True)
-        run.ckpt = Checkpointer(run.out / "checkpoints", setup.cfg.keep_checkpoints)
+        run.ckpt = Checkpointer(run.out / "checkpoints", setup.cfg.run.keep_checkpoints)
         run.log = MetricsLog(run.out / "metrics.jsonl")
     starts = {run.ckpt.latest_step() for run in runs}
     if len(starts) > 1:
@@ -167,7 +167,7 @@ def start(setup: Setup, runs: list[_Run], command: str):
     make_state = jax.jit(functools.partial(_initial_state, setup), static_argnums=1,
                          out_shardings=setup.sharding())
     pretrained = _pretrained(setup.cfg) if step is None else None  # a resume restores
-    states = [make_state(pretrained, run.cfg.seed) for run in runs]
+    states = [make_state(pretrained, run.cfg.run.seed) for run in runs]
     data_iters = [iter(d) for d in setup.datasets]
     if step is not None:
         step, restored = _restore_newest(runs, states)
@@ -191,20 +191,20 @@ def start(setup: Setup, runs: list[_Run], command: str):
 def _initial_state(setup: Setup, pretrained, seed: int) -> TrainState:
     _, step_rng = jax.random.split(jax.random.PRNGKey(seed))
     variables = initial_variables(setup.model, seed, setup.input_shape, pretrained,
-                                  setup.cfg.init_from)
+                                  setup.cfg.model.init_from)
     return TrainState.create(variables, setup.tx, step_rng)
 
 
 def _pretrained(cfg: TrainConfig) -> Optional[dict]:
     """--init-from's variables, as host arrays (the same on every process), without
     --init-skip's modules."""
-    if not cfg.init_from:
+    if not cfg.model.init_from:
         return None
     try:
-        variables = jax.device_get(load_pretrained(cfg.init_from, cfg.model, cfg.model_options))
+        variables = jax.device_get(load_pretrained(cfg.model.init_from, cfg.model.name, cfg.model.options))
     except BadInput as e:
         raise BadInput(f"--init-from: {e}") from None
-    return drop_modules(variables, cfg.init_skip)
+    return drop_modules(variables, cfg.model.init_skip)
 
 
 def _restore_newest(runs: list[_Run], targets: list) -> tuple[int, list]:
@@ -272,7 +272,7 @@ def _write_config(setup: Setup, run: _Run, runs: list[_Run], command: str) -> No
         {"config": run.cfg.to_json(), "config_digest": run.cfg.digest(),
          "command": command, "versions": versions(), "hardware": hardware(),
          "conv_kernels": setup.conv_kernels,
-         **({"trained_together": [r.cfg.seed for r in runs]} if setup.together else {})},
+         **({"trained_together": [r.cfg.run.seed for r in runs]} if setup.together else {})},
         indent=1))
 
 
@@ -385,12 +385,12 @@ class StepLoop:
 
     def run(self, state, data_iter, step: int, on_steps=None):
         cfg = self.cfg
-        if jax.process_index() == 0 and cfg.progress:
+        if jax.process_index() == 0 and cfg.run.progress:
             print(f"evaluating on {self.setup.eval_split}: {self.setup.eval_arrays.describe()}",
                   file=sys.stderr)
-        self.bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-                        disable=not cfg.progress or jax.process_index() != 0,
-                        desc=cfg.model + (f" x {self.setup.seeds} seeds"
+        self.bar = tqdm(total=cfg.schedule.steps, initial=step, unit="step", dynamic_ncols=True,
+                        disable=not cfg.run.progress or jax.process_index() != 0,
+                        desc=cfg.model.name + (f" x {self.setup.seeds} seeds"
                                           if self.setup.together else ""))
         try:
             state, step = self.steps(state, data_iter, step, on_steps)
@@ -429,15 +429,15 @@ class StepLoop:
         run here."""
         cfg = self.cfg
         self.metrics.add(metrics)
-        self.window_images += k * cfg.batch
+        self.window_images += k * cfg.optimiser.batch
         self.bar.update(k)
         if on_steps is not None:
             on_steps(k * self.setup.seeds)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.run.log_every == 0 or step == cfg.schedule.steps:
             self.log_training(step)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.evaluation.every == 0 or step == cfg.schedule.steps:
             self.log_evaluation(state, step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.run.checkpoint_every == 0 or step == cfg.schedule.steps:
             self.save(state, data_state, step)
         for run in self.runs:
             run.ckpt.check()
@@ -446,15 +446,15 @@ class StepLoop:
         """Steps per compiled call: up to steps_per_call, stopping at every step that
         logs, evaluates or saves."""
         cfg, calls = self.cfg, []
-        while step < cfg.steps:
-            boundary = min(cfg.steps, *(math.floor(step / e + 1) * e for e in
-                                        (cfg.log_every, cfg.eval_every, cfg.checkpoint_every)))
-            calls.append(min(cfg.steps_per_call, boundary - step))
+        while step < cfg.schedule.steps:
+            boundary = min(cfg.schedule.steps, *(math.floor(step / e + 1) * e for e in
+                                        (cfg.run.log_every, cfg.evaluation.every, cfg.run.checkpoint_every)))
+            calls.append(min(cfg.run.steps_per_call, boundary - step))
             step += calls[-1]
         return calls
 
     def call(self, state, inputs):
-        if self.cfg.steps_per_call == 1:
+        if self.cfg.run.steps_per_call == 1:
             state, metrics = self.setup.step_one(state, inputs)
             return state, jax.tree.map(lambda m: m[None], metrics)
         return self.setup.step_many(state, inputs)
@@ -468,7 +468,7 @@ class StepLoop:
         if self.setup.together:  # each draw holds one batch per run: [S, B, ...], stacked below
             host_batches = [{key: [b[key] for b in draw] for key in keys}
                             for draw in host_batches]
-        if self.cfg.steps_per_call == 1:
+        if self.cfg.run.steps_per_call == 1:
             b = host_batches[0]
             return to_global_array({key: np.asarray(b[key]) for key in keys},
                                    self.step_sharding)
@@ -487,7 +487,7 @@ class StepLoop:
         elapsed = time.perf_counter() - self.window_start
         for i, run in enumerate(self.runs):
             run.last_train = {
-                "step": step, "epoch": step * self.cfg.batch / len(self.setup.train_arrays),
+                "step": step, "epoch": step * self.cfg.optimiser.batch / len(self.setup.train_arrays),
                 "lr": float(m["lr"][-1, i]),
                 **{f"train_{k}": float(m[k][:, i].mean(dtype=np.float64))
                    for k in STEP_KEYS if k != "lr"},
@@ -503,7 +503,7 @@ class StepLoop:
         single view, by the one evaluator."""
         ev = evaluate(lambda images: self.setup.eval_step(state, images),
                       self.setup.eval_arrays if dataset is None else dataset,
-                      batch=self.setup.eval_batch, workers=self.cfg.workers,
+                      batch=self.setup.eval_batch, workers=self.cfg.run.workers,
                       to_device=lambda b: to_global_array(b, self.setup.sharding("data")))
         return ev.metrics
 
@@ -516,9 +516,9 @@ class StepLoop:
                 run.log.write(run.last_eval)
             seen = (f"train {in_words(run.last_train, 'train_')}  |  " if run.last_train
                     else "")
-            seed = f"seed {run.cfg.seed}  " if self.setup.together else ""
+            seed = f"seed {run.cfg.run.seed}  " if self.setup.together else ""
             # inside a sweep (no bar of its own), lines of runs in parallel interleave
-            name = "" if self.cfg.progress else f"{run.out.name}  "
+            name = "" if self.cfg.run.progress else f"{run.out.name}  "
             tqdm.write(f"{name}step {step:>7}  {seed}{seen}{split} "
                        f"({run.last_eval['eval_images']:,}) {in_words(run.last_eval, 'eval_')}",
                        file=sys.stderr)
@@ -598,7 +598,7 @@ def final_evaluations(setup: Setup, runs: list[_Run], loop: StepLoop, state, ste
     if any(r.last_eval is None or r.last_eval["step"] != step for r in runs):
         for run, ev in zip(runs, loop.evaluate(state)):
             run.last_eval = {"step": step, **{f"eval_{k}": v for k, v in ev.items()}}
-    if cfg.holdout:  # selection used the holdout; the test set is read once, at the end
+    if cfg.data.holdout:  # selection used the holdout; the test set is read once, at the end
         try:
             test = open_split(dataclasses.replace(cfg.data_spec(), holdout=0), "test")
         except DataError:  # an ImageFolder of the user's without test/ (or val/) images
@@ -607,7 +607,7 @@ def final_evaluations(setup: Setup, runs: list[_Run], loop: StepLoop, state, ste
             for run, m in zip(runs, loop.evaluate(state, test)):
                 run.last_eval.update({f"final_test_{k}": m[k] for k in REPORTED})
                 run.last_eval["final_test_data"] = test.describe()
-    if cfg.eval_train_set:  # how well the final weights fit the training images themselves
+    if cfg.evaluation.train_set:  # how well the final weights fit the training images themselves
         for run, fit in zip(runs, loop.evaluate(state, setup.train_arrays)):
             run.last_eval.update({f"final_train_set_{k}": fit[k] for k in REPORTED})
             run.last_eval["final_train_set_data"] = setup.train_arrays.describe()
@@ -641,8 +641,8 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
         last_train = train_records[-1] if train_records else {}
         rates = [r["img_per_s"] for r in train_records if r.get("img_per_s")]
         results = {
-            "model": cfg.model, "data": cfg.data, "params": setup.n_params, "steps": step,
-            "seed": run.cfg.seed, "batch": cfg.batch,
+            "model": cfg.model.name, "data": cfg.data.name, "params": setup.n_params, "steps": step,
+            "seed": run.cfg.run.seed, "batch": cfg.optimiser.batch,
             **{f"final_train_{k}": last_train.get(f"train_{k}") for k in STEP_KEYS if k != "lr"},
             **{f"final_train_{a}": last_train.get(f"train_{k}") for a, k in ALIASES.items()},
             **{f"final_{split}_{k}": run.last_eval[f"eval_{k}"] for k in REPORTED},
@@ -651,13 +651,13 @@ def write_results(setup: Setup, runs: list[_Run], loop: StepLoop, state, step: i
             "eval_images": len(setup.eval_arrays),
             **{k: v for k, v in run.last_eval.items() if k.startswith("final_")},
             "final_params_digest": params_digest(own.params),
-            "warmup_end": int(jax.device_get(own.warmup_end)) if cfg.warmup_lr else None,
+            "warmup_end": int(jax.device_get(own.warmup_end)) if cfg.schedule.warmup_lr else None,
             "wall_s": run.wall_before + time.perf_counter() - loop.wall_start,
             "img_per_s": float(np.median(rates)) if rates else None,
-            **({"trained_together": [r.cfg.seed for r in runs]} if setup.together else {}),
+            **({"trained_together": [r.cfg.run.seed for r in runs]} if setup.together else {}),
             "hardware": hardware(), "versions": versions(), "command": command,
             "conv_kernels": setup.conv_kernels, "config": run.cfg.to_json(),
-            **({"skipped_images": skipped} if cfg.bad_images == "skip" else {}),
+            **({"skipped_images": skipped} if cfg.data.bad_images == "skip" else {}),
             "input_restarts": restarts,
         }
         if jax.process_index() == 0:

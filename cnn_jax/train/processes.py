@@ -60,7 +60,7 @@ def _worker(cores: list[int], tasks, messages, command: str) -> None:
                 e = RuntimeError(f"{type(e).__name__}: {e}")
             messages.put(("error", e))
             return
-        messages.put(("done", cfg.out, result))
+        messages.put(("done", cfg.run.out, result))
 
 
 @contextlib.contextmanager

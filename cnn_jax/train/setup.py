@@ -74,8 +74,8 @@ def build(cfgs: list[TrainConfig]) -> Setup:
 
 def make_mesh(cfg: TrainConfig) -> Mesh:
     """Phase 1: one `data` axis over every device (batch sharded, state replicated)."""
-    if cfg.batch % jax.device_count():
-        raise BadInput(f"--batch {cfg.batch} is not divisible by the "
+    if cfg.optimiser.batch % jax.device_count():
+        raise BadInput(f"--batch {cfg.optimiser.batch} is not divisible by the "
                        f"{jax.device_count()} devices")
     return Mesh(np.array(jax.devices()), ("data",))
 
@@ -89,16 +89,16 @@ def build_input(cfgs: list[TrainConfig], mesh: Mesh) -> dict:
     train = training_split(cfg)
     eval_split, evaluation = evaluation_split(spec)
     n_dev = mesh.devices.size
-    eval_batch = -(-min(cfg.eval_batch, len(evaluation)) // n_dev) * n_dev
-    normaliser = make_normaliser(cfg.normalise, train.normaliser_images, cfg.init_from,
-                                 cfg.model)
-    workers = cfg.workers if seeds == 1 else \
-        (cfg.workers if cfg.workers is not None else default_workers()) // seeds
-    datasets = tuple(train_dataset(train, cfg.batch, c.seed, workers, jax.process_index(),
+    eval_batch = -(-min(cfg.evaluation.batch, len(evaluation)) // n_dev) * n_dev
+    normaliser = make_normaliser(cfg.data.normalise, train.normaliser_images, cfg.model.init_from,
+                                 cfg.model.name)
+    workers = cfg.run.workers if seeds == 1 else \
+        (cfg.run.workers if cfg.run.workers is not None else default_workers()) // seeds
+    datasets = tuple(train_dataset(train, cfg.optimiser.batch, c.run.seed, workers, jax.process_index(),
                                    jax.process_count()) for c in cfgs)
     return {"train_arrays": train, "eval_arrays": evaluation, "eval_split": eval_split,
             "eval_batch": eval_batch, "normaliser": normaliser,
-            "input_shape": model_input_shape(train.image_shape, cfg.resize),
+            "input_shape": model_input_shape(train.image_shape, cfg.data.resize),
             "datasets": datasets}
 
 
@@ -135,21 +135,21 @@ def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Dataset,
                 normaliser: Optional[Normalizer], input_shape: tuple) -> dict:
     """Phase 3: the model, the optimizer and schedule, the convolution kernels, and the
     train and eval steps compiled over the mesh (`seeds` runs vmapped into one)."""
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    model = create_model(cfg.model, num_classes=len(train_arrays.classes), dtype=dtype,
-                         **cfg.model_options)
-    tx = make_optimizer(cfg.momentum, cfg.weight_decay, cfg.nesterov, cfg.decay_norm_and_bias)
+    dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+    model = create_model(cfg.model.name, num_classes=len(train_arrays.classes), dtype=dtype,
+                         **cfg.model.options)
+    tx = make_optimizer(cfg.optimiser.momentum, cfg.optimiser.weight_decay, cfg.optimiser.nesterov, cfg.optimiser.decay_norm_and_bias)
     lr_fn = schedules.with_warmup(schedules.linear_warmup(
-        schedules.make_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.milestones),
-        cfg.warmup_steps), cfg.warmup_lr)
-    trainable = module_names(cfg.trainable)
+        schedules.make_schedule(cfg.schedule.kind, cfg.schedule.lr, cfg.schedule.steps, cfg.schedule.milestones),
+        cfg.schedule.warmup_steps), cfg.schedule.warmup_lr)
+    trainable = module_names(cfg.model.trainable)
     if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
         tx = freeze(tx, trainable)
-    conv_kernels = resolve(cfg.conv_kernels, seeds, cfg.dtype)
-    normalise = make_input_fn(normaliser, cfg.resize)
-    train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.bn_group,
-                                 warmup_until_error=cfg.warmup_until_error,
-                                 label_smoothing=cfg.label_smoothing, trainable=trainable,
+    conv_kernels = resolve(cfg.run.conv_kernels, seeds, cfg.model.dtype)
+    normalise = make_input_fn(normaliser, cfg.data.resize)
+    train_step = make_train_step(model, tx, lr_fn, normalise, bn_group=cfg.model.bn_group,
+                                 warmup_until_error=cfg.schedule.warmup_until_error,
+                                 label_smoothing=cfg.optimiser.label_smoothing, trainable=trainable,
                                  conv_kernels=conv_kernels)
     step_one, step_many, eval_step = compile_steps(
         train_step, make_eval_step(model, normalise, conv_kernels), mesh, seeds)
@@ -162,9 +162,9 @@ def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Dataset,
 
 def check_module_names(cfg: TrainConfig, modules: list[str]) -> None:
     """--trainable and --init-skip must name modules the model has."""
-    for flag, names in (("trainable", module_names(cfg.trainable)),
-                        ("init_skip", module_names(cfg.init_skip))):
+    for flag, names in (("trainable", module_names(cfg.model.trainable)),
+                        ("init_skip", module_names(cfg.model.init_skip))):
         for name in names:
             if not any(covers((name,), m) for m in modules):
                 raise BadInput(f"--{flag.replace('_', '-')}: {name!r} names no module of "
-                               f"{cfg.model}; its modules: {', '.join(modules)}")
+                               f"{cfg.model.name}; its modules: {', '.join(modules)}")

@@ -22,13 +22,13 @@ from cnn_jax.train.processes import ProcessPool, process_count
 
 def finished(cfg: TrainConfig) -> Optional[dict]:
     """results.json of a finished run of exactly this configuration, else None."""
-    out = Path(cfg.out)
+    out = Path(cfg.run.out)
     try:
         saved = json.loads((out / "config.json").read_text())
         results = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("config_digest") == cfg.digest() and results.get("steps") == cfg.steps:
+    if saved.get("config_digest") == cfg.digest() and results.get("steps") == cfg.schedule.steps:
         return results
     return None
 
@@ -39,7 +39,7 @@ def seed_groups(configs: list[TrainConfig]) -> list[list[TrainConfig]]:
     groups: dict = {}
     for c in configs:
         recipe = json.dumps(c.seedless(), sort_keys=True, default=str)
-        groups.setdefault((recipe, saved_step(c.out)), []).append(c)
+        groups.setdefault((recipe, saved_step(c.run.out)), []).append(c)
     return list(groups.values())
 
 
@@ -50,11 +50,11 @@ def run_all(configs: list[TrainConfig], command: str, names: Optional[list[str]]
     vmapped step (`train_together`: faster on GPUs, slower on CPUs). Otherwise on a CPU
     they train in `processes` parallel processes (default: one per core,
     cnn_jax.train.processes), in the order given: pass the longest runs first."""
-    names = dict(zip((c.out for c in configs), names or [Path(c.out).name for c in configs]))
+    names = dict(zip((c.run.out for c in configs), names or [Path(c.run.out).name for c in configs]))
     todo = [c for c in configs if finished(c) is None]
     if processes is None:
         processes = 1 if together else process_count(len(todo), jax.default_backend())
-    bar = tqdm(total=sum(c.steps for c in todo), unit="step", dynamic_ncols=True,
+    bar = tqdm(total=sum(c.schedule.steps for c in todo), unit="step", dynamic_ncols=True,
                desc=f"{len(configs)} nets, {len(todo)} to train")
     trained = {}
     if processes > 1:
@@ -62,12 +62,12 @@ def run_all(configs: list[TrainConfig], command: str, names: Optional[list[str]]
         trained = ProcessPool(processes).train(todo, command, bar.update)
     else:
         for group in seed_groups(todo) if together else [[c] for c in todo]:
-            bar.set_description(", ".join(names[c.out] for c in group))
+            bar.set_description(", ".join(names[c.run.out] for c in group))
             for cfg, res in zip(group, train_together(group, command=command,
                                                       on_steps=bar.update)):
-                trained[cfg.out] = res
+                trained[cfg.run.out] = res
     bar.close()
-    return [trained[c.out] if c.out in trained else finished(c) for c in configs]
+    return [trained[c.run.out] if c.run.out in trained else finished(c) for c in configs]
 
 
 def curve(run_dir: Path, split: str = "test") -> dict:
