@@ -42,7 +42,7 @@ from cnn_jax.provenance import available_cores, hardware
 
 
 def ours(records: Records, workers: int, batch: int, batches: int, side: int) -> float:
-    dataset = Dataset(records, side, ops.InceptionCrop(), flip=True, lighting=ops.Lighting())
+    dataset = Dataset(records, side, (ops.InceptionCrop(), ops.Flip(), ops.Lighting()))
     it = iter(train_dataset(dataset, batch, seed=0, workers=workers))
     for _ in range(2 * workers + 1):  # warm-up: every worker started, buffers filled
         next(it)

@@ -282,11 +282,13 @@ def test_pca_eigenvalues_equal_numpys_and_shifts_follow_eigenvectors():
     np.testing.assert_allclose(basis.eigenvalues, np.linalg.eigvalsh(np.cov(pixels.T))[::-1],
                                rtol=1e-10)
     # std 0 is the identity
-    zero = A.Lighting(basis, std=0.0).shift(0, 0, np.arange(50))
+    u = A.uniforms(0, 0, np.arange(50), A.STREAM_PCA, A.Lighting.draws)
+    zero = A.Lighting(basis, std=0.0).shift(u, 3)
     np.testing.assert_array_equal(A.add_shift(x, zero), x)
-    # each image's shift is sum_i alpha_i lambda_i p_i * 255, alpha ~ N(0, 0.1)
-    alphas = 0.1 * A.normals(0, 0, np.arange(50), A.STREAM_PCA, 3)
-    shift = A.add_shift(x, A.Lighting(basis).shift(0, 0, np.arange(50))) - x.astype(np.float32)
+    # each image's shift is sum_i alpha_i lambda_i p_i * 255, alpha ~ N(0, 0.1): three
+    # normals by Box-Muller from six uniforms
+    alphas = 0.1 * np.sqrt(-2 * np.log(1 - u[:, :3])) * np.cos(2 * np.pi * u[:, 3:])
+    shift = A.Lighting(basis).batch(x, u) - x.astype(np.float32)
     expected = 255 * (alphas * basis.eigenvalues) @ basis.eigenvectors.T
     np.testing.assert_allclose(shift[:, 0, 0], expected, rtol=1e-4, atol=1e-4)
     assert np.allclose(shift, shift[:, :1, :1], atol=1e-4)  # the same for every pixel
@@ -332,8 +334,9 @@ def cifar_like(source, crop_pad=0, flip=False, colour_shift=0.0) -> Dataset:
     """A Dataset of decoded arrays with the CIFAR preset's ops."""
     if isinstance(source, np.ndarray):
         source = sources.Arrays(source, np.zeros(len(source), np.int32), ["a", "b"])
-    return Dataset(source, source.image_shape[0], A.PadCrop(crop_pad) if crop_pad else None,
-                   flip, A.ColourShift(colour_shift) if colour_shift else None)
+    recipe = ((A.PadCrop(crop_pad),) if crop_pad else ()) + ((A.Flip(),) if flip else ()) + \
+        ((A.ColourShift(colour_shift),) if colour_shift else ())
+    return Dataset(source, source.image_shape[0], recipe)
 
 
 def synthetic(n=200, **ops):

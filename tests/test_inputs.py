@@ -6,6 +6,7 @@ import pytest
 
 from cnn_jax.errors import BadInput
 from cnn_jax.data.dataset import Dataset, subset
+from cnn_jax.data.ops import Pad
 from cnn_jax.data.sources import Arrays
 from cnn_jax.train import TrainConfig
 from cnn_jax.train.inputs import make_input_fn, make_normaliser, model_input_shape
@@ -19,7 +20,7 @@ def test_lecun_scale_maps_background_and_ink_as_in_the_paper():
 
 def test_padding_centres_the_digit_in_a_32x32_field():
     images = np.full((3, 28, 28, 1), 200, np.uint8)
-    d = Dataset(Arrays(images, np.arange(3), ["a", "b", "c"]), 28, input_pad=2)
+    d = Dataset(Arrays(images, np.arange(3), ["a", "b", "c"]), 28, (Pad(2),))
     padded = d.eval_batch(np.arange(3))["image"]
     assert d.image_shape == padded.shape[1:] == (32, 32, 1)
     assert (padded[:, 2:30, 2:30] == 200).all()

@@ -16,6 +16,7 @@ LAYERS = [
     (1, "data", ("cnn_jax.data",)),
     (2, "provenance", ("cnn_jax.provenance",)),
     (2, "cost", ("cnn_jax.cost", "cnn_jax.summary")),
+    (2, "preview", ("cnn_jax.preview",)),
     (3, "train", ("cnn_jax.train",)),
     (4, "inference", ("cnn_jax.trained", "cnn_jax.evaluate", "cnn_jax.transfer")),
     (4, "experiment", ("cnn_jax.experiment",)),

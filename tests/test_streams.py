@@ -17,7 +17,7 @@ from PIL import Image
 
 from cnn_jax.data import ops as A
 from cnn_jax.data import sources as R
-from cnn_jax.data.dataset import CROPS, LIGHTING, Dataset
+from cnn_jax.data.dataset import LIGHTING, Dataset
 from cnn_jax.data.keys import IMAGE, LABEL, MASK, SHIFT, SKIPPED
 from cnn_jax.data.pipeline import eval_batches, train_dataset
 from cnn_jax.data.sources import SHARED_DATA, DataError, MissingSplit
@@ -195,10 +195,10 @@ def test_corrupt_files_are_refused_or_skipped_and_counted(tmp_path, cache, caplo
     bad = folder / "train" / "dog" / "1.JPEG"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated
     records = R.open_stored(f"imagefolder:{folder}", "train")
-    stream = Dataset(records, 32, A.InceptionCrop(), True)
+    stream = Dataset(records, 32, (A.InceptionCrop(), A.Flip()))
     with pytest.raises(DataError, match=r"record 4: .*dog/1.JPEG.*--bad-images skip"):
         stream.train_batch(np.arange(9), np.zeros(9, int), 0)
-    skipping = Dataset(records, 32, A.InceptionCrop(), True, bad_images="skip")
+    skipping = Dataset(records, 32, (A.InceptionCrop(), A.Flip()), bad_images="skip")
     with caplog.at_level(logging.WARNING):
         batch = skipping.train_batch(np.arange(9), np.zeros(9, int), 0)
     assert batch[SKIPPED].tolist() == [4] and "dog/1.JPEG" in caplog.text
@@ -258,12 +258,13 @@ def test_alexnet_boxes_are_224_of_the_central_256():
 def stream_of(tmp_path, side=32, augment="inception", lighting=False, **kw):
     folder = tmp_path / "pets"
     imagefolder(folder)
-    return Dataset(R.open_stored(f"imagefolder:{folder}", "train"), side, CROPS[augment],
-                   augment != "center", lighting=A.Lighting() if lighting else None, **kw)
+    names = [n for n in A.RECIPES[augment] if n != "lighting"] + (["lighting"] if lighting else [])
+    return Dataset(R.open_stored(f"imagefolder:{folder}", "train"), side,
+                   tuple(A.OPS[n]() for n in names), **kw)
 
 
 def test_views_depend_only_on_seed_epoch_and_index(tmp_path, cache):
-    for augment in set(CROPS) - {"center"}:
+    for augment in set(A.RECIPES) - {"center", "cifar"}:
         stream = stream_of(tmp_path, augment=augment, lighting=augment in LIGHTING)
         whole = stream.train_batch(np.arange(9), np.zeros(9, int), 7)
         part = stream.train_batch(np.array([5, 2]), np.zeros(2, int), 7)
@@ -273,7 +274,8 @@ def test_views_depend_only_on_seed_epoch_and_index(tmp_path, cache):
         assert not np.array_equal(later[IMAGE], whole[IMAGE])
         assert (SHIFT in whole) == (augment in LIGHTING)
     shift = stream_of(tmp_path, lighting=True).train_batch(np.arange(9), np.zeros(9, int), 7)[SHIFT]
-    alphas = 0.1 * A.normals(7, 0, np.arange(9), A.STREAM_PCA, 3)
+    u = A.uniforms(7, 0, np.arange(9), A.STREAM_PCA, 6)   # three normals, Box-Muller
+    alphas = 0.1 * np.sqrt(-2 * np.log(1 - u[:, :3])) * np.cos(2 * np.pi * u[:, 3:])
     np.testing.assert_allclose(shift, 255 * (alphas * [0.2175, 0.0188, 0.0045]) @
                                A.IMAGENET_PCA.eigenvectors.T, rtol=1e-5)
 
@@ -398,11 +400,11 @@ def test_batched_ops_equal_the_per_image_ops():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8)
     source = R.Arrays(images, rng.integers(0, 3, 24), ["a", "b", "c"])
-    fast = Dataset(source, 8, A.PadCrop(4), True, A.ColourShift(20.0),
-                   A.Lighting(A.pca_basis(images)), input_pad=2)
+    recipe = (A.Pad(2), A.PadCrop(4), A.Flip(), A.ColourShift(20.0),
+              A.Lighting(A.pca_basis(images)))
+    fast = Dataset(source, 8, recipe)
     assert fast.batched
-    slow = Dataset(R.Subset(source, np.arange(24)), 8, A.PadCrop(4), True, A.ColourShift(20.0),
-                   A.Lighting(A.pca_basis(images)), input_pad=2)
+    slow = Dataset(R.Subset(source, np.arange(24)), 8, recipe)
     assert not slow.batched
     index, epoch = np.arange(3, 19), np.full(16, 2)
     a, b = fast.train_batch(index, epoch, 5), slow.train_batch(index, epoch, 5)
@@ -553,3 +555,49 @@ def test_unreadable_files_are_left_out_and_counted_once_in_training_and_evaluati
     last = json.loads(ev.stdout.strip().splitlines()[-1])
     assert last["skipped_images"] == 3 and last["n_examples"] == 9   # left out, not replaced
     assert "3 unreadable left out" in ev.stderr
+
+
+def sample_photos(n: int) -> list:
+    """(bytes, where) of n real photos: imagenet_sample's first where it is here, else
+    JPEGs of every shape made here (colour, grayscale, odd sizes)."""
+    if SAMPLE.exists():
+        records = R.open_stored("imagenet_sample", "train")
+        return [(records.read(i)[0], records.where(i)) for i in range(n)]
+    sizes = [(375, 500), (500, 333), (281, 500), (480, 640), (97, 129), (640, 427)]
+    return [(jpeg(*sizes[i % len(sizes)], seed=i, mode="L" if i % 7 == 0 else "RGB"), f"#{i}")
+            for i in range(n)]
+
+
+def test_test_views_are_torchvisions_pixel_for_pixel():
+    """The single view of a photo is torchvision's Resize(256) + CenterCrop(224) of PIL's
+    decode, every pixel; so are the ten views' centre and the multiscale views' sizes."""
+    T = pytest.importorskip("torchvision.transforms")
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224)])
+    differ = []
+    for data, where in sample_photos(300):
+        ours = A.ten_views(A.view_source(data, where, 224, 0), 224)[A.CENTRE]
+        theirs = np.asarray(reference(Image.open(io.BytesIO(data)).convert("RGB")))
+        if not np.array_equal(ours, theirs):
+            differ.append((where, psnr(ours, theirs)))
+    assert not differ, differ[:5]
+
+
+def test_training_crops_decode_fast_only_where_asked():
+    """A training crop's `fast_decode` (the DCT-scaled decoding, on by default) is its
+    one shortcut from PIL's decode, crop and resize; without it every crop is PIL's,
+    pixel for pixel (docs/deviations.md)."""
+    fast, exact = A.ScaleCrop(), A.ScaleCrop(fast_decode=False)
+    scores, differ = [], 0
+    for k, (data, where) in enumerate(sample_photos(300)):
+        hw = A.image_size(data, where)
+        u = A.uniforms(0, 0, [k], A.STREAM_CROP, fast.draws)[0]
+        top, left, h, w = fast.box(hw, 224, u)
+        pixels = (int(left), int(top), round(left + w), round(top + h))  # PIL crops whole ones
+        pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").crop(pixels).resize(
+            (224, 224), Image.BILINEAR))
+        differ += not np.array_equal(exact.one(A.Picture.of(data, where), u, 224), pil)
+        scores.append(psnr(fast.one(A.Picture.of(data, where), u, 224), pil))
+    assert differ == 0
+    assert np.median(scores) > 45       # the shortcut: small on most crops ...
+    if SAMPLE.exists():                 # ... but real on ImageNet's photos (5 of 300 < 40 dB)
+        assert min(scores) < 40, sorted(scores)[:5]

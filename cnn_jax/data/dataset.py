@@ -39,9 +39,7 @@ log = logging.getLogger(__name__)
 
 STREAM_SIDE = 224            # a streamed dataset's default side
 SAMPLE = 500                 # images a streamed normaliser is estimated from
-LIGHTING = ("resnet", "alexnet")   # the presets with PCA lighting
-CROPS = {"resnet": ops.ScaleCrop(), "inception": ops.InceptionCrop(),
-         "alexnet": ops.AlexNetCrop(), "center": None}
+LIGHTING = tuple(k for k, names in ops.RECIPES.items() if "lighting" in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,16 +96,18 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A split: its source, the side S, and the ops a preset composes."""
+    """A split: its source, the side S, and its training recipe (the ops, in order:
+    cnn_jax.data.ops.recipe); its test views are the papers' (ops.view_source)."""
     source: Source
     side: int
-    crop: object = None                 # PadCrop / ScaleCrop / InceptionCrop / AlexNetCrop / None
-    flip: bool = False
-    colour_shift: Optional[ops.ColourShift] = None
-    lighting: Optional[ops.Lighting] = None
-    input_pad: int = 0
-    view_pad: int = 4                   # images of side S: the test views' padding
+    ops: tuple = ()                     # the training recipe's ops
+    view_pad: int = 4                   # images of side S: the ten views' padding
     bad_images: str = "refuse"
+
+    @property
+    def input_pad(self) -> int:
+        """The recipe's zero padding (ops.Pad, --input-pad): the test views' too."""
+        return sum(op.amount for op in self.ops if isinstance(op, ops.Pad))
 
     def __len__(self) -> int:
         return len(self.source)
@@ -135,9 +135,8 @@ class Dataset:
 
     @property
     def batched(self) -> bool:
-        """Decoded arrays of one size whose ops all have a vectorised form."""
-        return isinstance(self.source, Arrays) and (self.crop is None or
-                                                    isinstance(self.crop, ops.PadCrop))
+        """Decoded arrays of one size whose ops all have a whole-batch form."""
+        return isinstance(self.source, Arrays) and all(op.batch is not None for op in self.ops)
 
     def take(self, keep, labels=None, classes=None) -> "Dataset":
         """Examples `keep` of this split, optionally relabelled."""
@@ -186,40 +185,32 @@ class Dataset:
 
     # -------------------------------------------------------------- training
     def train_batch(self, index: np.ndarray, epoch: np.ndarray, seed: int) -> dict:
-        """The training views of examples `index` at `epoch`: uint8, or float32 where
-        colour ops ran on decoded arrays; other images send their colour as SHIFT
-        [B, 3], added on the device (a uint8 transfer)."""
+        """The training views of examples `index` at `epoch`, the recipe's ops in order,
+        each with its own draws: uint8, or float32 where colour ops ran on decoded
+        arrays; other images send their colour as SHIFT [B, 3], added on the device (a
+        uint8 transfer)."""
         index = np.asarray(index)
-        crop_u = None if self.crop is None else \
-            ops.uniforms(seed, epoch, index, ops.STREAM_CROP, self.crop.draws)
-        flip_u = ops.uniforms(seed, epoch, index, ops.STREAM_FLIP, 1) if self.flip else None
-        colours = [c for c in (self.colour_shift, self.lighting) if c is not None]
+        draws = [ops.uniforms(seed, epoch, index, op.stream, op.draws) if op.draws else None
+                 for op in self.ops]
         if self.batched:
-            x = self._padded(self.source.pixels(index))
-            if self.crop is not None:
-                x = self.crop.batch(x, crop_u)
-            if flip_u is not None:
-                x = ops.Flip().batch(x, flip_u)
-            for colour in colours:
-                x = ops.add_shift(x, colour.shift(seed, epoch, index, x.shape[-1]))
+            x = self.source.pixels(index)
+            for op, u in zip(self.ops, draws):
+                x = op.batch(x, u)
             return {IMAGE: x, LABEL: self.labels[index]}
-        out = self._per_image(index, lambda r, w, k: self._train_view(r, w, crop_u, flip_u, k),
+        shaping = [(op, u) for op, u in zip(self.ops, draws) if not op.colour]
+        out = self._per_image(index, lambda r, w, k: self._shaped(r, w, shaping, k),
                               self.image_shape)
-        if colours:
-            out[SHIFT] = np.sum([c.shift(seed, epoch, index, 3) for c in colours],
-                                axis=0).astype(np.float32)
+        shifts = [op.shift(u, 3) for op, u in zip(self.ops, draws) if op.colour]
+        if shifts:
+            out[SHIFT] = np.sum(shifts, axis=0).astype(np.float32)
         return out
 
-    def _train_view(self, record, where, crop_u, flip_u, k) -> np.ndarray:
-        s = self.side
-        if self.crop is None:
-            img = self._padded(self.single_view(record, where))
-        elif isinstance(self.crop, ops.PadCrop):
-            img = self.crop.one(self._padded(ops.decode(record, where)), crop_u[k])
-        else:
-            hw = ops.image_size(record, where)
-            img = self._padded(ops.cut(record, where, self.crop.box(hw, s, crop_u[k]), (s, s), hw))
-        return ops.Flip().one(img, flip_u[k]) if flip_u is not None else img
+    def _shaped(self, record, where: str, shaping: list, k: int) -> np.ndarray:
+        """One image through the recipe's geometry and flip (its colour goes as SHIFT)."""
+        image = ops.Picture.of(record, where)
+        for op, u in shaping:
+            image = op.one(image, None if u is None else u[k], self.side)
+        return ops.pixels(image)
 
     # -------------------------------------------------------------- evaluation
     def single_view(self, record, where: str) -> np.ndarray:
@@ -331,17 +322,9 @@ def open_split(spec: DataSpec, split: str, subset_size: Optional[int] = None,
     source = stored_split(spec, split)
     size = spec.train_subset if subset_size is None and training else (subset_size or 0)
     source = subset(source, size)
-    if spec.augment != "cifar":
-        lighting = spec.augment in LIGHTING or spec.pca_colour
-        side = spec.image_size or (STREAM_SIDE if spec.streams else source.image_shape[0])
-        return Dataset(source, side, CROPS[spec.augment], spec.flip and spec.augment != "center",
-                       ops.ColourShift(spec.colour_shift) if spec.colour_shift else None,
-                       ops.Lighting() if lighting else None,
-                       spec.input_pad, spec.crop_pad or 4, spec.bad_images)
-    return Dataset(source, source.image_shape[0], ops.PadCrop(spec.crop_pad)
-                   if spec.crop_pad else None, spec.flip,
-                   ops.ColourShift(spec.colour_shift) if spec.colour_shift else None, None,
-                   spec.input_pad, spec.crop_pad or 4, spec.bad_images)
+    side = source.image_shape[0] if spec.augment == "cifar" else \
+        spec.image_size or (STREAM_SIDE if spec.streams else source.image_shape[0])
+    return Dataset(source, side, tuple(ops.recipe(spec)), spec.crop_pad or 4, spec.bad_images)
 
 
 def with_pca(train: Dataset, spec: DataSpec) -> Dataset:
@@ -353,7 +336,8 @@ def with_pca(train: Dataset, spec: DataSpec) -> Dataset:
     whole = src.path is not None and src.indices is None and not train.input_pad
     basis = ops.cached_pca_basis(train.normaliser_images(),
                                  src.path.with_name("train_pca.npz") if whole else None)
-    return dataclasses.replace(train, lighting=ops.Lighting(basis))
+    return dataclasses.replace(train, ops=tuple(
+        ops.Lighting(basis) if isinstance(op, ops.Lighting) else op for op in train.ops))
 
 
 def subset(split, size: int):

@@ -1,29 +1,32 @@
-"""Preprocessing as small named ops, each defined once; presets compose them.
+"""Preprocessing as named ops, each defined once, that recipes compose.
 
-Training ops draw their random numbers from `uniforms(seed, epoch, index, stream)`, a
-counter-based hash (splitmix64) rather than a stateful generator, so a batch depends
-on nothing but the seed, the epochs and the examples' indices, whatever the batch
-size, worker count or resume point. Each op has its own stream, so switching one on
-or off leaves the others' choices unchanged.
+A training recipe (RECIPES, below) is a list of op names, in order, as the papers
+describe their preprocessing; every op is one registered class (`register`) with one
+interface (`Op`): its random draws, what it does to one image, optionally the same on a
+whole batch of one size (proven equal in the tests), and what it decided (for
+`python -m cnn_jax.preview`). A new op is one class and its name in a recipe.
 
-    crop       geometry: one per preset (a box of the image, resized to the side S)
-      pad_crop   He et al. 2015 Sec. 4.2 (CIFAR): pad by 4, a random crop of the size
-      resnet     He et al. 2015 Sec. 3.4: shorter side to U[256, 480] * S / 224, an S x S crop
-      inception  Szegedy et al. 2015 as torchvision's RandomResizedCrop: area 8-100 %,
-                 aspect ratio 3/4-4/3 (log-uniform, ten tries, then the centre)
-      alexnet    Krizhevsky et al. 2012: the central square as 256 x 256, an S x S crop
-      center     no augmentation: the single test view at every epoch
+    geometry   pad_crop             He et al. 2015 Sec. 4.2 (CIFAR): pad by 4, a random crop
+               scale_crop           He et al. 2015 Sec. 3.4: shorter side to U[256, 480] * S / 224,
+                                    an S x S crop
+               random_resized_crop  Szegedy et al. 2015 as torchvision's RandomResizedCrop
+               alexnet_crop         Krizhevsky et al. 2012: the central square as 256 x 256,
+                                    an S x S crop
+               center_view          no augmentation: the single test view at every epoch
+               pad                  zero padding (--input-pad: MNIST's 28 to LeNet's 32)
     flip       mirror left-right with probability 1/2
-    colour     colour_shift (uniform per-channel offsets, the lecture's "R+20, G-20")
-               and lighting (Krizhevsky's PCA lighting): per-image RGB shifts
-    views      the test protocols: center (1), its mirror (2), ten (corners and centre,
-               mirrored), multiscale (He et al.'s fully-convolutional test)
+    colour     colour_shift (uniform per-channel offsets, the lecture's "R+20, G-20") and
+               lighting (Krizhevsky's PCA lighting): per-image RGB shifts
 
-Each op works on one decoded image; the ops that run on whole batches of one size
-(CIFAR in memory) also have a vectorised numpy form, proven equal in the tests.
-Encoded full-size images are decoded at the smallest DCT scale that keeps the crop's
-resolution (libjpeg-turbo via simplejpeg), then cut and resized with antialiasing
-(`resize`: as PIL's and torchvision's antialias=True resize).
+Random numbers come from `uniforms(seed, epoch, index, stream)`, a counter-based hash
+(splitmix64) rather than a stateful generator, so a batch depends on nothing but the
+seed, the epochs and the examples' indices, whatever the batch size, worker count or
+resume point; each op has its own stream.
+
+Training crops of encoded full-size images decode at the smallest DCT scale that keeps
+the crop's resolution (libjpeg-turbo via simplejpeg; the op option `fast_decode`), then
+resize with antialiasing (`resize`: Pillow's filter, compiled). The test views (center,
+ten, multiscale) are exactly torchvision's: PIL's decode and antialiased bilinear resize.
 Pixel scale: uint8 [0, 255]; colour ops return float32 in the same units, unclipped.
 """
 from __future__ import annotations
@@ -44,8 +47,6 @@ from cnn_jax.errors import BadInput, DataError
 
 cv2.setNumThreads(1)  # one worker process, one thread: the workers are the parallelism
 
-# --augment: the presets (cnn_jax.data.dataset.train_ops)
-AUGMENTS = ("cifar", "resnet", "inception", "alexnet", "center")
 BAD_IMAGES = ("refuse", "skip")   # --bad-images: stop naming the file, or leave it out
 NORMALISATIONS = ("per_pixel", "per_channel", "standard", "lecun", "imagenet", "inception",
                   "source", "none")  # cnn_jax.train.inputs.make_normaliser
@@ -81,13 +82,6 @@ def uniforms(seed: int, epoch, index, stream: int, n: int) -> np.ndarray:
         key = _splitmix64(key ^ index)
         draws = _splitmix64(key[:, None] ^ _splitmix64(np.arange(n, dtype=np.uint64))[None])
     return (draws >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def normals(seed: int, epoch, index, stream: int, n: int) -> np.ndarray:
-    """[B, n] standard normals (Box-Muller on `uniforms`)."""
-    u = uniforms(seed, epoch, index, stream, 2 * n)
-    u1, u2 = 1.0 - u[:, :n], u[:, n:]
-    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)
 
 
 # ------------------------------------------------------------------ decoding and resizing
@@ -151,11 +145,16 @@ def resize(img: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return resample(img, out_hw)
 
 
-def cut(data, where: str, box, out_hw: tuple[int, int], size: Optional[tuple] = None
-        ) -> np.ndarray:
+def cut(data, where: str, box, out_hw: tuple[int, int], size: Optional[tuple] = None,
+        fast: bool = True) -> np.ndarray:
     """The box (top, left, height, width) of the original image (of `size`, read from
-    the header when not given), resized to out_hw; an encoded image is decoded only
-    at the resolution the box needs."""
+    the header when not given), resized to out_hw. `fast` (training crops): an encoded
+    image is decoded only at the resolution the box needs (libjpeg-turbo's DCT
+    scaling), the box rounded to whole pixels there. Otherwise (the test views) exactly
+    as PIL and torchvision do it (`exact_cut`): the whole image decoded by PIL, cropped,
+    then PIL's antialiased bilinear resize."""
+    if not fast:
+        return exact_cut(data, where, box, out_hw)
     top, left, h, w = box
     size = size or image_size(data, where)
     need = (math.ceil(size[0] * out_hw[0] / h), math.ceil(size[1] * out_hw[1] / w))
@@ -165,6 +164,32 @@ def cut(data, where: str, box, out_hw: tuple[int, int], size: Optional[tuple] = 
     y1 = max(y0 + 1, min(img.shape[0], round((top + h) * sy)))
     x1 = max(x0 + 1, min(img.shape[1], round((left + w) * sx)))
     return resize(img[y0:y1, x0:x1], out_hw)
+
+
+def pil_image(data, where: str) -> Image.Image:
+    """An image as PIL holds it: decoded by PIL and converted to RGB (torchvision's
+    ImageFolder loader), or decoded pixels as they are."""
+    if isinstance(data, np.ndarray):
+        return Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad files
+        raise DataError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
+
+
+def exact_cut(data, where: str, box, out_hw: tuple[int, int]) -> np.ndarray:
+    """PIL's crop of the box (rounded to whole pixels as `cut` rounds it) of the whole
+    decoded image, then PIL's bilinear resize, antialiased when shrinking: for a
+    whole-image box, torchvision's Resize on a PIL image, pixel for pixel."""
+    top, left, h, w = box
+    im = pil_image(data, where)
+    y0, x0 = int(top), int(left)
+    y1, x1 = max(y0 + 1, min(im.height, round(top + h))), max(x0 + 1, min(im.width, round(left + w)))
+    if (y0, x0, y1, x1) != (0, 0, im.height, im.width):
+        im = im.crop((x0, y0, x1, y1))
+    out = np.asarray(im.resize((out_hw[1], out_hw[0]), Image.BILINEAR), np.uint8)
+    return out[..., None] if out.ndim == 2 else out
 
 
 def shorter_side(hw, shorter: int) -> tuple[int, int]:
@@ -197,30 +222,145 @@ def gather_crops(images: np.ndarray, top: np.ndarray, left: np.ndarray, h: int, 
     return images[b, rows, cols]
 
 
+# ------------------------------------------------------------------ the op interface
+OPS: dict = {}   # name -> Op class: every op a recipe can name
+
+
+def register(cls):
+    """Make an op nameable in RECIPES (and in the data section's recipe)."""
+    OPS[cls.name] = cls
+    return cls
+
+
+@dataclasses.dataclass
+class Picture:
+    """An image on its way through a recipe: its record (encoded bytes, decoded no
+    further than a crop needs, or decoded pixels), where it came from, its size."""
+    data: object
+    where: str
+    hw: tuple
+
+    @classmethod
+    def of(cls, record, where: str) -> "Picture":
+        return cls(record, where, tuple(image_size(record, where)))
+
+
+def pixels(image) -> np.ndarray:
+    """An op's input as pixels: a Picture decoded whole, or pixels as they are."""
+    return decode(image.data, image.where) if isinstance(image, Picture) else image
+
+
+class Op:
+    """One step of a training recipe, the same for every image source.
+
+    Its random numbers: `draws` uniforms per image from its own `stream`
+    (`uniforms(seed, epoch, index, stream, draws)`), so that an op switched on or off
+    leaves the others' draws unchanged. `one(image, u, side)`: one image (a Picture,
+    or pixels from the op before) with its row of draws; `batch(images, u)`: the same
+    on a whole batch of one size [B, H, W, C] (None where the op has no such form;
+    tests/test_data.py proves each equal to `one`); `decided(u, hw, side)`: what it
+    chose for one image, in words a person reads (`python -m cnn_jax.preview --json`).
+    `colour` ops add one RGB offset per image (`shift`), which encoded images send to
+    the device instead (a uint8 transfer); `resamples`: a crop that delivers side S
+    from any size (zero padding of the input, --input-pad, follows it)."""
+
+    name = ""
+    stream = -1
+    draws = 0
+    colour = False
+    resamples = False
+    batch = None
+
+    @classmethod
+    def of(cls, spec) -> "Op":
+        """The op as the data section (cnn_jax.data.dataset.DataSpec) configures it."""
+        return cls()
+
+    def one(self, image, u, side: int):
+        raise NotImplementedError
+
+    def decided(self, u, hw, side: int) -> dict:
+        return {}
+
+
+# ------------------------------------------------------------------ geometry
+@register
 @dataclasses.dataclass(frozen=True)
-class PadCrop:
+class Pad(Op):
+    """Zero padding by `amount` on every side (LeNet's MNIST, 28 -> 32): --input-pad."""
+    amount: int = 0
+    name = "pad"
+
+    @classmethod
+    def of(cls, spec):
+        return cls(spec.input_pad)
+
+    def one(self, image, u, side):
+        return pad(pixels(image), self.amount)
+
+    def batch(self, images, u):
+        return pad(images, self.amount)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PadCrop(Op):
     """He et al. 2015 Sec. 4.2: pad by `amount` zeros, a random crop of the original size."""
-    amount: int
+    amount: int = 4
     name = "pad_crop"
+    stream = STREAM_CROP
     draws = 2
+
+    @classmethod
+    def of(cls, spec):
+        return cls(spec.crop_pad)
 
     def offsets(self, u: np.ndarray) -> np.ndarray:
         return np.floor(u * (2 * self.amount + 1)).astype(np.int64)
 
-    def one(self, img: np.ndarray, u: np.ndarray) -> np.ndarray:
+    def one(self, image, u, side=None):
+        img = pixels(image)
         t, l = self.offsets(u)
         return pad(img, self.amount)[t:t + img.shape[0], l:l + img.shape[1]]
 
-    def batch(self, images: np.ndarray, u: np.ndarray) -> np.ndarray:
+    def batch(self, images, u):
         o = self.offsets(u)
         return gather_crops(pad(images, self.amount), o[:, 0], o[:, 1], *images.shape[1:3])
 
+    def decided(self, u, hw, side):
+        t, l = (int(v) for v in self.offsets(np.asarray(u)))
+        return {"crop": [t - self.amount, l - self.amount, int(hw[0]), int(hw[1])]}
+
 
 @dataclasses.dataclass(frozen=True)
-class ScaleCrop:
+class BoxCrop(Op):
+    """A crop of the original image given as a box (top, left, height, width) and
+    resized to side S. `fast_decode`: decode a JPEG at the smallest DCT scale that keeps
+    the box's resolution (libjpeg-turbo), not whole: 2-4x faster on ImageNet's photos
+    and a few dB from whole-image decoding on some (docs/deviations.md); training only,
+    the test views decode whole."""
+    fast_decode: bool = True
+    stream = STREAM_CROP
+    resamples = True
+
+    def box(self, hw, side: int, u) -> tuple:
+        raise NotImplementedError
+
+    def one(self, image, u, side):
+        image = image if isinstance(image, Picture) else Picture(image, "", image.shape[:2])
+        return cut(image.data, image.where, self.box(image.hw, side, u), (side, side),
+                   image.hw, fast=self.fast_decode)
+
+    def decided(self, u, hw, side):
+        return {"crop": [round(float(v), 2) for v in self.box(hw, side, np.asarray(u))]}
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ScaleCrop(BoxCrop):
     """He et al. 2015 Sec. 3.4: shorter side to U[256, 480] * side / 224, a random
-    side x side crop; as a box of the original image."""
-    name = "resnet"
+    side x side crop."""
+    name = "scale_crop"
     draws = 3
 
     def box(self, hw, side: int, u) -> tuple:
@@ -229,13 +369,14 @@ class ScaleCrop:
         return (u[1] * (hw[0] - crop), u[2] * (hw[1] - crop), crop, crop)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
-class InceptionCrop:
+class InceptionCrop(BoxCrop):
     """torchvision's RandomResizedCrop.get_params (area, log-uniform ratio, ten tries,
     then the centre), drawing from u: [40]."""
     area: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
-    name = "inception"
+    name = "random_resized_crop"
     draws = 40
 
     def box(self, hw, side: int, u) -> tuple:
@@ -257,11 +398,12 @@ class InceptionCrop:
         return ((H - h) // 2, (W - w) // 2, h, w)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
-class AlexNetCrop:
+class AlexNetCrop(BoxCrop):
     """Krizhevsky et al. 2012 Sec. 2 and 4.1: the central square as 256 x 256 (scaled
     by side / 224), a random side x side crop of it."""
-    name = "alexnet"
+    name = "alexnet_crop"
     draws = 2
 
     def box(self, hw, side: int, u) -> tuple:
@@ -271,29 +413,83 @@ class AlexNetCrop:
                 crop, crop)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
-class Flip:
+class CenterView(BoxCrop):
+    """No augmentation: the single test view (the centre S x S of the image at shorter
+    side 256 / 224 * S; an image of side S itself) at every epoch."""
+    name = "center_view"
+    stream = -1
+    draws = 0
+
+    def one(self, image, u, side):
+        image = image if isinstance(image, Picture) else Picture(image, "", image.shape[:2])
+        return ten_views(view_source(image.data, image.where, side, 0, exact=not self.fast_decode),
+                         side)[CENTRE]
+
+    def decided(self, u, hw, side):
+        if tuple(hw) == (side, side):
+            return {"crop": [0, 0, side, side]}
+        h, w = shorter_side(hw, round(side * EVAL_RESIZE))
+        t, l = centre((h, w), side)
+        return {"crop": [round(t * hw[0] / h, 2), round(l * hw[1] / w, 2),
+                         round(side * hw[0] / h, 2), round(side * hw[1] / w, 2)]}
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Flip(Op):
     """Mirror left-right where u < 0.5."""
     name = "flip"
+    stream = STREAM_FLIP
     draws = 1
 
-    def one(self, img, u):
+    def one(self, image, u, side=None):
+        img = pixels(image)
         return img[:, ::-1] if u[0] < 0.5 else img
 
     def batch(self, images, u):
         return np.where((u[:, 0] < 0.5)[:, None, None, None], images[:, :, ::-1], images)
 
+    def decided(self, u, hw, side):
+        return {"flipped": bool(u[0] < 0.5)}
+
 
 # ------------------------------------------------------------------ colour
+class Colour(Op):
+    """An offset per channel of each image (float32 out, unclipped)."""
+    colour = True
+
+    def shift(self, u: np.ndarray, channels: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def one(self, image, u, side=None):
+        img = pixels(image)
+        return add_shift(img[None], self.shift(np.asarray(u)[None], img.shape[-1]))[0]
+
+    def batch(self, images, u):
+        return add_shift(images, self.shift(u, images.shape[-1]))
+
+    def decided(self, u, hw, side):
+        return {self.name: [round(float(v), 3) for v in self.shift(np.asarray(u)[None], 3)[0]]}
+
+
+@register
 @dataclasses.dataclass(frozen=True)
-class ColourShift:
-    """A random offset in [-magnitude, magnitude] per channel of each image."""
+class ColourShift(Colour):
+    """A random offset in [-magnitude, magnitude] per channel of each image (the
+    lecture's "R+20, G-20")."""
     magnitude: float = 20.0
     name = "colour_shift"
     stream = STREAM_SHIFT
+    draws = 3
 
-    def shift(self, seed, epoch, index, channels: int) -> np.ndarray:
-        return (2 * uniforms(seed, epoch, index, self.stream, channels) - 1) * self.magnitude
+    @classmethod
+    def of(cls, spec):
+        return cls(spec.colour_shift)
+
+    def shift(self, u, channels: int) -> np.ndarray:
+        return (2 * u[:, :channels] - 1) * self.magnitude
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,18 +509,65 @@ IMAGENET_PCA = PCABasis(np.array([0.2175, 0.0188, 0.0045]),
                                   [-0.5836, -0.6948, 0.4203]]))
 
 
+@register
 @dataclasses.dataclass(frozen=True)
-class Lighting:
+class Lighting(Colour):
     """Krizhevsky et al. 2012 Sec. 4.1 "fancy PCA": the same RGB shift
     sum_i alpha_i lambda_i p_i (alpha ~ N(0, std)) added to every pixel of an image."""
     basis: PCABasis = IMAGENET_PCA
     std: float = 0.1
     name = "lighting"
     stream = STREAM_PCA
+    draws = 6   # three normals (Box-Muller on six uniforms)
 
-    def shift(self, seed, epoch, index, channels: int = 3) -> np.ndarray:
-        alphas = self.std * normals(seed, epoch, index, self.stream, 3)
+    def shift(self, u, channels: int = 3) -> np.ndarray:
+        u1, u2 = 1.0 - u[:, :3], u[:, 3:6]
+        alphas = self.std * (np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2))
         return 255.0 * (alphas * self.basis.eigenvalues[None]) @ self.basis.eigenvectors.T
+
+
+# ------------------------------------------------------------------ recipes
+# The papers' training preprocessing as named op lists, in order. The data section's
+# fields switch ops on or off (`recipe`): flip off removes "flip", colour_shift > 0 adds
+# "colour_shift", pca_colour adds "lighting", crop_pad 0 removes "pad_crop", input_pad
+# adds "pad". A new op: one registered class above, and its name in a list here.
+RECIPES = {
+    # He et al. 2015 Sec. 4.2: 4 pixels padded on each side, a random 32x32 crop of the
+    # padded image or its horizontal flip
+    "cifar": ("pad_crop", "flip"),
+    # He et al. 2015 Sec. 3.4: shorter side random in [256, 480], a 224x224 crop or its
+    # flip, the standard colour augmentation of Krizhevsky et al.
+    "resnet": ("scale_crop", "flip", "lighting"),
+    # Szegedy et al. 2015 Sec. 6, as torchvision's RandomResizedCrop: area 8-100 %,
+    # aspect ratio 3/4-4/3, and the flip
+    "inception": ("random_resized_crop", "flip"),
+    # Krizhevsky et al. 2012 Sec. 4.1: 224x224 crops of the 256x256 image, their
+    # flips, PCA lighting
+    "alexnet": ("alexnet_crop", "flip", "lighting"),
+    # no augmentation: the single test view at every epoch
+    "center": ("center_view",),
+}
+AUGMENTS = tuple(RECIPES)
+
+
+def recipe(spec) -> list:
+    """The ops a data section (cnn_jax.data.dataset.DataSpec) trains with, in order:
+    its preset's list (`spec.augment`) as its fields switch them."""
+    names = list(RECIPES[spec.augment])
+    if not spec.flip and "flip" in names:
+        names.remove("flip")
+    if not spec.crop_pad and "pad_crop" in names:
+        names.remove("pad_crop")
+    if spec.colour_shift:   # before the lighting, as they were always summed
+        names.insert(names.index("lighting") if "lighting" in names else len(names),
+                     "colour_shift")
+    if spec.pca_colour and "lighting" not in names:
+        names.append("lighting")
+    ops = [OPS[n].of(spec) for n in names]
+    if spec.input_pad:   # after a crop that resamples, else first
+        at = 1 if ops and ops[0].resamples else 0
+        ops.insert(at, Pad(spec.input_pad))
+    return ops
 
 
 def add_shift(images: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -412,15 +655,17 @@ def five_corners(hw, side: int) -> list[tuple[int, int]]:
     return [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side), centre(hw, side)]
 
 
-def view_source(data, where: str, side: int, pad_by: int) -> np.ndarray:
+def view_source(data, where: str, side: int, pad_by: int, exact: bool = True) -> np.ndarray:
     """The image the single and ten views are cut from: an image of the network's side
     zero-padded by `pad_by` (CIFAR: the training crops' padding; its centre view is
-    the image itself); any other with its shorter side resized to 256 / 224 * side."""
+    the image itself); any other with its shorter side resized to 256 / 224 * side,
+    exactly as torchvision's Resize (PIL's decode and resize: `exact`; the training
+    op center_view may decode faster, `cut`)."""
     if isinstance(data, np.ndarray) and data.shape[:2] == (side, side):
         return pad(data, pad_by) if pad_by else data
     hw = image_size(data, where)
     out = shorter_side(hw, round(side * EVAL_RESIZE))
-    return cut(data, where, (0, 0, *hw), out, hw)
+    return cut(data, where, (0, 0, *hw), out, hw, fast=not exact)
 
 
 def ten_views(img: np.ndarray, side: int) -> np.ndarray:
@@ -457,5 +702,5 @@ def multiscale_views(data, where: str, side: int) -> list[np.ndarray]:
     """The whole image at the shorter sides MULTISCALE * side / 224 (He et al. 2015,
     Sec. 3.4: scores averaged over the scales)."""
     hw = image_size(data, where)
-    return [cut(data, where, (0, 0, *hw), multiscale_shape(hw, round(s * side / 224)), hw)
-            for s in MULTISCALE]
+    return [cut(data, where, (0, 0, *hw), multiscale_shape(hw, round(s * side / 224)), hw,
+                fast=False) for s in MULTISCALE]
