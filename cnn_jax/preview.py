@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from cnn_jax.data import ops
 from cnn_jax.data.dataset import DataSpec, Dataset, check, open_split, with_pca
-from cnn_jax.data.keys import EPOCH, IMAGE, INDEX, LABEL, SHIFT
+from cnn_jax.data.keys import EPOCH, IMAGE, INDEX, SHIFT
 from cnn_jax.data.pipeline import train_dataset
 from cnn_jax.errors import BadInput, exit_on_bad_input
 from cnn_jax.files import atomic

@@ -301,7 +301,7 @@ def run(ctx: Context) -> Report:
     appended = [appended_variables(cfg, base_net, base, splits["test_error"]) for cfg in configs]
     trained = run_all(configs, ctx.command, [f"{a} seed {s}" for a, s in jobs],
                       together=args.seeds_together, processes=args.processes)
-    probes = {arm: Probe(load_trained(configs[jobs.index((arm, 0))].out)) for arm in ARMS}
+    probes = {arm: Probe(load_trained(configs[jobs.index((arm, 0))].run.out)) for arm in ARMS}
     base_errors = probes["control"].errors(base_net.variables, splits)
     rows = []
     for (arm, seed), cfg, v0, res in zip(jobs, configs, appended, trained):
@@ -317,8 +317,8 @@ def run(ctx: Context) -> Report:
     note = (f"Base: `{base}` ({base_net.model_name}, {origin}; on these images training "
             f"error {100 * base_errors['train_error']:.2f} %, test error "
             f"{100 * base_errors['test_error']:.2f} %). {preset.blocks} blocks appended to the "
-            f"last stage; every arm trained {arm.steps} iterations at batch {arm.batch}, "
-            f"lr {arm.lr} ({arm.schedule}), weight decay {arm.weight_decay}, crop + "
+            f"last stage; every arm trained {arm.schedule.steps} iterations at batch {arm.optimiser.batch}, "
+            f"lr {arm.schedule.lr} ({arm.schedule.kind}), weight decay {arm.optimiser.weight_decay}, crop + "
             f"mirror, seeds 0..{seeds - 1}. Training error on a fixed "
             f"{len(splits['train_error']):,}-image training subset (no augmentation), test "
             f"error on {len(splits['test_error']):,} test images. Command: `{ctx.command}`.")

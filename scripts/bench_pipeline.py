@@ -47,12 +47,13 @@ def step_rate(model_name: str, batch: int, repeats: int) -> float:
     from cnn_jax.train import schedules
     from cnn_jax.train.state import TrainState
     from cnn_jax.train.steps import make_optimizer, make_train_step
+    from cnn_jax.train.config import OptimiserConfig
 
     model = create_model(model_name)
     shape = input_shape(model_name)
     x = jax.random.randint(jax.random.key(1), (batch, *shape), 0, 256).astype(jnp.uint8)
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
-    tx = make_optimizer(0.9, 1e-4)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=1e-4))
     lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.0)
     step = jax.jit(make_train_step(model, tx, lr_fn, lambda im: im.astype(jnp.float32) / 255),
                    donate_argnums=0)

@@ -53,9 +53,10 @@ def make_step(model_name: str, batch: int, dtype: str, k: int, kernels: str = "a
     from cnn_jax.train.conv_kernels import resolve
     from cnn_jax.train.state import TrainState
     from cnn_jax.train.steps import make_optimizer, make_train_step, multi_step, seeds_at_once
+    from cnn_jax.train.config import OptimiserConfig
 
     model = create_model(model_name, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-    tx = make_optimizer(0.9, 1e-4)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=1e-4))
     lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.0)
     mean = jnp.asarray(np.random.default_rng(0).uniform(100, 150, (32, 32, 3)), jnp.float32)
     kernels = resolve(kernels, seeds, dtype)

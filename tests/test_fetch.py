@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import http.server
 import io
-import json
 import os
 import pickle
 import shutil

@@ -33,6 +33,7 @@ from cnn_jax.models.convert import key_function
 from cnn_jax.train import schedules
 from cnn_jax.train.state import TrainState, initial_variables
 from cnn_jax.train.steps import compile_steps, make_eval_step, make_optimizer, make_train_step
+from cnn_jax.train.config import OptimiserConfig
 
 torch = pytest.importorskip("torch")
 from scripts.torch_reference import CifarResNet  # noqa: E402  (needs torch)
@@ -132,11 +133,11 @@ def setup():
                               workers=0))
     batches = [next(data) for _ in range(20)]
     model = create_model("resnet20", num_classes=10)
-    tx = make_optimizer(MOMENTUM, WD)
+    tx = make_optimizer(OptimiserConfig(momentum=MOMENTUM, weight_decay=WD))
     lr_fn = schedules.with_warmup(schedules.make_schedule("paper", LR, 64_000), 0.0)
     step = make_train_step(model, tx, lr_fn, normaliser)
-    one, many, _ = compile_steps(step, make_eval_step(model, normaliser),
-                                 Mesh(np.array(jax.devices()[:1]), ("data",)))
+    one, many, _, _ = compile_steps(step, make_eval_step(model, normaliser),
+                                    Mesh(np.array(jax.devices()[:1]), ("data",)))
     variables = initial_variables(model, 0, (32, 32, 3))
     state = TrainState.create(variables, tx, jax.random.PRNGKey(1))
     torch.manual_seed(0)
@@ -151,6 +152,7 @@ pytestmark = pytest.mark.xdist_group("fidelity")  # the `setup` fixture, built o
 
 def host(state):
     return jax.tree.map(np.asarray, state)
+
 
 
 def test_the_train_step_agrees_with_pytorch_step_by_step(setup):

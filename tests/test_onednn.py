@@ -19,6 +19,7 @@ from cnn_jax.train import conv_kernels
 from cnn_jax.train.conv_kernels import kernel_grads, resolve
 from cnn_jax.train.state import TrainState
 from cnn_jax.train.steps import make_eval_step, make_optimizer, make_train_step
+from cnn_jax.train.config import OptimiserConfig
 
 # The oneDNN wheel is a dependency on x86-64 Linux (pyproject.toml): there these tests
 # must run, so a broken build fails them instead of skipping them.
@@ -95,7 +96,7 @@ def _resnet8_step(conv):
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (6, 32, 32, 3)), jnp.uint8),
              "label": jnp.array([0, 1, 2, 3, 0, 1])}
-    tx = make_optimizer(0.9, 1e-4)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=1e-4))
     state = TrainState.create(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))), tx,
                               jax.random.PRNGKey(0))
     step = jax.jit(make_train_step(model, tx, lambda s, w: 0.1, lambda im: im / 255.0,

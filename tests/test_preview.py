@@ -1,7 +1,6 @@
 """What the network receives, shown: `python -m cnn_jax.preview` draws the first training
 examples as a run draws them and says what each op of the recipe decided; those
 decisions, applied by hand to the stored images, give back the pixels it shows."""
-import io
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from PIL import Image
 from cnn_jax import preview
 from cnn_jax.data import ops
 from cnn_jax.data.dataset import DataSpec
-from cnn_jax.data.keys import IMAGE, INDEX, SHIFT
+from cnn_jax.data.keys import INDEX, SHIFT
 from cnn_jax.errors import BadInput
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from cnn_jax.train.checkpoint import load_variables
 from cnn_jax.provenance import cpu_features
 from cnn_jax.train.loop import ConfigMismatch, Diverged, finite_runs, train
 from cnn_jax.train.steps import make_optimizer, make_train_step
+from cnn_jax.train.config import OptimiserConfig
 from cnn_jax.train.state import TrainState
 
 DATA = "synthetic:16x16x3:10:256:100"
@@ -76,7 +77,7 @@ def test_warmup_switch():
 ])
 def test_warmup_ends_when_training_error_falls_below_threshold(threshold, expected_end, lrs):
     model = create_model("lenet5")
-    tx = make_optimizer(0.9, 1e-4)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=1e-4))
     lr_fn = schedules.with_warmup(schedules.paper(0.1), 0.01)
     step = jax.jit(make_train_step(model, tx, lr_fn, lambda x: x.astype(jnp.float32) / 255,
                                    warmup_until_error=threshold))
@@ -93,7 +94,7 @@ def test_warmup_ends_when_training_error_falls_below_threshold(threshold, expect
 
 
 def test_sgd_matches_pytorch_coupled_weight_decay():
-    tx = make_optimizer(momentum=0.9, weight_decay=0.1)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=0.1))
     p, g = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([0.5, 0.5])}
     opt = tx.init(p)
     v = np.zeros(2)
@@ -317,7 +318,7 @@ def test_eight_devices_equal_one_and_checkpoints_move_between_them(tmp_path):
 @pytest.mark.slow  # 50 s: kept out of the 15-minute CI
 def test_per_group_batchnorm_statistics():
     model = create_model("resnet8")
-    tx = make_optimizer(0.9, 0.0)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=0.0))
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3)) * 40 + 120
     state = TrainState.create(model.init(jax.random.key(1), x), tx, jax.random.PRNGKey(2))
     batch = {"image": x, "label": jnp.arange(8) % 10}
@@ -388,7 +389,7 @@ def test_matmul_kernel_gradients_compute_the_same_step():
     x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
     batch = {"image": x, "label": jnp.array([0, 1, 2, 3])}
     variables = quick_variables(model, jnp.zeros((1, 32, 32, 3)))
-    tx = make_optimizer(0.9, 1e-4)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=1e-4))
     out = {}
     for cg in ("xla", "matmul"):
         step = jax.jit(make_train_step(model, tx, lambda s, w: 0.1, lambda im: im / 255.0,
@@ -408,7 +409,7 @@ def test_auto_kernel_gradients_follow_the_models_dtype(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(onednn, "why_unavailable", lambda dtype=None: "not here")
     batch = {"image": jnp.zeros((2, 16, 16, 3), jnp.uint8), "label": jnp.array([0, 1])}
-    tx = make_optimizer(0.9, 1e-4)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=1e-4))
     scans = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         model = create_model("resnet8", num_classes=2, dtype=dtype)
@@ -441,7 +442,7 @@ def test_seeds_at_once_equals_each_seed_alone(kernels, monkeypatch):
     from cnn_jax.train.steps import make_optimizer, make_train_step, seeds_at_once
     from helpers import quick_variables
     model = create_model("resnet8", num_classes=4)
-    tx = make_optimizer(0.9, 1e-4)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=1e-4))
     step = make_train_step(model, tx, lambda s, w: 0.01, lambda im: im / 255.0,
                            conv_kernels="seedwise" if kernels == "seedwise" else "matmul")
     rng = np.random.default_rng(0)

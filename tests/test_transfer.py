@@ -23,6 +23,7 @@ from cnn_jax.train.inputs import source_normaliser
 from cnn_jax.train.state import TrainState
 from cnn_jax.train.metrics import cross_entropy
 from cnn_jax.train.steps import freeze, make_optimizer, make_train_step
+from cnn_jax.train.config import OptimiserConfig
 from cnn_jax.transfer import cached_features, head_name, load_backbone, predict, stages
 from helpers import quick_variables
 
@@ -121,7 +122,7 @@ def test_frozen_modules_run_in_inference_mode_and_do_not_move():
     labels = jnp.array([0, 1, 2, 0])
     variables = quick_variables(model, jnp.zeros((1, 32, 32, 3)))
     variables["batch_stats"] = jax.tree.map(lambda v: v + 0.3, variables["batch_stats"])
-    tx = freeze(make_optimizer(0.9, 5e-4), ("fc",))
+    tx = freeze(make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=5e-4)), ("fc",))
     norm = lambda im: (im.astype(jnp.float32) - 128) / 64
     step = jax.jit(make_train_step(model, tx, lambda s, w: 0.1, norm, trainable=("fc",)))
     state, metrics = step(TrainState.create(variables, tx, jax.random.PRNGKey(0)),

@@ -10,6 +10,7 @@ import pytest
 from cnn_jax import models
 from cnn_jax.train.state import TrainState
 from cnn_jax.train.steps import make_optimizer, make_train_step
+from cnn_jax.train.config import OptimiserConfig
 
 # name -> (model options, learning rate, steps, batch). Nets without BatchNorm and with
 # the papers' small initial weights (AlexNet, VGG, NiN, GoogLeNet) take a smaller step;
@@ -60,7 +61,7 @@ def losses_on_one_batch(name: str, options: dict, lr: float, steps: int, batch: 
     model = models.create_model(registry_name, num_classes=spec.num_classes, **options)
     data = {"image": blocky_images(batch, spec.input_shape),
             "label": np.arange(batch, dtype=np.int32) % spec.num_classes}
-    tx = make_optimizer(momentum=0.9, weight_decay=0.0)
+    tx = make_optimizer(OptimiserConfig(momentum=0.9, weight_decay=0.0))
     normalise = lambda x: (x.astype(jnp.float32) - 127.5) / 64.0
     compiled = jax.jit if name not in EAGER else (lambda f, **_: f)
     step = compiled(make_train_step(model, tx, lambda s, w: lr, normalise), donate_argnums=0)

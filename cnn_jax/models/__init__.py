@@ -18,8 +18,9 @@ from cnn_jax.models.inception import GoogLeNet, GoogLeNetTorchvision, InceptionB
 from cnn_jax.models.layers import BasicBlock, Bottleneck, LocalResponseNorm
 from cnn_jax.models.lenet import LeNet5, LeNet5Classic
 from cnn_jax.models.nin import NiN
-from cnn_jax.models.resnet import (IMAGENET_STAGES, CifarResNet, ImageNetResNet,
-                                   cifar_blocks_per_stage)
+from cnn_jax.models.preact import PREACT_CIFAR_ERROR, CifarPreActResNet
+from cnn_jax.models.resnet import (IMAGENET_STAGES, PAPER_CIFAR_ERROR, CifarResNet,
+                                   ImageNetResNet, cifar_blocks_per_stage)
 from cnn_jax.models.vgg import VGG
 
 
@@ -51,23 +52,45 @@ for _d in (18, 34):
     _REGISTRY[f"plain{_d}"] = ModelSpec(
         lambda d=_d, **kw: ImageNetResNet(depth=d, shortcut=None, **kw), IMAGENET, 1000)
 
-# The CIFAR families, their architecture as data: create_model("cifar_resnet", depth=56,
-# shortcut="A"). Their depths 6n+2 also have names, resnet20 ... plain110, wherever a
-# name does not already mean an ImageNet net: CIFAR ResNet-50 and ResNet-152 exist only
-# as cifar_resnet with depth 50 or 152.
-_REGISTRY["cifar_resnet"] = ModelSpec(CifarResNet, CIFAR, 10)
-_REGISTRY["cifar_plain"] = ModelSpec(lambda **kw: CifarResNet(shortcut=None, **kw), CIFAR, 10)
-CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)  # the names listed by available()
-CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)
+# The CIFAR families of depth 6n+2, one table: adding a family is its module and one
+# entry here. Each has names `<prefix><depth>` (resnet56, preact_resnet110) wherever a
+# name does not already mean an ImageNet net (CIFAR ResNet-50 is cifar_resnet with
+# depth 50), and `cifar_<key>` with the depth as an option: the architecture as data,
+# as experiments name their nets (create_model("cifar_resnet", depth=56)).
+@dataclasses.dataclass(frozen=True)
+class Family:
+    prefix: str                       # the names: <prefix><depth>
+    build: Callable[..., nn.Module]   # given depth=..., num_classes=..., options
+    label: str                        # how tables and plots name a net: f"{label}-{depth}"
+    depths: tuple                     # what available() lists (any 6n+2 builds)
+    paper_error: Optional[dict] = None   # CIFAR-10 test error (%) its paper reports, by depth
+
+
+CIFAR_FAMILIES = {
+    "plain": Family("plain", lambda **kw: CifarResNet(shortcut=None, **kw), "plain",
+                    (20, 32, 44, 56, 110)),
+    "resnet": Family("resnet", CifarResNet, "ResNet", (20, 32, 44, 56, 110, 1202),
+                     PAPER_CIFAR_ERROR),
+    "preact": Family("preact_resnet", CifarPreActResNet, "pre-act ResNet",
+                     (20, 32, 44, 56, 110, 1202), PREACT_CIFAR_ERROR),
+}
+for _key, _family in CIFAR_FAMILIES.items():
+    _REGISTRY[f"cifar_{_key}"] = ModelSpec(_family.build, CIFAR, 10)
+_NAMED = re.compile(r"(" + "|".join(sorted((f.prefix for f in CIFAR_FAMILIES.values()),
+                                           key=len, reverse=True)) + r")(\d+)")
+
+
+def family_of(prefix: str) -> str:
+    return next(k for k, f in CIFAR_FAMILIES.items() if f.prefix == prefix)
 
 
 def _cifar_spec(name: str) -> Optional[ModelSpec]:
-    """resnetN / plainN (N = 6n+2) for the CIFAR families (the ImageNet names are in the
-    registry and never reach here)."""
-    m = re.fullmatch(r"(resnet|plain)(\d+)", name)
+    """<prefix><depth> (depth 6n+2) for the CIFAR families (the ImageNet names are in
+    the registry and never reach here)."""
+    m = _NAMED.fullmatch(name)
     if not m:
         return None
-    family, depth = _REGISTRY[f"cifar_{m.group(1)}"], int(m.group(2))
+    family, depth = CIFAR_FAMILIES[family_of(m.group(1))], int(m.group(2))
     cifar_blocks_per_stage(depth)  # raises for depths that are not 6n+2
     return ModelSpec(lambda **kw: family.build(depth=depth, **kw), CIFAR, 10)
 
@@ -75,15 +98,17 @@ def _cifar_spec(name: str) -> Optional[ModelSpec]:
 def canonical(name: str, options: dict) -> tuple[str, dict]:
     """The shortest spelling of an architecture: cifar_resnet with depth 56 is resnet56
     (not where the name is an ImageNet net's), so runs named either way are one recipe."""
-    family = {"cifar_resnet": "resnet", "cifar_plain": "plain"}.get(name)
-    if family and "depth" in options and f"{family}{options['depth']}" not in _REGISTRY:
-        return f"{family}{options['depth']}", {k: v for k, v in options.items() if k != "depth"}
+    key = name[len("cifar_"):] if name.startswith("cifar_") else None
+    if key in CIFAR_FAMILIES and "depth" in options:
+        named = f"{CIFAR_FAMILIES[key].prefix}{options['depth']}"
+        if named not in _REGISTRY:
+            return named, {k: v for k, v in options.items() if k != "depth"}
     return name, options
 
 
 def available() -> list[str]:
-    """Every registered name (CIFAR `resnetN`/`plainN` also accept any other 6n+2)."""
-    cifar = [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS] + [f"plain{d}" for d in CIFAR_PLAIN_DEPTHS]
+    """Every registered name (the CIFAR families' names also accept any other 6n+2)."""
+    cifar = [f"{f.prefix}{d}" for f in CIFAR_FAMILIES.values() for d in f.depths]
     return sorted(set(_REGISTRY) | set(cifar), key=_natural_key)
 
 
@@ -119,4 +144,5 @@ def _natural_key(name: str):
 
 __all__ = ["create_model", "available", "canonical", "input_shape", "spec", "ModelSpec", "AlexNet",
            "AlexNetTorchvision", "GoogLeNet", "GoogLeNetTorchvision", "InceptionBlock", "BasicBlock", "Bottleneck", "LocalResponseNorm",
-           "LeNet5", "LeNet5Classic", "NiN", "CifarResNet", "ImageNetResNet", "VGG"]
+           "LeNet5", "LeNet5Classic", "NiN", "CifarResNet", "CifarPreActResNet",
+           "ImageNetResNet", "VGG", "CIFAR_FAMILIES", "Family"]

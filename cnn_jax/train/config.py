@@ -24,17 +24,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 from cnn_jax.data.dataset import DataSpec
 from cnn_jax.errors import BadInput
-from cnn_jax.recipe import (ADDED, OUTSIDE, RESULT, added, coerce, declaration, default_of,
+from cnn_jax.recipe import (ADDED, OUTSIDE, added, coerce, declaration, default_of,
                             flat_name, outside, result)
 
 CONV_KERNELS = ("auto", "xla", "matmul", "onednn")  # cnn_jax.train.conv_kernels; "auto" first
 SCHEDULES = ("paper", "constant", "cosine", "onecycle")   # cnn_jax.train.schedules
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop", "lamb", "lars")  # train.steps
+# the update rules (cnn_jax.train.steps.make_optimizer) and their own options, by
+# optax's names, with their defaults (--optimizer-option KEY=VALUE)
+OPTIMIZER_OPTIONS = {
+    "sgd": {}, "nesterov": {},
+    "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+    "adamw": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+    "rmsprop": {"decay": 0.9, "eps": 1e-8},
+    "lamb": {"b1": 0.9, "b2": 0.999, "eps": 1e-6},
+    "lars": {"trust_coefficient": 0.001, "eps": 0.0},
+}
+OPTIMIZERS = tuple(OPTIMIZER_OPTIONS)
 DTYPES = ("float32", "bfloat16")
 # fields renamed since they were first written: old config.json files stay readable
 RENAMED = {"conv_grad": "conv_kernels"}
@@ -317,6 +328,58 @@ def changed_fields(old: dict, new: TrainConfig, source="config.json") -> list[st
     return sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
 
 
+# ------------------------------------------------------------------ evaluations
+EVAL_SPLITS = ("val", "test", "train_set")
+EVAL_VIEWS = ("1", "2", "10", "multiscale")
+_EVALUATION = re.compile(r"^(?P<split>[a-z_]+)(?::(?P<views>[a-z0-9]+))?"
+                         r"(?:@(?P<every>\d+|end))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One evaluation a run declares: what it scores (a split: 'val', 'test', or
+    'train_set', the training images unaugmented), with which views, and how often
+    (`every` steps and at the end; 0: once, at the end). The main one is the run's
+    evaluation split, logged as eval_* (the curves, the progress lines)."""
+    split: str
+    views: str = "1"
+    every: int = 0
+    main: bool = False
+
+    @property
+    def name(self) -> str:
+        """Its key in results.json (final_<name>_<metric>) and metrics.jsonl."""
+        return self.split if self.views == "1" else f"{self.split}_{self.views}views"
+
+    @classmethod
+    def parse(cls, text: str) -> "Evaluation":
+        """SPLIT[:VIEWS][@STEPS|@end], e.g. 'test:10@end', 'val@500'."""
+        m = _EVALUATION.match(text.strip())
+        if m is None or m["split"] not in EVAL_SPLITS or (m["views"] or "1") not in EVAL_VIEWS:
+            raise BadInput(f"--evaluations {text!r}: expected SPLIT[:VIEWS][@STEPS|@end] with "
+                           f"SPLIT one of {', '.join(EVAL_SPLITS)} and VIEWS one of "
+                           f"{', '.join(EVAL_VIEWS)}, e.g. test:10@end")
+        every = m["every"] or "end"
+        return cls(m["split"], m["views"] or "1", 0 if every == "end" else int(every))
+
+
+def evaluations(cfg: "TrainConfig", main_split: str) -> list[Evaluation]:
+    """What a run of `cfg` evaluates, the main one first: its evaluation split every
+    `evaluation.every` steps; the test set once at the end where selection used a
+    holdout; the training images at the end where asked (`evaluation.train_set`); and
+    the declared ones (`evaluation.also`)."""
+    out = [Evaluation(main_split, "1", cfg.evaluation.every, main=True)]
+    if cfg.data.holdout:
+        out.append(Evaluation("test"))
+    if cfg.evaluation.train_set:
+        out.append(Evaluation("train_set"))
+    for text in cfg.evaluation.also:
+        found = Evaluation.parse(text)
+        if found.name not in {e.name for e in out}:
+            out.append(found)
+    return out
+
+
 # ------------------------------------------------------------------ validation
 POSITIVE = ("batch", "steps", "steps_per_call", "log_every", "eval_every", "checkpoint_every",
             "eval_batch", "keep_checkpoints")
@@ -341,11 +404,18 @@ def validate(cfg: TrainConfig) -> None:
     for key in NON_NEGATIVE:
         if cfg.get(key) < 0:
             bad(key, f"must be 0 or positive, got {cfg.get(key)}")
-    data, model, opt, sched = cfg.data, cfg.model, cfg.optimiser, cfg.schedule
+    data, model, opt = cfg.data, cfg.model, cfg.optimiser
     if data.normalise == "source" and not model.init_from:
         bad("normalise", "'source' takes the normaliser of --init-from, which is not set")
     if model.bn_group and opt.batch % model.bn_group:
         bad("bn_group", f"{model.bn_group} does not divide the batch {opt.batch}")
+    unknown = sorted(set(opt.options) - set(OPTIMIZER_OPTIONS[opt.name]))
+    if unknown:
+        known = ", ".join(OPTIMIZER_OPTIONS[opt.name]) or "none"
+        bad("optimizer_options", f"{', '.join(unknown)}: not an option of {opt.name} (its "
+                                 f"options: {known})")
+    for text in cfg.evaluation.also:
+        Evaluation.parse(text)
     for key, why in ignored(cfg):
         bad(key, f"{why}: it would change nothing, so it is refused")
 
@@ -359,7 +429,8 @@ def ignored(cfg: TrainConfig) -> list[tuple[str, str]]:
     out = list(ignored_by_recipe(cfg.data))
     if sched.warmup_until_error != default.schedule.warmup_until_error and not sched.warmup_lr:
         out.append(("warmup_until_error", "it ends the --warmup-lr warm-up, which is off"))
-    if sched.milestones != default.schedule.milestones and sched.kind != "paper":
+    if sched.kind != "paper" and sched.milestones != default.schedule.milestones and \
+            any(m < sched.steps for m in sched.milestones):   # (beyond the run: inert anyway)
         out.append(("milestones", f"the {sched.kind} schedule has no milestones (paper's has)"))
     if not opt.decay_norm_and_bias and not opt.weight_decay:
         out.append(("decay_norm_and_bias", "--weight-decay is 0"))

@@ -49,14 +49,11 @@ class Setup:
     model: Any
     tx: Any                      # the optimizer's direction (the step applies the lr)
     conv_kernels: str            # cnn_jax.train.conv_kernels: recorded, they change rounding
-    step_one: Callable           # (state, batch) -> (state, metrics)
+    step_one: Callable           # (state, batch) -> (state, metrics): [S, ...] for S > 1 runs
     step_many: Callable          # (state, [k] batches) -> (state, [k] metrics)
+    put: Callable                # k draws (a host batch per run each) -> the call's input
     eval_step: Callable          # (state, images) -> logits [S, B, K]
     n_params: int
-
-    @property
-    def together(self) -> bool:
-        return self.seeds > 1
 
     def sharding(self, *spec) -> NamedSharding:
         return NamedSharding(self.mesh, P(*spec))
@@ -138,7 +135,7 @@ def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Dataset,
     dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
     model = create_model(cfg.model.name, num_classes=len(train_arrays.classes), dtype=dtype,
                          **cfg.model.options)
-    tx = make_optimizer(cfg.optimiser.momentum, cfg.optimiser.weight_decay, cfg.optimiser.nesterov, cfg.optimiser.decay_norm_and_bias)
+    tx = make_optimizer(cfg.optimiser)
     lr_fn = schedules.with_warmup(schedules.linear_warmup(
         schedules.make_schedule(cfg.schedule.kind, cfg.schedule.lr, cfg.schedule.steps, cfg.schedule.milestones),
         cfg.schedule.warmup_steps), cfg.schedule.warmup_lr)
@@ -151,12 +148,12 @@ def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Dataset,
                                  warmup_until_error=cfg.schedule.warmup_until_error,
                                  label_smoothing=cfg.optimiser.label_smoothing, trainable=trainable,
                                  conv_kernels=conv_kernels)
-    step_one, step_many, eval_step = compile_steps(
+    step_one, step_many, eval_step, put = compile_steps(
         train_step, make_eval_step(model, normalise, conv_kernels), mesh, seeds)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
     check_module_names(cfg, list(abstract["params"]))
     return {"model": model, "tx": tx, "conv_kernels": conv_kernels, "step_one": step_one,
-            "step_many": step_many, "eval_step": eval_step,
+            "step_many": step_many, "eval_step": eval_step, "put": put,
             "n_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))}
 
 

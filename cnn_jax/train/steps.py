@@ -18,12 +18,14 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cnn_jax.data.keys import IMAGE, LABEL, MASK, SHIFT
+from cnn_jax.data.pipeline import to_global_array, training_keys
 from cnn_jax.models.inception import AUX_LOSS_WEIGHT
-from cnn_jax.train.config import covers
+from cnn_jax.train.config import OPTIMIZER_OPTIONS, covers
 from cnn_jax.train.conv_kernels import inference_convolutions, resolve, training_convolutions
 from cnn_jax.train.metrics import OBJECTIVE, batch_means, cross_entropy
 from cnn_jax.train.schedules import NEVER
@@ -36,13 +38,35 @@ def decay_mask(params):
         lambda path, _: getattr(path[-1], "key", "") in ("kernel",), params)
 
 
-def make_optimizer(momentum: float, weight_decay: float, nesterov: bool = False,
-                   decay_norm_and_bias: bool = True) -> optax.GradientTransformation:
-    """Direction of the update without the learning rate (applied in the step, so the
-    schedule can depend on state such as the warm-up's end)."""
-    mask = None if decay_norm_and_bias else decay_mask
-    return optax.chain(optax.add_decayed_weights(weight_decay, mask),
-                       optax.trace(decay=momentum, nesterov=nesterov))
+def make_optimizer(opt) -> optax.GradientTransformation:
+    """The direction of the update rule `opt.name` (the optimiser section: its options,
+    momentum, weight decay), the learning rate left out: the step applies it, so that
+    the schedule can depend on state such as the warm-up's end. As optax's own rules
+    with the rate applied last (their momentum and trust ratios then see unscaled
+    updates; the same function for a constant rate):
+      sgd, nesterov  He et al.'s SGD, PyTorch's SGD(weight_decay): v <- m v + (g + wd p)
+      adam           Kingma & Ba, with coupled L2 decay (g + wd p)
+      adamw          Loshchilov & Hutter: Adam, then decoupled decay (+ wd p)
+      rmsprop        Tieleman & Hinton, with momentum (the Inception recipes')
+      lamb           You et al. 2020: Adam's direction, decoupled decay, trust ratio
+      lars           You et al. 2017: the trust ratio of (g + wd p), then momentum
+    """
+    mask = None if opt.decay_norm_and_bias else decay_mask
+    decay = optax.add_decayed_weights(opt.weight_decay, mask)
+    o = {**OPTIMIZER_OPTIONS[opt.name], **opt.options}
+    nesterov = opt.nesterov or opt.name == "nesterov"
+    return {
+        "sgd": lambda: optax.chain(decay, optax.trace(decay=opt.momentum, nesterov=nesterov)),
+        "nesterov": lambda: optax.chain(decay, optax.trace(decay=opt.momentum, nesterov=True)),
+        "adam": lambda: optax.chain(decay, optax.scale_by_adam(**o)),
+        "adamw": lambda: optax.chain(optax.scale_by_adam(**o), decay),
+        "rmsprop": lambda: optax.chain(decay, optax.scale_by_rms(**o),
+                                       optax.trace(decay=opt.momentum)),
+        "lamb": lambda: optax.chain(optax.scale_by_adam(**o), decay,
+                                    optax.scale_by_trust_ratio()),
+        "lars": lambda: optax.chain(decay, optax.scale_by_trust_ratio(**o),
+                                    optax.trace(decay=opt.momentum, nesterov=nesterov)),
+    }[opt.name]()
 
 
 # ------------------------------------------------------------------ freezing (fine-tuning)
@@ -196,10 +220,13 @@ def seeds_at_once(train_step):
 
 
 def compile_steps(train_step, eval_step, mesh, seeds: int = 1):
-    """jit with the state replicated, batches sharded along `data`, state donated.
-    `seeds` > 1: S runs at once (seeds_at_once), states and batches [S, ...]; each
-    run is evaluated on the same evaluation batch. The eval step's logits come out
-    [S, B, K] (S = 1 for one run), sharded as the batch."""
+    """jit with the state replicated, batches sharded along `data`, state donated. The
+    runs axis lives here (and in the checkpoint writer, cnn_jax.train.runs): S runs
+    trained at once (seeds_at_once) are a state [S, ...] stepped on batches [S, B, ...],
+    their metrics [S]; one run is the state and batch as they are (S = 1: no axis, the
+    program a run alone compiles). `put(draws)`: k draws, each a list of one host
+    batch per run, as the compiled call's input ([k, ...] when k > 1). The eval step's
+    logits come out [S, B, K] (S = 1 for one run), sharded as the batch."""
     replicated = NamedSharding(mesh, P())
     lead = (None,) if seeds > 1 else ()
     batch = NamedSharding(mesh, P(*lead, "data"))
@@ -215,4 +242,12 @@ def compile_steps(train_step, eval_step, mesh, seeds: int = 1):
                    out_shardings=(replicated, replicated), donate_argnums=0)
     evaluate = jax.jit(eval_step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
                        out_shardings=NamedSharding(mesh, P(None, "data")))
-    return one, many, evaluate
+
+    def put(draws: list) -> dict:
+        keys = training_keys(draws[0][0])
+        per_draw = [{k: np.stack([b[k] for b in draw]) if seeds > 1 else np.asarray(draw[0][k])
+                     for k in keys} for draw in draws]
+        if len(per_draw) == 1:
+            return to_global_array(per_draw[0], batch)
+        return to_global_array({k: np.stack([d[k] for d in per_draw]) for k in keys}, chunk)
+    return one, many, evaluate, put
