@@ -44,11 +44,10 @@ from cnn_jax.data.keys import IMAGE, LABEL, MASK
 from cnn_jax.data.pipeline import eval_batches
 from cnn_jax.errors import BadInput
 from cnn_jax.evaluate import build_groups, ensemble_scores, load_member
-from cnn_jax.experiment import Context, Experiment, Report, claim, figure
+from cnn_jax.experiment import (HE2015, Context, Experiment, Report, claim, figure, he2015_cifar,
+                                net_named, sweep)
 from cnn_jax.provenance import hardware
 from cnn_jax.trained import REFERENCE_DIR, released_weights
-from experiments import plain_vs_resnet as main_experiment
-from experiments.plain_vs_resnet import Net
 
 # ------------------------------------------------------------------ configuration
 VIEWS = (1, 2, 10)
@@ -58,7 +57,7 @@ VIEWS = (1, 2, 10)
 class Preset:
     members: int
     released: tuple = ()    # the members: these released networks (released_weights) ...
-    main_preset: str = ""   # ... or --model trained with this plain_vs_resnet preset
+    main_preset: str = ""   # ... or --model trained here with He et al.'s recipe, this preset's
     test_subset: int = 0    # >0: a fixed stratified subset of the test set
     timing_batch: int = 100
     data: str = "cifar10"
@@ -92,14 +91,13 @@ def member_sources(args, preset: Preset, out: Path, command: str = "") -> list[P
                            f"and {REFERENCE_DIR}), not all on this machine; pass --runs DIR "
                            f"(a main experiment run with --seeds N) instead")
         return found
-    net = Net(args.model.startswith("resnet"), int(args.model.strip("plainresnet")))
     n = args.members or preset.members
-    main_preset = main_experiment.preset_with(preset.main_preset, preset.train)
-    trained = main_experiment.sweep([net], main_preset, n, out, command,
-                                    together=args.seeds_together,
-                                    processes=args.processes, data=args.data,
-                                    data_dir=args.data_dir, workers=args.workers)
-    return [Path(t["run_dir"]) for t in trained]
+    train = {**HE2015[preset.main_preset], **preset.train}
+    trained = sweep([net_named(args.model)], lambda net, seed, folder: he2015_cifar(
+        net, train, seed, folder, data=args.data or preset.data, data_dir=args.data_dir,
+        workers=args.workers), n, out, command, together=args.seeds_together,
+                    processes=args.processes)
+    return [Path(cfg.run.out) for _, _, cfg, _ in trained]
 
 
 # ------------------------------------------------------------------ measurement

@@ -50,7 +50,8 @@ import numpy as np
 from cnn_jax.data.dataset import subset
 from cnn_jax.data.keys import IMAGE
 from cnn_jax.errors import BadInput
-from cnn_jax.experiment import Context, Experiment, Report, claim, figure, mean_std, train_config
+from cnn_jax.experiment import (HE2015, Context, Experiment, Net, Report, claim, figure,
+                                he2015_cifar, mean_std, sweep, train_config)
 from cnn_jax.models import create_model
 from cnn_jax.models.layers import BasicBlock
 from cnn_jax.train import TrainConfig
@@ -60,15 +61,13 @@ from cnn_jax.train.inputs import model_input_shape, split_of, training_split
 from cnn_jax.train.state import initial_variables
 from cnn_jax.train.sweep import run_all
 from cnn_jax.trained import REFERENCE_DIR, Trained, load_trained, released_weights
-from experiments import plain_vs_resnet as main_experiment
-from experiments.plain_vs_resnet import Net
 
 # ------------------------------------------------------------------ configuration
 @dataclasses.dataclass(frozen=True)
 class Preset:
     base_depth: int      # the ResNet to grow (when no --base)
-    released: bool       # the base: the released weights of resnet<base_depth>, else the
-                         # main experiment's net of this preset
+    released: bool       # the base: the released weights of resnet<base_depth>, else
+                         # trained here with He et al.'s recipe of this preset
     blocks: int          # k blocks appended to the last stage
     seeds: int
     train_images: int    # the fixed training subset the training error is read on
@@ -258,12 +257,12 @@ def check_claims(rows: list[dict]) -> list[dict]:
 
 # ------------------------------------------------------------------ main
 def find_base(ctx: Context) -> Path:
-    """--base, else the released weights (quick), else the main experiment's ResNet of
-    this preset (trained there if missing)."""
+    """--base, else the released weights (quick), else the ResNet of He et al.'s recipe
+    at this preset (trained once, into out/base/)."""
     args, preset = ctx.args, ctx.preset
     if args.base:
         return Path(args.base)
-    net = Net(True, preset.base_depth)
+    net = Net("resnet", preset.base_depth)
     if preset.released:
         weights = released_weights(net.name)
         if weights is None:
@@ -271,12 +270,11 @@ def find_base(ctx: Context) -> Path:
                            f"which is not on this machine (looked in $CNN_JAX_REFERENCE_DIR "
                            f"and {REFERENCE_DIR}); pass --base RUN, a trained CIFAR ResNet run")
         return weights
-    runs = Path(f"runs/plain_vs_resnet-{ctx.preset_name}") if args.data is None \
-        else ctx.out / "base"
-    return Path(main_experiment.trained_nets(
-        [net], ctx.preset_name, runs, ctx.command, data=args.data, data_dir=args.data_dir,
-        workers=args.workers, processes=args.processes,
-        train=ctx.training_overrides)[0]["run_dir"])
+    train = {**HE2015[ctx.preset_name], **ctx.training_overrides}
+    [(_, _, cfg, _)] = sweep([net], lambda n, seed, folder: he2015_cifar(
+        n, train, seed, folder, data=args.data or "cifar10", data_dir=args.data_dir,
+        workers=args.workers), 1, ctx.out / "base", ctx.command, processes=args.processes)
+    return Path(cfg.run.out)
 
 
 # ------------------------------------------------------------------ the method

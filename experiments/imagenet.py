@@ -54,14 +54,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cnn_jax.errors import BadInput
 from cnn_jax.files import write_atomic
 from cnn_jax.evaluate import evaluate
-from cnn_jax.experiment import Context, Experiment, Report, mean_std, train_config
-from cnn_jax.models.resnet import IMAGENET_STAGES
+from cnn_jax.experiment import (Context, Experiment, Net, Report, compare, imagenet_nets,
+                                mean_std, nets_in, plot_curves, record, sweep, train_config,
+                                training_error)
 from cnn_jax.train import TrainConfig
-from cnn_jax.train.sweep import curve, run_all
-from experiments.plain_vs_resnet import check_claims, plot, training_error
 
 
 # ------------------------------------------------------------------ configuration
@@ -101,53 +99,32 @@ PRESETS = {
                            "eval_subset": 64}),
 }
 
-# Fig. 4 as numbers: (name, statement, threshold in points) on mean final training errors
-CLAIMS = (
-    ("plain_deeper_trains_worse", "plain-34 trains worse than plain-18 (degradation)", 0.0),
-    ("resnet_beats_plain", "ResNet-34 trains far better than plain-34", 3.0),
-    ("resnet_deeper_no_worse", "ResNet-34 trains no worse than ResNet-18", 1.0),
-)
+
+
+def fig4_claims(runs: list[dict]) -> list[dict]:
+    """Fig. 4 as numbers, on mean final training errors: plain-34 trains worse than
+    plain-18; ResNet-34 far better than plain-34 (3 points); ResNet-34 no worse than
+    ResNet-18 (within 1 point). Those the trained nets cannot decide are left out."""
+    found = [compare(runs, "plain_deeper_trains_worse",
+                     "plain-34 trains worse than plain-18 (degradation)", "plain34", "plain18",
+                     0.0),
+             compare(runs, "resnet_beats_plain", "ResNet-34 trains far better than plain-34",
+                     "plain34", "resnet34", 3.0),
+             compare(runs, "resnet_deeper_no_worse", "ResNet-34 trains no worse than ResNet-18",
+                     "resnet18", "resnet34", 1.0, no_worse=True)]
+    return [c for c in found if c is not None]
+
 
 # Table 2: top-1 error (%) on ImageNet val, 10-crop testing
-PAPER_TOP1 = {(False, 18): 27.94, (False, 34): 28.54, (True, 18): 27.88, (True, 34): 25.03}
-
-
-@dataclasses.dataclass(frozen=True)
-class Net:
-    """An ImageNet net of the zoo: ResNet-18..152, or plain-18/34 (the same stack
-    without shortcuts)."""
-    residual: bool
-    depth: int
-
-    @property
-    def name(self) -> str:     # its registry name and folder: resnet34, plain34
-        return f"{'resnet' if self.residual else 'plain'}{self.depth}"
-
-    @property
-    def label(self) -> str:
-        return f"{'ResNet' if self.residual else 'plain'}-{self.depth}"
-
-
-def label(residual: bool, depth: int) -> str:
-    return Net(residual, depth).label
+PAPER_TOP1 = {"plain18": 27.94, "plain34": 28.54, "resnet18": 27.88, "resnet34": 25.03}
 
 
 def nets_for(preset: Preset, depths: Optional[list[int]] = None) -> list[Net]:
     """The preset's nets, or both families at `depths` (plain nets where the paper has
     them: 18 and 34)."""
     if depths:
-        wrong = sorted(set(depths) - set(IMAGENET_STAGES))
-        if wrong:
-            raise BadInput(f"--depths: ImageNet ResNets have {sorted(IMAGENET_STAGES)} "
-                           f"layers; got {wrong}")
-        plain, residual = [d for d in depths if d in (18, 34)], list(depths)
-    else:
-        plain, residual = preset.plain, preset.residual
-    bad = sorted(set(plain) - {18, 34})
-    if bad:
-        raise BadInput(f"plain nets: the paper has plain-18 and plain-34 only (Fig. 4); "
-                       f"got {bad}")
-    return [Net(False, d) for d in sorted(plain)] + [Net(True, d) for d in sorted(residual)]
+        return imagenet_nets([d for d in depths if d in (18, 34)], depths)
+    return imagenet_nets(preset.plain, preset.residual)
 
 
 def run_config(net: Net, preset: Preset, seed: int, out: Path, *, data=None, data_dir=None,
@@ -159,41 +136,29 @@ def run_config(net: Net, preset: Preset, seed: int, out: Path, *, data=None, dat
 
 
 # ------------------------------------------------------------------ the sweep
-def sweep(nets: list[Net], preset: Preset, seeds: int, out: Path, command: str, *,
-          processes: Optional[int] = None, **recipe) -> list[dict]:
-    """Train (or re-read) every net for `seeds` seeds into out/nets/<net>-seed<k>, the
-    deepest first, then (`preset.ten_crop`) test each with 10 crops; one record per
-    net and seed. Many hosts: every process trains every net, over all devices."""
-    jobs = [(net, seed) for seed in range(seeds) for net in nets]
-    configs = [run_config(net, preset, seed, out / "nets" / f"{net.name}-seed{seed}", **recipe)
-               for net, seed in jobs]
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].depth)
+def records(nets: list[Net], preset: Preset, seeds: int, out: Path, command: str, *,
+            processes: Optional[int] = None, **recipe) -> list[dict]:
+    """Train (or re-read) every net for `seeds` seeds (cnn_jax.experiment.sweep), then
+    (`preset.ten_crop`) test each with 10 crops; one record per net and seed. Many
+    hosts: every process trains every net, over all devices."""
     if jax.process_count() > 1:
         processes = 1  # the hosts train each net together
-    results = run_all([configs[i] for i in order], command,
-                      [f"{jobs[i][0].name} seed {jobs[i][1]}" for i in order],
-                      processes=processes)
-    results = [results[order.index(i)] for i in range(len(jobs))]
-    return [record(net, seed, cfg, res, preset.ten_crop)
-            for (net, seed), cfg, res in zip(jobs, configs, results)]
+    trained = sweep(nets, lambda net, seed, folder: run_config(net, preset, seed, folder,
+                                                               **recipe),
+                    seeds, out, command, processes=processes)
+    return [record_of(net, seed, cfg, res, preset.ten_crop) for net, seed, cfg, res in trained]
 
 
-def record(net: Net, seed: int, cfg: TrainConfig, res: dict, ten_crop: bool) -> dict:
+def record_of(net: Net, seed: int, cfg: TrainConfig, res: dict, ten_crop: bool) -> dict:
     """One net's line of results.json: its training and test errors (top-1, top-5),
     the split they were measured on, its curves, and the 10-crop test."""
-    split = next(s for s in ("val", "test", "train_set") if f"final_{s}_top1_error" in res)
-    r = {"name": net.name, "depth": net.depth, "residual": net.residual,
-         "params": res["params"], "seed": seed, "steps": res["steps"],
-         "final_train_error": res["final_train_error"],
+    split = res["eval_split"]
+    r = {**record(net, seed, cfg, res),
          "final_train_top5_error": res["final_train_top5_error"],
          # a dataset with only train/ (imagenet_sample): its "test" is the training set
-         "test_split": split, "scored": res.get("eval_data"),
+         "test_split": split,
          "final_test_top1_error": res[f"final_{split}_top1_error"],
-         "final_test_top5_error": res[f"final_{split}_top5_error"],
-         "final_train_set_error": res.get("final_train_set_error"),
-         "curve": curve(Path(cfg.run.out), "test"), "wall_s": res["wall_s"],
-         "img_per_s": res["img_per_s"], "hardware": res["hardware"],
-         "run_dir": cfg.run.out}
+         "final_test_top5_error": res[f"final_{split}_top5_error"]}
     if ten_crop:  # every process: each scores its rows of the split, the counts summed
         r.update(ten_crop_test(cfg, split, res["final_params_digest"]))
     return r
@@ -232,14 +197,12 @@ def table(runs: list[dict], note: str) -> str:
     lines = ["| layers | net | params | training error (%) | test top-1 (%) | "
              "test top-5 (%) | 10-crop top-1 (%) | paper: 10-crop top-1 val (%) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault((r["depth"], r["residual"]), []).append(r)
-    for (depth, residual), rs in sorted(groups.items()):
-        pct = lambda key: (mean_std([100 * r[key] for r in rs])
+    for first in sorted(nets_in(runs), key=lambda r: (r["depth"], r["residual"])):
+        rs = [r for r in runs if r["name"] == first["name"]]
+        pct = lambda key: (mean_std([100 * r[key] for r in rs])  # noqa: E731
                            if all(r.get(key) is not None for r in rs) else "-")
-        paper = PAPER_TOP1.get((residual, depth), "-")
-        lines.append(f"| {depth} | {label(residual, depth)} | {rs[0]['params'] / 1e6:.1f}M | "
+        paper = PAPER_TOP1.get(first["name"], "-")
+        lines.append(f"| {first['depth']} | {first['label']} | {rs[0]['params'] / 1e6:.1f}M | "
                      f"{mean_std([training_error(r) for r in rs])} | "
                      f"{pct('final_test_top1_error')} | {pct('final_test_top5_error')} | "
                      f"{pct('ten_crop_test_top1_error')} | {paper} |")
@@ -249,10 +212,10 @@ def table(runs: list[dict], note: str) -> str:
 # ------------------------------------------------------------------ the method
 def run(ctx: Context) -> Report:
     args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
-    runs = sweep(nets_for(preset, args.depths), preset, seeds, ctx.out, ctx.command,
-                 processes=args.processes, data=args.data, data_dir=args.data_dir,
-                 workers=args.workers)
-    cfg = run_config(Net(True, 18), preset, 0, ctx.out)   # the recipe every net shares
+    runs = records(nets_for(preset, args.depths), preset, seeds, ctx.out, ctx.command,
+                   processes=args.processes, data=args.data, data_dir=args.data_dir,
+                   workers=args.workers)
+    cfg = run_config(Net("resnet", 18, True), preset, 0, ctx.out)  # the recipe every net shares
     data = args.data or preset.data
     split = runs[0]["test_split"]
     on_train = split == "train_set"
@@ -273,7 +236,7 @@ def run(ctx: Context) -> Report:
             f"Command: `{ctx.command}`.")
     title = (f"{data}, preset {ctx.preset_name}: {cfg.schedule.steps} iterations, batch {cfg.optimiser.batch}, "
              f"lr {cfg.schedule.lr}, {cfg.data.image_size} px, seeds {seeds}")
-    claims = check_claims(runs, CLAIMS, label, depths=(18, 34))
+    claims = fig4_claims(runs)
     return Report(
         results={"runs": runs},
         table=table(runs, note),
@@ -281,11 +244,12 @@ def run(ctx: Context) -> Report:
         heading=f"Fig. 4's claims, on the final training errors (mean of {seeds} seed(s)):",
         words="" if claims else "No claim of Fig. 4 is tested: they need plain and "
                                 "residual nets of 18 and 34 layers.",
-        # Fig. 4's shape is Fig. 6's (experiments.plain_vs_resnet), with option B
-        plot=lambda path: plot(runs, path, title, milestones=cfg.schedule.milestones,
-                               residual_title="ResNets (option B)",
-                               ylabel="top-1 error (%)  -- dashed: training, solid: " +
-                                      ("training images" if on_train else split)))
+        # Fig. 4's shape is Fig. 6's, with option B
+        plot=lambda path: plot_curves(
+            runs, path, title, milestones=cfg.schedule.milestones,
+            titles={"plain": "plain networks", "resnet": "ResNets (option B)"},
+            ylabel="top-1 error (%)  -- dashed: training, solid: " +
+                   ("training images" if on_train else split)))
 
 
 def add_arguments(p) -> None:

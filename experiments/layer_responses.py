@@ -47,7 +47,8 @@ import numpy as np
 
 from cnn_jax.data.dataset import subset
 from cnn_jax.data.pipeline import eval_batches
-from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, mean_std,
+from cnn_jax.experiment import (HE2015, Context, Experiment, Net, Report, claim, figure,
+                                found_or_trained, he2015_cifar, mean_std, net_named,
                                 train_config)
 from cnn_jax.models.layers import ConvBN
 from cnn_jax.train import TrainConfig
@@ -55,8 +56,6 @@ from cnn_jax.train.evaluator import evaluate
 from cnn_jax.train.sweep import run_all
 from cnn_jax.trained import load_trained, released_weights
 
-from experiments import plain_vs_resnet as main_experiment
-from experiments.plain_vs_resnet import Net
 
 # ------------------------------------------------------------------ configuration
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +175,7 @@ def table(records: list[dict], note: str) -> str:
     lines = ["| net | where it comes from | 3x3 layers | mean std | median | max | "
              "test error (%) | seeds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     nets = by_net(records)
-    order = sorted(nets, key=lambda k: (k.startswith("resnet"), int(k.strip("plainresnet"))))
+    order = sorted(nets, key=lambda k: (net_named(k).residual, net_named(k).depth))
     for name in order:
         v = nets[name]
         mine = [r for r in records if r["name"] == name]
@@ -189,14 +188,14 @@ def table(records: list[dict], note: str) -> str:
 def plot(records: list[dict], path: Path, title: str) -> None:
     """Fig. 7: std per layer in layer order (top) and sorted by magnitude (bottom)."""
     nets = by_net(records)
-    depths = sorted({int(k.strip("plainresnet")) for k in nets})
+    depths = sorted({net_named(k).depth for k in nets})
     colours = dict(zip(depths, matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85,
                                                                          len(depths)))))
     with figure(path, title, 2, 1, figsize=(9, 7)) as axes:
         for name, v in sorted(nets.items()):
-            residual, depth = name.startswith("resnet"), int(name.strip("plainresnet"))
-            style = dict(color=colours[depth], linestyle="-" if residual else "--",
-                         linewidth=1.5, label=f"{'ResNet' if residual else 'plain'}-{depth}")
+            net = net_named(name)
+            style = dict(color=colours[net.depth], linestyle="-" if net.residual else "--",
+                         linewidth=1.5, label=net.label)
             x = np.arange(1, len(v) + 1)
             axes[0].plot(x, v, **style)
             axes[1].plot(x, np.sort(v)[::-1], **style)
@@ -213,18 +212,20 @@ def gather_nets(ctx: Context) -> list[dict]:
     """Every net of the preset and seed with where it comes from (`origin`) and its
     run folder or weights file (`source`), trained where needed."""
     args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
-    wanted = [Net(False, d) for d in preset.plain] + [Net(True, d) for d in preset.residual]
-    if not preset.train["steps"]:  # the main experiment's nets, trained there if missing
-        runs = Path(args.runs or f"runs/plain_vs_resnet-{ctx.preset_name}")
-        main_train = main_experiment.preset_with(ctx.preset_name, ctx.training_overrides).train
-        origin = (f"the main experiment's `{ctx.preset_name}` preset ({main_train['steps']} "
-                  f"iterations at batch {main_train['batch']})")
-        trained = main_experiment.trained_nets(
-            wanted, ctx.preset_name, runs, ctx.command, seeds=seeds, data=args.data,
-            data_dir=args.data_dir, workers=args.workers, processes=args.processes,
-            train=ctx.training_overrides)
-        return [{"name": t["name"], "depth": t["depth"], "residual": t["residual"],
-                 "seed": t["seed"], "source": t["run_dir"], "origin": origin} for t in trained]
+    wanted = [Net("plain", d) for d in preset.plain] + [Net("resnet", d) for d in preset.residual]
+    if not preset.train["steps"]:  # He et al.'s recipe of this preset: --runs' nets, or here
+        train = {**HE2015[ctx.preset_name], **ctx.training_overrides}
+        origin = (f"He et al.'s recipe, preset `{ctx.preset_name}` ({train['steps']} "
+                  f"iterations at batch {train['batch']})")
+        trained = found_or_trained(wanted, lambda net, seed, folder: he2015_cifar(
+            net, train, seed, folder, data=args.data or preset.data, data_dir=args.data_dir,
+            workers=args.workers), seeds, ctx.out, ctx.command, elsewhere=args.runs,
+            processes=args.processes)
+        return [{"name": net.name, "depth": net.depth, "residual": net.residual,
+                 "seed": seed, "source": cfg.run.out,
+                 "origin": origin + (" in --runs" if args.runs and str(cfg.run.out).startswith(
+                     str(args.runs)) else ", trained here")}
+                for net, seed, cfg, _ in trained]
     nets, todo = [], []
     for net in wanted:
         weights = released_weights(net.name) if preset.released and net.residual else None
@@ -264,8 +265,9 @@ def run(ctx: Context) -> Report:
 
 def add_arguments(p) -> None:
     p.add_argument("--runs", default=None,
-                   help="paper preset: the main experiment's --out (default "
-                        "runs/plain_vs_resnet-paper); nets missing there are trained there")
+                   help="paper preset: an output folder holding He et al.'s nets of this "
+                        "preset (experiments.plain_vs_resnet's --out), read where they are; "
+                        "nets missing there are trained here")
 
 
 EXPERIMENT = Experiment("layer_responses", __doc__, PRESETS, run, figure="responses.png",

@@ -24,6 +24,12 @@ ResNet (within 1 point).
 Presets: `paper` (above), `quick` (what a CPU can show in minutes, below), `smoke`
 (seconds, for tests), `auto` (paper on a GPU/TPU, quick on a CPU).
 
+Any families of the zoo's CIFAR table compare the same way (`--families plain resnet
+preact`: He et al. 2016's pre-activation ResNets beside the paper's two), trained
+alike: the plain family at the preset's plain depths, every residual family at its
+residual depths; the table, the plot (a panel per family) and the claims name each
+net, and each residual family gets Fig. 6's two claims of its own.
+
 The `quick` preset tests the same claim on a task a 2-core CPU can finish: fit a
 fixed, stratified 1,000-image subset of the training set (100 per class), with no
 augmentation, so that every net could in principle reach zero training error; plain
@@ -39,8 +45,9 @@ Evidence: docs/results.md records the `quick` preset's runs on a 2-core CPU (see
 Our CIFAR-10 copy is a JPEG re-encoding: compare with the paper's errors only as such.
 
     python -m experiments.plain_vs_resnet [--preset auto|paper|quick|smoke]
-        [--depths 20 32 44 56 110] [--seeds N [--seeds-together]] [--out DIR]
-        [--data-dir DIR] [--val] [--set KEY=VALUE ...]
+        [--families plain resnet preact] [--depths 20 32 44 56 110]
+        [--seeds N [--seeds-together]] [--out DIR] [--data-dir DIR] [--val]
+        [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -49,270 +56,88 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
-import numpy as np
-
-from cnn_jax.errors import BadInput
-from cnn_jax.experiment import (Context, Experiment, Report, claim, figure, guard_out,
-                                mean_std, recipe_of, train_config)
-from cnn_jax.models.resnet import PAPER_CIFAR_ERROR, cifar_blocks_per_stage
+from cnn_jax.experiment import (HE2015, Context, Experiment, Net, Report, cifar_nets, compare,
+                                he2015_cifar, plot_curves, record, sweep, table)
+from cnn_jax.models import CIFAR_FAMILIES
 from cnn_jax.train import TrainConfig
-from cnn_jax.train.sweep import curve, run_all
 
 
 # ------------------------------------------------------------------ configuration
 @dataclasses.dataclass(frozen=True)
 class Preset:
     plain: tuple          # depths of plain nets
-    residual: tuple       # depths of ResNets
+    residual: tuple       # depths of every residual family's nets
     seeds: int = 1
     warmup_110: bool = True
     augment: bool = True        # 4-pixel pad + random crop + mirror
     data: str = "cifar10"
-    train: dict = dataclasses.field(default_factory=dict)  # TrainConfig fields (below)
+    families: tuple = ("plain", "resnet")   # of the zoo's CIFAR table (--families)
+    train: dict = dataclasses.field(default_factory=dict)  # TrainConfig fields (HE2015)
 
-
-# Sec. 4.2 as training fields: 64k iterations at batch 128, lr 0.1 divided by 10 at 32k
-# and 48k; train_subset > 0 trains on (and reports the training error of) a fixed
-# stratified subset, eval_subset > 0 tests on one; bn_group > 0: BatchNorm statistics
-# per group of this many images.
-PAPER = dict(steps=64_000, batch=128, lr=0.1, milestones=(32_000, 48_000), train_subset=0,
-             eval_subset=0, log_every=100, eval_every=1_000, checkpoint_every=2_000,
-             eval_batch=1_000, steps_per_call=1, bn_group=0, dtype="float32")
 
 PRESETS = {
-    # Batch 128 "on two GPUs": BatchNorm saw 64 images per GPU (docs/deviations.md)
     "paper": Preset(plain=(20, 32, 44, 56), residual=(20, 32, 44, 56, 110),
-                    train={**PAPER, "steps_per_call": 10, "bn_group": 64}),
+                    train=HE2015["paper"]),
     # The optimisation claim at CPU scale (module docstring): fit 1,000 images.
     "quick": Preset(plain=(20, 56), residual=(20, 56), seeds=2, augment=False,
-                    train={**PAPER, "steps": 600, "batch": 32, "lr": 0.01, "milestones": (450,),
-                           "train_subset": 1_000, "eval_subset": 1_000, "log_every": 25,
-                           "eval_every": 600, "checkpoint_every": 200, "eval_batch": 500}),
-    "smoke": Preset(plain=(8, 14), residual=(8, 14),
-                    train={**PAPER, "steps": 6, "batch": 16, "milestones": (10**9,),
-                           "log_every": 2, "eval_every": 3, "checkpoint_every": 3,
-                           "eval_batch": 500}),
+                    train=HE2015["quick"]),
+    "smoke": Preset(plain=(8, 14), residual=(8, 14), train=HE2015["smoke"]),
 }
 
-# Fig. 6 as numbers: (name, statement, threshold in points) on mean final training errors
-CLAIMS = (
-    ("plain_deeper_trains_worse", "the deeper plain net trains worse (degradation)", 5.0),
-    ("resnet_beats_plain", "the deep ResNet trains far better than the plain net of its "
-                           "depth", 10.0),
-    ("resnet_deeper_no_worse", "the deeper ResNet trains no worse than the shallower "
-                               "(residual learning)", 1.0),
-)
 
-
-@dataclasses.dataclass(frozen=True)
-class Net:
-    """A CIFAR net of the zoo: 6n+2 layers, with option A shortcuts or plain."""
-    residual: bool
-    depth: int
-
-    @property
-    def name(self) -> str:     # its folder and label: resnet56, plain56
-        return f"{'resnet' if self.residual else 'plain'}{self.depth}"
-
-    @property
-    def label(self) -> str:
-        return f"{'ResNet' if self.residual else 'plain'}-{self.depth}"
-
-    def model(self) -> tuple[str, dict]:
-        """The architecture as data (never a name parsed back: CIFAR ResNet-50 is not
-        the ImageNet resnet50)."""
-        return ("cifar_resnet" if self.residual else "cifar_plain"), {"depth": self.depth}
+def fig6_claims(runs: list[dict], families: tuple, shallow: int, deep: int,
+                family_of=lambda f, d: Net(f, d)) -> list[dict]:
+    """Fig. 6's claims on the final training errors averaged over seeds, by net name:
+    the deepest plain net trains worse than the shallowest by more than 5 points
+    (degradation); for every residual family, its deepest net ends more than 10 points
+    below the plain net of its depth, and no worse (within 1 point) than its
+    shallowest (residual learning). Those the trained nets cannot decide are left out."""
+    if shallow == deep:   # one depth: nothing to compare
+        return []
+    plain_deep, plain_shallow = family_of("plain", deep), family_of("plain", shallow)
+    found = [compare(runs, "plain_deeper_trains_worse",
+                     "the deeper plain net trains worse (degradation)", plain_deep.name,
+                     plain_shallow.name, 5.0) if "plain" in families else None]
+    for f in (f for f in families if f != "plain"):
+        d, s, key = family_of(f, deep), family_of(f, shallow), "resnet" if f == "resnet" else f
+        found += [compare(runs, f"{key}_beats_plain", f"the deep {d.label.rsplit('-', 1)[0]} "
+                          f"trains far better than the plain net of its depth", plain_deep.name,
+                          d.name, 10.0),
+                  compare(runs, f"{key}_deeper_no_worse", f"the deeper "
+                          f"{d.label.rsplit('-', 1)[0]} trains no worse than the shallower "
+                          f"(residual learning)", s.name, d.name, 1.0, no_worse=True)]
+    return [c for c in found if c is not None]
 
 
 def nets_for(preset: Preset, depths: Optional[list[int]] = None) -> list[Net]:
-    """Every net of the sweep: the preset's, or both families at `depths` (plain nets up
-    to 110)."""
+    """Every net of the sweep: the preset's families, the plain one at its plain depths
+    and the residual ones at its residual depths, or every family at `depths` (plain
+    nets up to 110)."""
     if depths:
-        for d in depths:
-            try:
-                cifar_blocks_per_stage(d)
-            except BadInput as e:
-                raise BadInput(f"--depths: {e}") from None
-        plain, residual = [d for d in depths if d <= 110], list(depths)
-    else:
-        plain, residual = preset.plain, preset.residual
-    return [Net(False, d) for d in sorted(plain)] + [Net(True, d) for d in sorted(residual)]
+        return cifar_nets(preset.families, depths)
+    cifar_nets(preset.families, ())   # an unknown family: refused by name
+    return [Net(f, d) for f in CIFAR_FAMILIES if f in preset.families
+            for d in sorted(preset.plain if f == "plain" else preset.residual)]
 
 
 def run_config(net: Net, preset: Preset, seed: int, out: Path, *, data=None, data_dir=None,
                workers=None, val: bool = False) -> TrainConfig:
     """One net's run: the paper's recipe (Sec. 4.2), then the preset's training fields."""
-    model, options = net.model()
-    return train_config(
-        preset, model=model, model_options=options, data=data or preset.data,
-        data_dir=data_dir, holdout=5_000 if val else 0, seed=seed, momentum=0.9,
-        weight_decay=1e-4, schedule="paper",
-        warmup_lr=0.01 if net.depth >= 110 and preset.warmup_110 else 0.0,
-        crop_pad=4 if preset.augment else 0, flip=preset.augment, normalise="per_pixel",
-        eval_train_set=bool(preset.train.get("train_subset")), workers=workers,
-        out=str(out), progress=False)
-
-
-# ------------------------------------------------------------------ the sweep
-def sweep(nets: list[Net], preset: Preset, seeds: int, out: Path, command: str, *,
-          together: bool = False, processes: Optional[int] = None, **recipe) -> list[dict]:
-    """Train (or re-read) every net for `seeds` seeds into out/nets/<net>-seed<k>, the
-    deepest first (`together`: each net's seeds at once; `recipe`: run_config's data,
-    data_dir, workers, val); one record per net and seed."""
-    jobs = [(net, seed) for seed in range(seeds) for net in nets]
-    configs = [run_config(net, preset, seed, out / "nets" / f"{net.name}-seed{seed}", **recipe)
-               for net, seed in jobs]
-    deepest_first = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].depth)
-    results = run_all([configs[i] for i in deepest_first], command,
-                      [f"{jobs[i][0].name} seed {jobs[i][1]}" for i in deepest_first],
-                      together=together, processes=processes)
-    results = [results[deepest_first.index(i)] for i in range(len(jobs))]
-    split = "val" if recipe.get("val") else "test"
-    return [{
-        "name": net.name, "depth": net.depth, "residual": net.residual, "params": res["params"],
-        "seed": seed, "steps": res["steps"], "final_train_error": res["final_train_error"],
-        "final_train_set_error": res.get("final_train_set_error"),
-        "final_test_error": res["final_test_error"],
-        **({"final_val_error": res["final_val_error"]} if split == "val" else {}),
-        "scored": res.get("eval_data"), "curve": curve(Path(cfg.run.out), split),
-        "wall_s": res["wall_s"], "img_per_s": res["img_per_s"],
-        "hardware": res["hardware"], "conv_kernels": res.get("conv_kernels"),
-        "run_dir": str(Path(cfg.run.out)),
-    } for (net, seed), cfg, res in zip(jobs, configs, results)]
-
-
-# ------------------------------------------------------------------ the claims
-def training_error(run: dict) -> float:
-    """The claims' training error of a net, in %: on its whole training subset with the
-    final weights where it trained on one (the quick preset), else the paper's: the
-    error on the last iterations' training batches."""
-    fit = run.get("final_train_set_error")
-    return 100 * (fit if fit is not None else run["final_train_error"])
-
-
-def mean_train_errors(runs: list[dict]) -> dict:
-    """(residual, depth) -> final training error in %, averaged over seeds."""
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault((r["residual"], r["depth"]), []).append(training_error(r))
-    return {k: float(np.mean(v)) for k, v in groups.items()}
-
-
-def check_claims(runs: list[dict], claims: tuple = CLAIMS, name_of=None,
-                 depths: Optional[tuple] = None) -> list[dict]:
-    """Fig. 6's claims (`claims`, each named as in CLAIMS) on this run's mean final
-    training errors, each with the numbers it was decided on; those the run's nets
-    cannot test are left out. `depths`: the (shallow, deep) pair compared (default:
-    the shallowest and deepest trained); `name_of(residual, depth)`: a net's name
-    (default: this experiment's `label`)."""
-    name_of = name_of or label
-    err = mean_train_errors(runs)
-    if depths is None:
-        trained = sorted({d for _, d in err})
-        if len(trained) < 2:
-            return []
-        depths = trained[0], trained[-1]
-    shallow, deep = depths
-    seeds = len({r["seed"] for r in runs})
-    compare = {  # claim -> (a, b): the claim holds when a - b > threshold
-        "plain_deeper_trains_worse": ((False, deep), (False, shallow)),
-        "resnet_beats_plain": ((False, deep), (True, deep)),
-        "resnet_deeper_no_worse": ((True, shallow), (True, deep)),
-    }
-    out = []
-    for name, statement, points in claims:
-        a, b = compare[name]
-        if a not in err or b not in err:
-            continue
-        margin = err[a] - err[b]
-        no_worse = name == "resnet_deeper_no_worse"  # b at most `points` above a
-        out.append(claim(
-            name, statement, {name_of(*a): round(err[a], 2), name_of(*b): round(err[b], 2)},
-            f"{name_of(*b)} <= {name_of(*a)} + {points:g} points" if no_worse else
-            f"{name_of(*a)} > {name_of(*b)} + {points:g} points",
-            margin >= -points if no_worse else margin > points, seeds, unit=" %"))
-    return out
-
-
-def label(residual: bool, depth: int) -> str:
-    return Net(residual, depth).label
-
-
-# ------------------------------------------------------------------ outputs
-def table(runs: list[dict], data_note: str, paper_column: bool = True) -> str:
-    """Table 6's shape: method, layers, params, our errors (mean +- std), the paper's
-    test error (`paper_column`: not beside a test error of another task)."""
-    lines = ["| method | layers | params | ours: training error (%) | ours: test error (%) |" +
-             (" paper: test error (%) |" if paper_column else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|" if paper_column else "")]
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault((r["residual"], r["depth"]), []).append(r)
-    for (residual, depth), rs in sorted(groups.items()):
-        train = mean_std([training_error(r) for r in rs])
-        test = mean_std(100 * np.array([r["final_test_error"] for r in rs]))
-        paper = PAPER_CIFAR_ERROR.get(depth) if residual else None
-        lines.append(f"| {'ResNet' if residual else 'plain'} | {depth} | "
-                     f"{rs[0]['params'] / 1e6:.2f}M | {train} | {test} (n={len(rs)}) |" +
-                     (f" {paper if paper is not None else '-'} |" if paper_column else ""))
-    lines.append("")
-    lines.append(data_note)
-    return "\n".join(lines)
-
-
-def plot(runs: list[dict], path: Path, title: str, test_curves: bool = True,
-         milestones: tuple = (), residual_title: str = "ResNets (option A)",
-         ylabel: Optional[str] = None) -> None:
-    """Fig. 6 (and Fig. 4, experiments.imagenet): plain nets left, ResNets right;
-    training error dashed (the mean over seeds, each seed faint), test error solid; the
-    final error on a training subset as a star; learning-rate drops dotted."""
-    depths = sorted({r["depth"] for r in runs})
-    colours = dict(zip(depths, matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85,
-                                                                         len(depths)))))
-    with figure(path, title, 1, 2, figsize=(12, 4.5), sharey=True) as axes:
-        for ax, residual in zip(axes, (False, True)):
-            for depth in depths:
-                rs = [r for r in runs if r["residual"] == residual and r["depth"] == depth]
-                if rs:
-                    curves(ax, rs, colours[depth], label(residual, depth), test_curves)
-            for m in milestones:
-                if m < max(r["curve"]["step"][-1] for r in runs):
-                    ax.axvline(m, color="grey", linestyle=":", linewidth=1)
-            ax.set_title("plain networks" if not residual else residual_title)
-            ax.set_xlabel("iterations")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        axes[0].set_ylabel(ylabel or ("error (%)  -- dashed: training, solid: test"
-                                      if test_curves else "training error (%)"))
-
-
-def curves(ax, rs: list[dict], colour, name: str, test_curves: bool) -> None:
-    """One net's curves over its seeds."""
-    steps = np.array(rs[0]["curve"]["step"])
-    train = 100 * np.array([r["curve"]["train_error"] for r in rs])
-    for seed_curve in train if len(rs) > 1 else ():
-        ax.plot(steps, seed_curve, "--", color=colour, linewidth=0.6, alpha=0.35)
-    ax.plot(steps, train.mean(0), "--", color=colour, linewidth=1.5,
-            label=f"{name} training" if not test_curves else None)
-    if rs[0].get("final_train_set_error") is not None:
-        ax.plot(steps[-1], np.mean([training_error(r) for r in rs]), "*", color=colour,
-                markersize=11, markeredgecolor="k", label=f"{name}: final, whole subset")
-    if test_curves:
-        key = "val_error" if "val_error" in rs[0]["curve"] else "test_error"
-        evals = 100 * np.mean([r["curve"][key] for r in rs], axis=0)
-        ax.plot(rs[0]["curve"]["eval_step"], evals, "-o" if len(evals) < 4 else "-",
-                color=colour, linewidth=2, markersize=4, label=name)
+    return he2015_cifar(net, preset.train, seed, out, data=data or preset.data,
+                        data_dir=data_dir, workers=workers, augment=preset.augment,
+                        warmup_110=preset.warmup_110, val=val)
 
 
 # ------------------------------------------------------------------ the method
 def run(ctx: Context) -> Report:
-    args, preset = ctx.args, ctx.preset
-    seeds = ctx.seeds
-    runs = sweep(nets_for(preset, args.depths), preset, seeds, ctx.out, ctx.command,
-                 together=args.seeds_together, processes=args.processes, data=args.data,
-                 data_dir=args.data_dir, workers=args.workers, val=args.val)
-    cfg = run_config(Net(True, 20), preset, 0, ctx.out)   # the recipe every net shares
+    args, preset, seeds = ctx.args, ctx.preset, ctx.seeds
+    nets = nets_for(preset, args.depths)
+    trained = sweep(nets, lambda net, seed, out: run_config(
+        net, preset, seed, out, data=args.data, data_dir=args.data_dir, workers=args.workers,
+        val=args.val), seeds, ctx.out, ctx.command, together=args.seeds_together,
+                    processes=args.processes)
+    runs = [record(*t) for t in trained]
+    cfg = trained[0][2]   # the recipe every net shares
     data = args.data or preset.data
     subset = (f"training error: the error on the whole fixed {cfg.data.train_subset:,}-image "
               f"training subset with the final weights (no augmentation: an optimisation "
@@ -323,9 +148,9 @@ def run(ctx: Context) -> Report:
     jpeg = data == "cifar10" and "official files" not in scored
     note = (f"Data: {data}" + (" (a JPEG re-encoded copy: errors are not comparable one to "
                                "one with the paper's lossless CIFAR-10)" if jpeg else "") +
-            f"; test errors on {scored}" +
-            f". Preset `{ctx.preset_name}`: {cfg.schedule.steps} iterations at batch {cfg.optimiser.batch}, "
-            f"lr {cfg.schedule.lr} (the paper: 64k at 128, lr 0.1)" + (f"; {subset}" if subset else "") +
+            f"; test errors on {scored}. Preset `{ctx.preset_name}`: {cfg.schedule.steps} "
+            f"iterations at batch {cfg.optimiser.batch}, lr {cfg.schedule.lr} (the paper: 64k "
+            f"at 128, lr 0.1)" + (f"; {subset}" if subset else "") +
             ". Final errors after the last iteration" + (
                 "" if cfg.data.train_subset else
                 f" (training: the last {cfg.run.log_every} iterations' batches)") +
@@ -336,49 +161,41 @@ def run(ctx: Context) -> Report:
              f"{cfg.optimiser.batch}, lr {cfg.schedule.lr}, seeds {seeds}" +
              (f"; training error on a fixed {cfg.data.train_subset:,}-image subset"
               if cfg.data.train_subset else ""))
+    depths = sorted({n.depth for n in nets})
     return Report(
         results={"runs": runs},
         table=table(runs, note, paper_column=not cfg.data.train_subset),
-        claims=check_claims(runs),
+        claims=fig6_claims(runs, preset.families, depths[0], depths[-1]),
         heading=f"Fig. 6's claims, on the final {what} (mean of {seeds} seed(s)):",
-        plot=lambda path: plot(runs, path, title, test_curves=not cfg.data.train_subset,
-                               milestones=cfg.schedule.milestones))
+        plot=lambda path: plot_curves(
+            runs, path, title, test_curves=not cfg.data.train_subset,
+            milestones=cfg.schedule.milestones,
+            titles={"plain": "plain networks", "resnet": "ResNets (option A)",
+                    "preact": "pre-activation ResNets (He et al. 2016)"}))
 
 
 def add_arguments(p) -> None:
+    p.add_argument("--families", nargs="+", default=None, choices=list(CIFAR_FAMILIES),
+                   help="the families of the zoo's CIFAR table to compare (default: the "
+                        "preset's, plain resnet as the paper)")
     p.add_argument("--depths", type=int, nargs="+", default=None,
-                   help="6n+2 depths for both families (plain nets up to 110)")
+                   help="6n+2 depths for every family (plain nets up to 110)")
     p.add_argument("--val", action="store_true",
                    help="hold out 5k training images for model selection")
 
 
 def recipe(ctx: Context) -> dict:
-    """What an output folder's nets were trained with (its guard)."""
-    nets_for(ctx.preset, ctx.args.depths)  # bad --depths: refused before the folder
-    return ctx.recipe(val=ctx.args.val)
-
-
-def preset_with(preset_name: str, train: Optional[dict] = None) -> Preset:
-    """This experiment's preset `preset_name`, with training fields `train` set on it
-    (another experiment's --set, so that the nets it asks for are trained as it says)."""
-    preset = PRESETS[preset_name]
-    return dataclasses.replace(preset, train={**preset.train, **(train or {})})
-
-
-def trained_nets(nets: list[Net], preset_name: str, out: Path, command: str, *,
-                 seeds: int = 1, data=None, train: Optional[dict] = None,
-                 **recipe) -> list[dict]:
-    """Other experiments' way to this one's nets: `nets` of preset `preset_name` (with
-    training fields `train` set) trained (or re-read) in this experiment's output
-    folder `out`, guarded as its own command guards it (`recipe`: data_dir, workers,
-    processes)."""
-    preset = preset_with(preset_name, train)
-    guard_out(out, recipe_of(preset_name, preset, data, val=False))
-    return sweep(nets, preset, seeds, out, command, data=data, **recipe)
+    """What an output folder's nets were trained with (its guard); the families only
+    where they are not the paper's two (folders written before them keep resuming)."""
+    nets_for(ctx.preset, ctx.args.depths)  # bad --depths or families: refused before the folder
+    found = ctx.recipe(val=ctx.args.val)
+    if tuple(found.get("families", ())) == Preset.families:
+        found.pop("families")
+    return found
 
 
 EXPERIMENT = Experiment("plain_vs_resnet", __doc__, PRESETS, run, figure="curves.png",
-                        add_arguments=add_arguments, recipe=recipe)
+                        add_arguments=add_arguments, recipe=recipe, set_by=("families",))
 main = EXPERIMENT.main
 
 if __name__ == "__main__":

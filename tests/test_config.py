@@ -52,13 +52,14 @@ def _args(**kw):
 def smoke_configs() -> dict:
     """Every experiment's smoke nets, built as the experiments build them (seed 0;
     config_digest of each run folder a smoke run of the code before this wrote)."""
+    from cnn_jax.experiment import Net
     from experiments import (augmentation_ablation, identity_blocks, layer_responses,
                              lenet_mnist, plain_vs_resnet, transfer_learning, zoo_cifar)
     out, cfgs = Path("unused"), {}
     pvr = plain_vs_resnet.PRESETS["smoke"]
-    for residual in (False, True):
+    for family in ("plain", "resnet"):
         for depth in (8, 14):
-            net = plain_vs_resnet.Net(residual, depth)
+            net = Net(family, depth)
             cfgs[f"plain_vs_resnet/{net.name}"] = plain_vs_resnet.run_config(net, pvr, 0, out)
     for v in ("lenet5", "lenet5_classic"):
         cfgs[f"lenet_mnist/{v}"] = lenet_mnist.run_config(
@@ -70,12 +71,11 @@ def smoke_configs() -> dict:
         cfgs[f"augmentation_ablation/{s}"] = augmentation_ablation.run_config(
             s, augmentation_ablation.PRESETS["smoke"], 0, _args(), out)
     lr = layer_responses.PRESETS["smoke"]
-    for net in (plain_vs_resnet.Net(False, 8), plain_vs_resnet.Net(True, 8),
-                plain_vs_resnet.Net(True, 14)):
+    for net in (Net("plain", 8), Net("resnet", 8), Net("resnet", 14)):
         cfgs[f"layer_responses/{net.name}"] = layer_responses.here_config(net, lr, 0, _args(),
                                                                           out)
     base = Path("runs/plain_vs_resnet-smoke/nets/resnet8-seed0")
-    base_cfg = plain_vs_resnet.run_config(plain_vs_resnet.Net(True, 8), pvr, 0, base)
+    base_cfg = plain_vs_resnet.run_config(Net("resnet", 8), pvr, 0, base)
     for arm in identity_blocks.ARMS:
         cfgs[f"identity_blocks/{arm}"] = identity_blocks.arm_config(
             arm, base_cfg, identity_blocks.PRESETS["smoke"], 0, base, out, None)

@@ -56,21 +56,22 @@ def test_smoke_preset_trains_a_plain_and_a_residual_net(tmp_path):
         "ten_crop_test_top1_error"] == results["runs"][1]["ten_crop_test_top1_error"]
 
 
-def run_record(residual, depth, error, seed=0):
-    return {"residual": residual, "depth": depth, "seed": seed, "final_train_error": 0.5,
-            "final_train_set_error": error}
+def run_record(family, depth, error, seed=0):
+    net = E.Net(family, depth, imagenet=True)
+    return {"name": net.name, "label": net.label, "depth": depth, "seed": seed,
+            "final_train_error": 0.5, "final_train_set_error": error}
 
 
 def test_claims_read_fig4_on_the_mean_training_errors():
-    holds = [run_record(False, 18, 0.30), run_record(False, 34, 0.40),
-             run_record(True, 18, 0.20), run_record(True, 34, 0.205)]
-    claims = {c["claim"]: c for c in E.check_claims(holds, E.CLAIMS, E.label, (18, 34))}
+    holds = [run_record("plain", 18, 0.30), run_record("plain", 34, 0.40),
+             run_record("resnet", 18, 0.20), run_record("resnet", 34, 0.205)]
+    claims = {c["claim"]: c for c in E.fig4_claims(holds)}
     assert [claims[k]["pass"] for k in ("plain_deeper_trains_worse", "resnet_beats_plain",
                                         "resnet_deeper_no_worse")] == [True, True, True]
     assert claims["resnet_beats_plain"]["measured"] == {"plain-34": 40.0, "ResNet-34": 20.5}
-    fails = [run_record(False, 18, 0.40), run_record(False, 34, 0.30),
-             run_record(True, 18, 0.10), run_record(True, 34, 0.29)]
-    claims = {c["claim"]: c["pass"] for c in E.check_claims(fails, E.CLAIMS, E.label, (18, 34))}
+    fails = [run_record("plain", 18, 0.40), run_record("plain", 34, 0.30),
+             run_record("resnet", 18, 0.10), run_record("resnet", 34, 0.29)]
+    claims = {c["claim"]: c["pass"] for c in E.fig4_claims(fails)}
     assert claims == {"plain_deeper_trains_worse": False, "resnet_beats_plain": False,
                       "resnet_deeper_no_worse": False}
 

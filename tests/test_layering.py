@@ -89,3 +89,11 @@ def test_each_layer_imports_only_the_layers_below_it():
 
 def test_provenance_sits_below_training():
     assert not [n for n in import_graph()["cnn_jax.provenance"] if n.startswith("cnn_jax.train")]
+
+
+def test_experiments_share_only_through_cnn_jax():
+    """No experiment imports another: what several use (the nets, He et al.'s recipe,
+    tables, plots, claims) lives in cnn_jax.experiment."""
+    wrong = [f"{m} imports {n}" for m, imported in import_graph().items()
+             if m.startswith("experiments.") for n in imported if n.startswith("experiments")]
+    assert not wrong, "\n".join(wrong)

@@ -32,6 +32,11 @@ PARAMS = {
     "plain18": 11_515_688,   # resnet18 less its three projection shortcuts
     "plain34": 21_623_848,
     "nin": 966_986,
+    # He et al. 2016 (pre-activation), Table 2: ResNet-110 1.7M; the unit's BatchNorms sit
+    # on its input (16/32 channels where a stage widens) and a final BN-ReLU replaces the
+    # stem's: the same count as the original's
+    "preact_resnet20": 269_722,
+    "preact_resnet110": 1_727_962,
 }
 
 
@@ -100,7 +105,7 @@ def test_available_lists_the_contract_names():
               "plain20", "plain32", "plain44", "plain56", "plain110", "resnet20",
               "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202", "resnet18",
               "resnet34", "resnet50", "resnet101", "resnet152", "plain18", "plain34",
-              "nin", "googlenet"]:
+              "nin", "googlenet", "preact_resnet20", "preact_resnet110", "preact_resnet1202"]:
         assert n in names
 
 
@@ -225,3 +230,22 @@ def test_too_small_input_names_the_minimum(name):
 def test_alexnet_at_cifar_size_is_a_clear_error():
     with pytest.raises(BadInput, match="alexnet: input 32x32 is too small.*67x67"):
         abstract_variables(create_model("alexnet"), (32, 32, 3))
+
+
+def test_a_pre_activation_unit_is_bn_relu_conv_with_nothing_after_the_addition():
+    """He et al. 2016 Fig. 4(e): x + conv(relu(bn(conv(relu(bn(x)))))). With the
+    convolutions' kernels zero the unit is the identity (no ReLU after the addition:
+    negative inputs pass), where the original unit, relu(x + F(x)), clips them."""
+    import jax
+    import jax.numpy as jnp
+    from cnn_jax.models.layers import BasicBlock, ZeroPadShortcut
+    from cnn_jax.models.preact import PreActBlock
+    x = jnp.linspace(-2, 2, 2 * 4 * 4 * 8).reshape(2, 4, 4, 8)
+    for block, expected in ((PreActBlock(8, shortcut=ZeroPadShortcut), x),
+                            (BasicBlock(8, shortcut=ZeroPadShortcut), jax.nn.relu(x))):
+        v = block.init(jax.random.key(0), x)
+        zero = jax.tree_util.tree_map_with_path(
+            lambda path, a: jnp.zeros_like(a) if path[-1].key == "kernel" else a, v)
+        np.testing.assert_allclose(block.apply(zero, x), expected, atol=1e-6)
+    names = list(PreActBlock(8).init(jax.random.key(0), x)["params"])
+    assert names == ["bn1", "conv1", "bn2", "conv2"]   # the order of the figure

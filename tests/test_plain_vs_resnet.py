@@ -17,6 +17,7 @@ from cnn_jax.evaluate import evaluate
 
 DATA = "synthetic:32x32x3:10:128:100"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def experiment(out, *extra):
@@ -171,30 +172,63 @@ def test_the_paper_preset_normalises_per_gpu_as_the_paper_did():
 
 
 def test_claims_are_decided_on_the_mean_training_errors_over_seeds():
-    from cnn_jax.experiment import claims_in_words
-    from experiments.plain_vs_resnet import check_claims
+    from cnn_jax.experiment import Net, claims_in_words
+    from experiments.plain_vs_resnet import fig6_claims
 
-    def runs(errors):  # {(residual, depth): [error per seed]}
-        return [{"residual": r, "depth": d, "seed": s, "final_train_error": e / 100}
-                for (r, d), es in errors.items() for s, e in enumerate(es)]
+    def runs(errors):  # {(family, depth): [error per seed]}
+        return [{"name": Net(f, d).name, "label": Net(f, d).label, "depth": d, "seed": s,
+                 "final_train_error": e / 100}
+                for (f, d), es in errors.items() for s, e in enumerate(es)]
 
-    good = check_claims(runs({(False, 20): [30, 34], (False, 56): [78, 80],
-                              (True, 20): [2, 3], (True, 56): [3.2, 3.0]}))
+    def check(errors, families=("plain", "resnet")):
+        depths = sorted({d for _, d in errors})
+        return fig6_claims(runs(errors), families, depths[0], depths[-1])
+
+    good = check({("plain", 20): [30, 34], ("plain", 56): [78, 80],
+                  ("resnet", 20): [2, 3], ("resnet", 56): [3.2, 3.0]})
     assert [c["claim"] for c in good] == ["plain_deeper_trains_worse", "resnet_beats_plain",
                                           "resnet_deeper_no_worse"]
     assert all(c["pass"] for c in good) and good[0]["seeds"] == 2
     assert good[2]["measured"] == {"ResNet-20": 2.5, "ResNet-56": 3.1}
     assert good[2]["required"] == "ResNet-56 <= ResNet-20 + 1 points"
     # one seed of ResNet-56 stuck: its mean is 2 points above ResNet-20's
-    stuck = check_claims(runs({(False, 20): [30, 34], (False, 56): [78, 80],
-                               (True, 20): [2, 3], (True, 56): [1.0, 8.0]}))
+    stuck = check({("plain", 20): [30, 34], ("plain", 56): [78, 80],
+                   ("resnet", 20): [2, 3], ("resnet", 56): [1.0, 8.0]})
     assert [c["pass"] for c in stuck] == [True, True, False]
     words = claims_in_words(stuck, "Fig. 6's claims:")
     assert "FAILS  the deeper ResNet trains no worse" in words and "Not every claim" in words
     # plain nets only 4 points apart: no degradation shown
-    flat = check_claims(runs({(False, 20): [30], (False, 56): [34]}))
+    flat = check({("plain", 20): [30], ("plain", 56): [34]})
     assert len(flat) == 1 and not flat[0]["pass"]
-    assert check_claims(runs({(True, 8): [50]})) == []   # one depth: nothing to compare
+    assert check({("resnet", 8): [50]}) == []   # one depth: nothing to compare
+    # a third family of the table: its own two claims, naming its nets
+    three = check({("plain", 20): [30], ("plain", 56): [80], ("resnet", 20): [2],
+                   ("resnet", 56): [3], ("preact", 20): [2], ("preact", 56): [1]},
+                  ("plain", "resnet", "preact"))
+    assert [c["claim"] for c in three][3:] == ["preact_beats_plain", "preact_deeper_no_worse"]
+    assert three[4]["measured"] == {"pre-act ResNet-20": 2.0, "pre-act ResNet-56": 1.0}
+
+
+def test_the_families_compared_are_any_of_the_table(tmp_path):
+    """--families plain resnet preact: every net trained, the table's rows, the claims and
+    the folder name say which; an unknown family is refused naming the table's."""
+    r = subprocess.run([sys.executable, "-m", "experiments.plain_vs_resnet", "--preset", "smoke",
+                        "--data", "synthetic:32x32x3:10:64:40", "--depths", "8", "14",
+                        "--families", "resnet", "preact", "--workers", "0", "--processes", "1"],
+                       env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "plain_vs_resnet-smoke-familiesresnet_preact"
+    results = json.loads((out / "results.json").read_text())
+    assert [x["name"] for x in results["runs"]] == ["resnet8", "resnet14", "preact_resnet8",
+                                                    "preact_resnet14"]
+    assert [c["claim"] for c in results["claims"]] == ["resnet_deeper_no_worse",
+                                                       "preact_deeper_no_worse"]
+    assert "| pre-act ResNet | 14 |" in (out / "table.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "experiments.plain_vs_resnet", "--preset",
+                          "smoke", "--families", "wide"], env={**ENV, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid choice: 'wide'" in bad.stderr
 
 
 def test_bad_input(tmp_path):

@@ -23,6 +23,8 @@ CHEAP = {
     "plain20": ({}, 0.1, 10, 4),
     "cifar_resnet": ({"depth": 14}, 0.1, 10, 4),   # the families behind resnet20, plain20
     "cifar_plain": ({"depth": 14}, 0.1, 10, 4),
+    "preact_resnet20": ({}, 0.1, 10, 4),           # He et al. 2016's unit
+    "cifar_preact": ({"depth": 14}, 0.1, 10, 4),
     "nin": ({}, 0.01, 120, 4),  # no BN, ReLU on the class maps: slow to start
 }
 HEAVY = {

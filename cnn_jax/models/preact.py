@@ -22,8 +22,9 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn_jax.models.layers import (BN_EPSILON, BN_MOMENTUM, ProjectionShortcut, he_fan_out,
-                                   make_shortcut, require_min_size)
+from cnn_jax.models.layers import (BN_EPSILON, BN_MOMENTUM, ProjectionShortcut,
+                                   ZeroPadShortcut, he_fan_out, make_shortcut,
+                                   require_min_size)
 from cnn_jax.models.resnet import cifar_blocks_per_stage
 
 # Tables 2-3 of the paper: CIFAR-10 test error (%) of its pre-activation ResNets with the
@@ -48,7 +49,7 @@ class PreActBlock(nn.Module):
 
     features: int
     strides: int = 1
-    shortcut: Optional[Callable[..., nn.Module]] = None
+    shortcut: Callable[..., nn.Module] = ZeroPadShortcut   # residual always: option A
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -57,8 +58,8 @@ class PreActBlock(nn.Module):
         y = conv3x3(self.features, self.strides, self.dtype, "conv1")(a)
         y = conv3x3(self.features, 1, self.dtype, "conv2")(bn_relu(y, train, self.dtype, "bn2"))
         # a projection sees the pre-activated input, the identity the input itself
-        source = a if self.shortcut is not None and issubclass(
-            getattr(self.shortcut, "func", self.shortcut), ProjectionShortcut) else x
+        source = a if issubclass(getattr(self.shortcut, "func", self.shortcut),
+                                 ProjectionShortcut) else x
         return y + self.shortcut(self.features, strides=self.strides, dtype=self.dtype,
                                  name="shortcut")(source, train)
 

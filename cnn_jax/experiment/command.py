@@ -306,6 +306,7 @@ class Experiment:
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     recipe: Optional[Callable[[Context], dict]] = None  # what --out is guarded with
     multihost: bool = False                     # many-host flags (cnn_jax.train.distributed)
+    set_by: tuple = ()   # flags of add_arguments that set the preset's knob of their name
 
     def __post_init__(self):
         check_presets(self.name, self.presets)
@@ -364,6 +365,9 @@ class Experiment:
             # section.field spellings by their flat names: one recipe, one folder name
             args.set = [f"{training_key(k) or k}{sep}{v}" for k, sep, v in
                         (item.partition("=") for item in args.set)]
+            for knob in self.set_by:   # e.g. --families a b: the knob `families`, as --set
+                if getattr(args, knob, None):
+                    args.set.append(f"{knob}={','.join(map(str, getattr(args, knob)))}")
             preset = override(self.presets[name], args.set)
         except BadInput as e:
             p.error(str(e))
