@@ -308,7 +308,7 @@ def stored_split(spec: DataSpec, split: str) -> Source:
     decode = None
     if not spec.streams:
         size = (spec.image_size, spec.image_size) if spec.image_size else None
-        decode = Decode(size=size, crop=size is not None)
+        decode = Decode(size=size, crop=size is not None, skip_bad=spec.bad_images == "skip")
     source = open_source(spec.name, split, data_dir=spec.data_dir, holdout=spec.holdout,
                          decode=decode)
     return select_classes(source, spec.classes)

@@ -463,6 +463,8 @@ def _parse_synthetic(spec: str) -> dict:
 def synthetic_arrays(spec: str, split: str) -> Arrays:
     """Random uint8 images and labels (never zeros), fixed by the split's name."""
     s = _parse_synthetic(spec)
+    if split not in s["sizes"]:
+        raise MissingSplit(f"{spec}: has no '{split}' split; found train, test")
     rng = np.random.default_rng(0 if split == "train" else 1)
     n = s["sizes"][split]
     images = rng.integers(0, 256, (n, *s["shape"]), dtype=np.uint8)
@@ -535,7 +537,11 @@ def open_stored(name: str, split: str, data_dir: Optional[str] = None,
 def _stored(name: str, split: str, data_dir: Optional[str], decode: Optional[Decode]
             ) -> Source:
     if name.startswith("synthetic"):
-        return synthetic_arrays(name, split)
+        arrays = synthetic_arrays(name, split)
+        if decode is None or (decode.size is None and decode.channels is None):
+            return arrays
+        return Arrays(np.stack([_refit(im, decode) for im in arrays.images]), arrays.labels,
+                      arrays.classes, source=arrays.source)
     path = imagefolder_path(name)
     if path is not None:
         if decode is None:

@@ -53,3 +53,11 @@ def with_warmup(schedule, warmup_lr: float):
     if not warmup_lr:
         return lambda step, warmup_end: schedule(step)
     return lambda step, warmup_end: jnp.where(step < warmup_end, warmup_lr, schedule(step))
+
+
+def of(sched):
+    """The learning rate of a recipe's schedule section (cnn_jax.train.config's): a
+    function of the step and the warm-up's end."""
+    return with_warmup(linear_warmup(make_schedule(sched.kind, sched.lr, sched.steps,
+                                                   sched.milestones), sched.warmup_steps),
+                       sched.warmup_lr)

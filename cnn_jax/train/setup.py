@@ -136,9 +136,7 @@ def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Dataset,
     model = create_model(cfg.model.name, num_classes=len(train_arrays.classes), dtype=dtype,
                          **cfg.model.options)
     tx = make_optimizer(cfg.optimiser)
-    lr_fn = schedules.with_warmup(schedules.linear_warmup(
-        schedules.make_schedule(cfg.schedule.kind, cfg.schedule.lr, cfg.schedule.steps, cfg.schedule.milestones),
-        cfg.schedule.warmup_steps), cfg.schedule.warmup_lr)
+    lr_fn = schedules.of(cfg.schedule)
     trainable = module_names(cfg.model.trainable)
     if trainable:  # fine-tuning: frozen modules get no update (nor weight decay)
         tx = freeze(tx, trainable)
@@ -152,6 +150,9 @@ def build_model(cfg: TrainConfig, seeds: int, mesh: Mesh, train_arrays: Dataset,
         train_step, make_eval_step(model, normalise, conv_kernels), mesh, seeds)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
     check_module_names(cfg, list(abstract["params"]))
+    if cfg.model.bn_group and not abstract.get("batch_stats"):
+        raise BadInput(f"--bn-group: {cfg.model.name} has no BatchNorm: it would change "
+                       f"nothing, so it is refused")
     return {"model": model, "tx": tx, "conv_kernels": conv_kernels, "step_one": step_one,
             "step_many": step_many, "eval_step": eval_step, "put": put,
             "n_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))}
