@@ -12,8 +12,6 @@ field. What a change can change, looked at directly:
 A field whose role is `outside` cannot change the numbers (tests/test_config.py), and
 `steps` under the paper's schedule is left out of the digest by its own declaration.
 """
-import dataclasses
-import io
 
 import jax
 import numpy as np

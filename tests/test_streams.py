@@ -492,7 +492,8 @@ def test_an_imagenet_preset_runs_on_decoded_arrays_too():
     assert not d.batched and d.image_shape == (12, 12, 3)
     b = d.train_batch(np.arange(8), np.zeros(8, int), 0)
     assert b[IMAGE].shape == (8, 12, 12, 3) and b[IMAGE].dtype == np.uint8
-    box = A.InceptionCrop().box((16, 16), 12, A.uniforms(0, 0, [3], A.STREAM_CROP, 40)[0])
+    assert d.source.images.shape[1:3] == (12, 12)   # stored at the side S, as every folder
+    box = A.InceptionCrop().box((12, 12), 12, A.uniforms(0, 0, [3], A.STREAM_CROP, 40)[0])
     t, l, h, w = box
     img = d.source.images[3][t:t + h, l:l + w]
     flip = A.uniforms(0, 0, [3], A.STREAM_FLIP, 1)[0, 0] < 0.5

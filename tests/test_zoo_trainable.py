@@ -39,11 +39,13 @@ HEAVY = {
     # so this one runs op by op (~65 s a step); at lr 0.1 or 0.01 the loss on 4 images
     # (15.7 at the start: the residual stream grows through 200 blocks a stage) diverges
     "resnet1202": ({}, 0.002, 8, 4),
+    "preact_resnet1202": ({}, 0.002, 8, 4),
     **{f"plain{d}": ({}, 0.1, 15, 4) for d in (32, 44, 56, 110)},
+    **{f"preact_resnet{d}": ({}, 0.1, 15, 4) for d in (32, 44, 56, 110)},
     "alexnet_torchvision": ({}, 0.001, 8, 2),
     "googlenet_torchvision": ({}, 0.01, 10, 2),
 }
-EAGER = {"resnet1202"}
+EAGER = {"resnet1202", "preact_resnet1202"}
 
 
 def blocky_images(n: int, shape: tuple, blocks: int = 4) -> np.ndarray:
