@@ -32,3 +32,13 @@ def quick_variables(model, x, **kw):
         return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def refused(main, argv, capsys) -> tuple[int, str]:
+    """A command line refused before it computes anything, run in this process (no
+    interpreter or JAX start-up): its exit status and what it wrote to stderr."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's refusals
+        code = e.code
+    return code, capsys.readouterr().err

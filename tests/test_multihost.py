@@ -186,6 +186,10 @@ def test_the_imagenet_experiment_ends_together_with_one_processs_ten_crop_errors
     [two] = json.loads((tmp_path / "two" / "results.json").read_text())["runs"]
     assert two["name"] == "resnet18" and two["test_split"] == "val"   # val/, named as it is
     assert two["ten_crop_test_images"] == 12                          # each image once
+    assert two["params"] == 11_689_512 - 996 * 513                    # a 4-class head
+    table = (tmp_path / "two" / "table.md").read_text()
+    assert "| 18 | ResNet-18 | 11.2M |" in table and "test errors on the val split" in table
+    assert (tmp_path / "two" / "curves.png").stat().st_size > 10_000
     one = subprocess.run([sys.executable, "-c", (
         "import json, sys; from cnn_jax.evaluate import evaluate; "
         "print(json.dumps(evaluate([sys.argv[1]], views=10, split='val', workers=0)))"),

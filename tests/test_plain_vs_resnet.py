@@ -14,6 +14,7 @@ from PIL import Image
 
 from cnn_jax.errors import BadInput
 from cnn_jax.evaluate import evaluate
+from helpers import refused
 
 DATA = "synthetic:32x32x3:10:128:100"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -231,18 +232,24 @@ def test_the_families_compared_are_any_of_the_table(tmp_path):
     assert bad.returncode == 2 and "invalid choice: 'wide'" in bad.stderr
 
 
-def test_bad_input(tmp_path):
-    r = run(tmp_path, "--depths", "21")
-    assert r.returncode == 2 and "6n+2" in r.stderr
-    r = run(tmp_path / "nothing", "--data", "cifar10", "--data-dir", str(tmp_path / "no"))
-    assert r.returncode == 2 and "--data-dir" in r.stderr and "no such directory" in r.stderr
+def test_bad_input(tmp_path, capsys):
+    from experiments.plain_vs_resnet import main
+
+    def refused_here(out, *extra):  # refusals come before any compilation: in this process
+        return refused(main, experiment(out, *extra)[3:], capsys)
+    code, err = refused_here(tmp_path, "--depths", "21")
+    assert code == 2 and "6n+2" in err
+    code, err = refused_here(tmp_path / "nothing", "--data", "cifar10", "--data-dir",
+                             str(tmp_path / "no"))
+    assert code == 2 and "--data-dir" in err and "no such directory" in err
     assert not (tmp_path / "nothing").exists()    # refused: nothing written
     blocked = tmp_path / "file"
     blocked.write_text("")
-    r = run(blocked / "out")
-    assert r.returncode == 2 and "not writable" in r.stderr
+    code, err = refused_here(blocked / "out")
+    assert code == 2 and "not writable" in err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"preset": "paper"}))
-    r = run(tmp_path / "other")
+    r = run(tmp_path / "other")   # the command itself, once
     assert r.returncode == 2 and "different configuration" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
     assert json.loads((tmp_path / "other" / "config.json").read_text()) == {"preset": "paper"}

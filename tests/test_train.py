@@ -605,6 +605,7 @@ def test_profile_kinds_group_fusions_and_library_convolutions():
                       "ms_per_step": pytest.approx(0.03)}]
 
 
+@pytest.mark.slow  # 28 s: a benchmark's output format, kept out of the 15-minute CI
 def test_conv_layer_benchmark_contract():
     """scripts/bench_conv_layers.py's JSON line (tiny batch: the contract, not the speed)."""
     r = subprocess.run([sys.executable, "scripts/bench_conv_layers.py", "--batch", "2",
@@ -627,6 +628,7 @@ def test_conv_layer_benchmark_contract():
     assert "xla_flags" in d["versions"] and ("onednn" in d["versions"]) == bool(also)
 
 
+@pytest.mark.slow  # 20 s: a benchmark's output format, kept out of the 15-minute CI
 def test_train_benchmark_contract():
     """scripts/bench_train.py's JSON line (small net: the contract, not the speed)."""
     r = subprocess.run([sys.executable, "scripts/bench_train.py", "--model", "resnet8",

@@ -25,7 +25,7 @@ from cnn_jax.train.metrics import cross_entropy
 from cnn_jax.train.steps import freeze, make_optimizer, make_train_step
 from cnn_jax.train.config import OptimiserConfig
 from cnn_jax.transfer import cached_features, head_name, load_backbone, predict, stages
-from helpers import quick_variables
+from helpers import quick_variables, refused
 
 # one worker builds the `demo` fixture (a pretrained net and four transfer runs) once
 pytestmark = pytest.mark.xdist_group("transfer_demo")
@@ -282,37 +282,49 @@ def test_runs_save_their_normaliser(demo):
 
 
 # ------------------------------------------------------------------ bad input
-def test_bad_input_is_a_clear_error(demo, tmp_path):
+def test_bad_input_is_a_clear_error(demo, tmp_path, capsys):
+    from experiments.transfer_learning import main
+
+    def run_refused(*args):
+        return refused(main, [*args, "--workers", "0"], capsys)
     one = tmp_path / "one"
     photos(one, classes=("only",))
-    r = run("--data", one, "--backbone", demo / "pretrain", "--out", tmp_path / "o1")
-    assert r.returncode == 2 and "at least two" in r.stderr
+    code, err = run_refused("--data", one, "--backbone", demo / "pretrain", "--out", tmp_path / "o1")
+    assert code == 2 and "at least two" in err
     empty = photos(tmp_path / "empty")
     (empty / "birds").mkdir()
-    r = run("--data", empty, "--backbone", demo / "pretrain", "--out", tmp_path / "o2")
-    assert r.returncode == 2 and "no images" in r.stderr and "birds" in r.stderr
+    code, err = run_refused("--data", empty, "--backbone", demo / "pretrain", "--out",
+                            tmp_path / "o2")
+    assert code == 2 and "no images" in err and "birds" in err
     broken = photos(tmp_path / "broken")
     (broken / "cats" / "bad.jpg").write_bytes(b"not a jpeg")
-    r = run("--data", broken, "--backbone", demo / "pretrain", "--out", tmp_path / "o3")
-    assert r.returncode == 2 and "bad.jpg: cannot decode" in r.stderr
-    r = run("--data", photos(tmp_path / "ok"), "--backbone", tmp_path / "nothing", "--out",
-            tmp_path / "o4")
-    assert r.returncode == 2 and "--backbone" in r.stderr
-    r = run("--predict", tmp_path / "ok", "--out", tmp_path / "o4")
-    assert r.returncode == 2 and "model.json" in r.stderr
+    code, err = run_refused("--data", broken, "--backbone", demo / "pretrain", "--out",
+                            tmp_path / "o3")
+    assert code == 2 and "bad.jpg: cannot decode" in err
+    code, err = run_refused("--data", photos(tmp_path / "ok"), "--backbone", tmp_path / "nothing",
+                            "--out", tmp_path / "o4")
+    assert code == 2 and "--backbone" in err
+    code, err = run_refused("--predict", tmp_path / "ok", "--out", tmp_path / "o4")
+    assert code == 2 and "model.json" in err
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))  # refused: nothing written
+    # the command itself, once: the exit status and the one line
+    r = run("--data", one, "--backbone", demo / "pretrain", "--out", tmp_path / "o1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") \
+        and "at least two" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(DataError, match="at least two"):
         load(f"imagefolder:{one}", "train", size=(32, 32), crop=True)
 
 
-def test_the_demonstration_refuses_the_flags_of_your_own_datas_runs(tmp_path):
+def test_the_demonstration_refuses_the_flags_of_your_own_datas_runs(tmp_path, capsys):
     """--steps, --lr, --mode ... act with --backbone only: the demonstration says so and
     takes its settings through --set (its presets' fields and training fields)."""
+    from experiments.transfer_learning import EXPERIMENT, main
     for flags in (["--steps", "10"], ["--lr", "0.5", "--epochs", "3"], ["--mode", "full"]):
-        r = run("--preset", "smoke", "--data", CIFAR_LIKE, "--out", tmp_path / "d", *flags)
-        assert r.returncode == 2 and "used with --backbone (your own data) only" in r.stderr
-        assert flags[0] in r.stderr and "--set" in r.stderr
+        code, err = refused(main, ["--preset", "smoke", "--data", CIFAR_LIKE, "--out",
+                                   tmp_path / "d", "--workers", "0", *flags], capsys)
+        assert code == 2 and "used with --backbone (your own data) only" in err
+        assert flags[0] in err and "--set" in err
         assert not (tmp_path / "d").exists()
-    from experiments.transfer_learning import EXPERIMENT
     ctx = EXPERIMENT.context(["--preset", "smoke", "--set", "per_class=3", "steps=2",
                               "label_smoothing=0.1"])
     assert ctx.preset.per_class == 3 and ctx.preset.train == dict(steps=2, batch=16,

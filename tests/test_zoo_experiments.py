@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from helpers import refused
+
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
@@ -53,9 +55,11 @@ def test_zoo_cifar_smoke_reports_cost_and_error_per_net(tmp_path):
     assert "upsampled to 67x67" in (tmp_path / "table.md").read_text()
 
 
-def test_bad_input(tmp_path):
-    r = run("experiments.lenet_mnist", tmp_path, "--data", "nosuchdata")
-    assert r.returncode == 2 and "nosuchdata" in r.stderr
+def test_bad_input(tmp_path, capsys):
+    from experiments.lenet_mnist import main
+    code, err = refused(main, ["--preset", "smoke", "--out", tmp_path, "--workers", "0",
+                               "--data", "nosuchdata"], capsys)   # in this process
+    assert code == 2 and "nosuchdata" in err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"preset": "paper"}))
     r = run("experiments.zoo_cifar", tmp_path / "other")

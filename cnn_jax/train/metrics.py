@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +22,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tensorboardX import SummaryWriter
 
 from cnn_jax.files import DISK_ERRORS, write_atomic, write_failed
+
+
+def summary_writer():
+    """tensorboardX's SummaryWriter, imported when a run first logs. tensorboardX
+    imports PyTorch where it is installed, only to name a type (2 s a process): it is
+    hidden for that import; a later `import torch` is unaffected."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def cross_entropy(logits, labels, smoothing: float = 0.0):
@@ -141,8 +156,8 @@ class MetricsLog:
         except OSError as e:  # a line cut short is dropped on resume (truncate_after)
             raise (write_failed(self.path, e) if e.errno in DISK_ERRORS else e) from None
         if self._writer is None:
-            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"),
-                                         purge_step=self._purge_step, flush_secs=30)
+            self._writer = summary_writer()(str(self.path.parent / "tensorboard"),
+                                            purge_step=self._purge_step, flush_secs=30)
         split = record.get("eval_split", "eval")
         for key, value in record.items():
             if key in TAGS and isinstance(value, (int, float)):
