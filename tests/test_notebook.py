@@ -109,6 +109,7 @@ def test_colab_from_an_empty_folder_clones_installs_and_runs(colab):
     results = json.loads((clone / "runs" / "nb" / "results.json").read_text())
     assert results["preset"] == "smoke" and (clone / "runs" / "nb" / "curves.png").exists()
     assert "displayed runs/nb/curves.png" in r.stdout and "| plain | 8 |" in r.stdout
+    assert "tensorboard --logdir runs/nb" in r.stdout
     # the clone is what the venv imports now, not this tree
     where = subprocess.run([str(tmp / "venv" / "bin" / "python"), "-c",
                             "import cnn_jax; print(cnn_jax.__file__)"], cwd=tmp,
@@ -129,3 +130,21 @@ def test_the_notebook_runs_from_the_repository_root(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "preset: smoke" in r.stdout and (tmp_path / "nb" / "curves.png").exists()
+    assert f"tensorboard --logdir {tmp_path / 'nb'}" in r.stdout
+
+
+def test_the_last_cell_opens_tensorboard_or_says_how(capsys):
+    """In IPython it loads TensorBoard's extension and shows OUT's runs; elsewhere
+    (no IPython, or no tensorboard installed) it prints the two commands."""
+    cells = [c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
+    last = "".join(cells[-1]["source"])
+    exec(compile(last, "<last cell>", "exec"), {"OUT": "runs/x"})
+    assert capsys.readouterr().out.strip() == \
+        "TensorBoard: pip install tensorboard, then: tensorboard --logdir runs/x"
+    magics = []
+
+    class Shell:
+        def run_line_magic(self, name, line):
+            magics.append((name, line))
+    exec(compile(last, "<last cell>", "exec"), {"OUT": "runs/x", "get_ipython": Shell})
+    assert magics == [("load_ext", "tensorboard"), ("tensorboard", "--logdir runs/x")]

@@ -30,7 +30,7 @@ from absl import logging as absl_logging
 from flax import traverse_util
 
 from cnn_jax.errors import BadInput
-from cnn_jax.files import WriteFailed
+from cnn_jax.files import DISK_ERRORS, WriteFailed
 from cnn_jax.models.convert import WEIGHT_SUFFIXES, load_torch_weights
 from cnn_jax.train.config import covers, module_names
 from cnn_jax.train.metrics import params_digest
@@ -51,12 +51,16 @@ class Damaged(Exception):
 
 class _QuietSaveErrors(logging.Filter):
     """orbax logs a failed save's error from each of its threads (and asyncio each of
-    its unawaited writes), tracebacks and all; the checkpointer reports it once
+    its unawaited writes: "Future exception was never retrieved", with the disk's
+    OSError), tracebacks and all; the checkpointer reports it once
     (CheckpointWriteFailed)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and (
-            "/orbax/" in record.pathname or "/orbax/" in record.getMessage()))
+        if record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        disk = isinstance(error, OSError) and error.errno in DISK_ERRORS
+        return not (disk or "/orbax/" in record.pathname or "/orbax/" in record.getMessage())
 
 
 def _quiet_closed_loops(hook):
