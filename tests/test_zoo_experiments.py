@@ -62,6 +62,6 @@ def test_bad_input(tmp_path, capsys):
     assert code == 2 and "nosuchdata" in err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"preset": "paper"}))
-    r = run("experiments.zoo_cifar", tmp_path / "other")
+    r = run("experiments.zoo_cifar", tmp_path / "other", "--data", "synthetic:32x32x3:10:64:50")
     assert r.returncode == 2 and "different configuration" in r.stderr
     assert json.loads((tmp_path / "other" / "config.json").read_text()) == {"preset": "paper"}

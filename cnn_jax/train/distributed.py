@@ -126,9 +126,10 @@ class PeerWatch:
         self.me, self.count = jax.process_index(), jax.process_count()
         self.client = jax_distributed.global_state.client
         self.finished = threading.Event()   # this process is exiting: stop watching
+        self.thread = threading.Thread(target=self._run, name="peer-watch", daemon=True)
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="peer-watch", daemon=True).start()
+        self.thread.start()
         # atexit runs last-in first-out: this before JAX's own shutdown barrier
         atexit.register(self._done)
         hook = sys.excepthook
@@ -156,7 +157,7 @@ class PeerWatch:
                     return
                 if now - since > self.timeout:
                     self._lost(i, f"no sign of life for {self.timeout} s")
-            time.sleep(BEAT)
+            self.finished.wait(BEAT)
 
     def _read(self, i: int):
         try:
@@ -173,7 +174,11 @@ class PeerWatch:
         os._exit(LOST_PEER)
 
     def _done(self) -> None:
+        # the watch leaves the coordinator's client first: a daemon thread still in
+        # one of its calls when Python finalizes aborts the process (std::terminate
+        # on the forced unwind), exit -6 instead of the run's status
         self.finished.set()
+        self.thread.join(timeout=BEAT + 10)
         try:
             self.client.key_value_set(f"{self.KEY}{self.me}", "done", allow_overwrite=True)
         except Exception:  # the store is gone already: nothing to tell
