@@ -55,9 +55,9 @@ def make_optimizer(opt) -> optax.GradientTransformation:
     decay = optax.add_decayed_weights(opt.weight_decay, mask)
     o = {**OPTIMIZER_OPTIONS[opt.name], **opt.options}
     nesterov = opt.nesterov or opt.name == "nesterov"
+    sgd = lambda: optax.chain(decay, optax.trace(decay=opt.momentum, nesterov=nesterov))  # noqa: E731
     return {
-        "sgd": lambda: optax.chain(decay, optax.trace(decay=opt.momentum, nesterov=nesterov)),
-        "nesterov": lambda: optax.chain(decay, optax.trace(decay=opt.momentum, nesterov=True)),
+        "sgd": sgd, "nesterov": sgd,
         "adam": lambda: optax.chain(decay, optax.scale_by_adam(**o)),
         "adamw": lambda: optax.chain(optax.scale_by_adam(**o), decay),
         "rmsprop": lambda: optax.chain(decay, optax.scale_by_rms(**o),
