@@ -22,6 +22,7 @@ A new field therefore leaves every existing digest alone exactly when it is decl
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -105,14 +106,14 @@ def parse_value(text: str, like: Any):
         pairs = [t.partition("=") for t in text.split(",") if t.strip()]
         if any(not sep for _, sep, _ in pairs):
             raise ValueError(text)
-        return {k.strip(): _literal(v.strip()) for k, _, v in pairs}
+        return {k.strip(): literal(v.strip()) for k, _, v in pairs}
     if like is None:
         return None if text.lower() == "none" else text
     return type(like)(text)
 
 
-def _literal(text: str):
-    import ast
+def literal(text: str):
+    """A Python literal where the text is one (1e-3, True, (1, 2)), else the text."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -12,12 +12,11 @@ section.field=value` (or its flat name: `--set lr=0.05`) sets any of them too.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 
 from cnn_jax.accelerator import warn_if_unused
 from cnn_jax.errors import BadInput, exit_on_bad_input
-from cnn_jax.recipe import add_arguments, default_of, flat_name, parse_value
+from cnn_jax.recipe import add_arguments, default_of, flat_name, literal, parse_value
 from cnn_jax.train import distributed
 from cnn_jax.train.config import RENAMED, SECTIONS, TrainConfig, locate
 from cnn_jax.train.loop import train
@@ -45,10 +44,7 @@ def parse_options(items, flag: str = "--option") -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise BadInput(f"{flag} must be KEY=VALUE, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
+        out[key] = literal(value)
     return out
 
 
